@@ -1,0 +1,237 @@
+"""Domains from a data config: raw JSONL / plain text files or dataprep shards -> token samples.
+
+A data config holds `domains: {NAME: {train: PATH, val: PATH}}`, optional `target: {val: PATH}`,
+`tokenizer: PATH`, or `manifest: PATH` to train on dataprep's shards. A PATH is a file, a folder,
+a glob, or a list of them. JSONL records need a string `text` field; a plain text file holds one
+document per block of lines separated by a blank line. Each document (with an end-of-text token
+appended) is cut into samples of `seq_len` labels; the last one is padded and masked.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import torch
+
+from .tokenizer import Tokenizer, load_tokenizer
+
+TEXT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".txt", ".text", ".md")
+
+
+class DataConfigError(ValueError):
+    pass
+
+
+def expand_paths(spec, key: str) -> list[Path]:
+    specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    paths: list[Path] = []
+    for s in specs:
+        s = str(s)
+        if any(ch in s for ch in "*?["):
+            found = sorted(Path(p) for p in glob.glob(s, recursive=True))
+            if not found:
+                raise DataConfigError(f"{key}: no file matches {s!r}")
+            paths += found
+        elif Path(s).is_dir():
+            found = sorted(p for p in Path(s).rglob("*") if p.name.endswith(TEXT_SUFFIXES))
+            if not found:
+                raise DataConfigError(f"{key}: folder {s} holds no {'/'.join(TEXT_SUFFIXES)} file")
+            paths += found
+        elif Path(s).is_file():
+            paths.append(Path(s))
+        else:
+            raise DataConfigError(f"{key}: file not found: {s}")
+    return paths
+
+
+def _open(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def read_documents(path: Path, key: str = "data") -> Iterator[tuple[str, str]]:
+    """(doc_id, text) pairs; doc_id is `path:line` of the record's first line."""
+    jsonl = ".jsonl" in path.name or path.name.endswith(".json")
+    with _open(path) as f:
+        if jsonl:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataConfigError(f"{path}:{lineno}: malformed JSON ({e.msg}) in {key}") from None
+                text = record.get("text") if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise DataConfigError(f"{path}:{lineno}: record has no string 'text' field ({key})")
+                yield f"{path}:{lineno}", text
+        else:
+            block, start = [], 0
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    if not block:
+                        start = lineno
+                    block.append(line.rstrip("\n"))
+                elif block:
+                    yield f"{path}:{start}", "\n".join(block)
+                    block = []
+            if block:
+                yield f"{path}:{start}", "\n".join(block)
+
+
+@dataclass
+class SampleSet:
+    """One domain split as fixed-length samples, with the document each sample came from."""
+    input_ids: torch.Tensor          # [N, T] long
+    labels: torch.Tensor             # [N, T] long
+    loss_mask: torch.Tensor          # [N, T] bool
+    doc_ids: list = field(default_factory=list)
+    chunks: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def chunk_documents(docs: Iterable[tuple[str, list[int]]], seq_len: int, pad_id: int) -> SampleSet:
+    inputs, labels, masks, doc_ids, chunks = [], [], [], [], []
+    for doc_id, tokens in docs:
+        tokens = list(tokens)
+        for c, start in enumerate(range(0, max(len(tokens) - 1, 0), seq_len)):
+            piece = tokens[start:start + seq_len + 1]
+            n = len(piece) - 1
+            pad = seq_len - n
+            inputs.append(piece[:-1] + [pad_id] * pad)
+            labels.append(piece[1:] + [pad_id] * pad)
+            masks.append([True] * n + [False] * pad)
+            doc_ids.append(doc_id)
+            chunks.append(c)
+    if not inputs:
+        return SampleSet(torch.zeros(0, seq_len, dtype=torch.long), torch.zeros(0, seq_len, dtype=torch.long),
+                         torch.zeros(0, seq_len, dtype=torch.bool))
+    return SampleSet(torch.tensor(inputs), torch.tensor(labels), torch.tensor(masks), doc_ids, chunks)
+
+
+def tokenize_documents(docs: Iterable[tuple[str, str]], tokenizer: Tokenizer, batch: int = 512):
+    pending: list[tuple[str, str]] = []
+    for doc in docs:
+        pending.append(doc)
+        if len(pending) == batch:
+            yield from _encode(pending, tokenizer)
+            pending = []
+    yield from _encode(pending, tokenizer)
+
+
+def _encode(pending, tokenizer):
+    for (doc_id, _), ids in zip(pending, tokenizer.encode_batch([t for _, t in pending])):
+        yield doc_id, ids + [tokenizer.eos_id]
+
+
+def build_samples(spec, tokenizer: Tokenizer, seq_len: int, key: str, max_samples: Optional[int] = None) -> SampleSet:
+    docs = (doc for path in expand_paths(spec, key) for doc in read_documents(path, key))
+    samples = chunk_documents(tokenize_documents(docs, tokenizer), seq_len, tokenizer.eos_id)
+    if len(samples) == 0:
+        raise DataConfigError(f"{key}: no documents with at least two tokens in {spec}")
+    return take(samples, max_samples)
+
+
+def take(samples: SampleSet, n: Optional[int]) -> SampleSet:
+    if n is None or len(samples) <= n:
+        return samples
+    return SampleSet(samples.input_ids[:n], samples.labels[:n], samples.loss_mask[:n],
+                     samples.doc_ids[:n], samples.chunks[:n])
+
+
+@dataclass
+class Domains:
+    tokenizer: Tokenizer
+    train: dict          # name -> SampleSet
+    val: dict            # name -> SampleSet (domains without a val split are absent)
+    target: Optional[SampleSet] = None
+
+
+def load_domains(data_cfg, seq_len: int, max_val_samples: Optional[int] = None) -> Domains:
+    """Read a data config (a dict or OmegaConf node) into tokenized samples per domain."""
+    data = dict(data_cfg)
+    known = {"domains", "target", "tokenizer", "manifest"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise DataConfigError(f"data: unknown key(s) {unknown}; a data config holds {sorted(known)}")
+    if data.get("manifest"):
+        return _load_manifest(data, seq_len, max_val_samples)
+    if not data.get("domains"):
+        raise DataConfigError("data.domains: no domains given (domains: {NAME: {train: PATH, val: PATH}})")
+    if not data.get("tokenizer"):
+        raise DataConfigError("data.tokenizer: path to a tokenizers JSON file is required")
+    tokenizer = load_tokenizer(data["tokenizer"])
+    train, val = {}, {}
+    for name, entry in data["domains"].items():
+        entry = dict(entry) if not isinstance(entry, str) else {"train": entry}
+        bad = sorted(set(entry) - {"train", "val"})
+        if bad:
+            raise DataConfigError(f"data.domains.{name}: unknown key(s) {bad}; expected train and val")
+        if "train" not in entry:
+            raise DataConfigError(f"data.domains.{name}.train: missing")
+        train[name] = build_samples(entry["train"], tokenizer, seq_len, f"data.domains.{name}.train")
+        if entry.get("val"):
+            val[name] = build_samples(entry["val"], tokenizer, seq_len, f"data.domains.{name}.val", max_val_samples)
+    target = None
+    if data.get("target"):
+        target = build_samples(dict(data["target"])["val"], tokenizer, seq_len, "data.target.val", max_val_samples)
+    return Domains(tokenizer, train, val, target)
+
+
+def _load_manifest(data: dict, seq_len: int, max_val_samples: Optional[int]) -> Domains:
+    from dataprep.manifest import load_prepared, tokenizer_path
+
+    path = data["manifest"]
+    if not Path(path).is_file():
+        raise DataConfigError(f"data.manifest: file not found: {path}")
+    tokenizer = load_tokenizer(data.get("tokenizer") or tokenizer_path(path))
+    prepared = load_prepared(path)
+    train, val = {}, {}
+    for name, splits in prepared.items():
+        docs = [(doc_id, tokens.tolist()) for doc_id, tokens in splits.get("train", [])]
+        train[name] = chunk_documents(docs, seq_len, tokenizer.eos_id)
+        if len(train[name]) == 0:
+            raise DataConfigError(f"{path}: domain {name!r} has no training documents")
+        if splits.get("val"):
+            vdocs = [(doc_id, tokens.tolist()) for doc_id, tokens in splits["val"]]
+            val[name] = take(chunk_documents(vdocs, seq_len, tokenizer.eos_id), max_val_samples)
+    return Domains(tokenizer, train, val)
+
+
+class MixtureDataset:
+    """All domains' samples in one table; global id = domain offset + index within the domain."""
+
+    def __init__(self, sets: dict):
+        self.names = list(sets)
+        self.sizes = [len(s) for s in sets.values()]
+        self.input_ids = torch.cat([s.input_ids for s in sets.values()])
+        self.labels = torch.cat([s.labels for s in sets.values()])
+        self.loss_mask = torch.cat([s.loss_mask for s in sets.values()])
+        self.domain = torch.cat([torch.full((len(s),), d, dtype=torch.long) for d, s in enumerate(sets.values())])
+        self.doc_ids = [i for s in sets.values() for i in s.doc_ids]
+        self.chunks = [c for s in sets.values() for c in s.chunks]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def batch(self, ids: torch.Tensor) -> dict:
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        B, T = len(ids), self.input_ids.shape[1]
+        return {
+            "input_ids": self.input_ids[ids],
+            "labels": self.labels[ids],
+            "loss_mask": self.loss_mask[ids].float(),
+            "position_ids": torch.arange(T).expand(B, T).contiguous(),
+            "sample_id": ids,
+            "domain": self.domain[ids],
+        }
+
+    def sample_table(self, split: str = "train") -> dict:
+        """Columns for samples.parquet: where every sample id came from."""
+        return {"sample_id": list(range(len(self))), "domain": [self.names[d] for d in self.domain.tolist()],
+                "split": [split] * len(self), "doc_id": self.doc_ids, "chunk": self.chunks}

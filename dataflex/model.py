@@ -1,0 +1,95 @@
+"""A tiny GPT-style causal LM that trains on two CPU cores in minutes.
+
+Attention is written from Linear layers and position ids are batched ([B, T]) so that opacus's
+per-sample gradient hooks, torch.func and a per-sample loop all agree on it. Optional LoRA adapters
+on the attention projections give a realistic parameter subset for LESS-style gradients.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) B A x, with W frozen when adapters are trained alone."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int = 0, alpha: float = 16.0):
+        super().__init__()
+        self.base = nn.Linear(d_in, d_out)
+        self.rank = rank
+        if rank > 0:
+            self.lora_A = nn.Linear(d_in, rank, bias=False)
+            self.lora_B = nn.Linear(rank, d_out, bias=False)
+            nn.init.zeros_(self.lora_B.weight)
+            self.scale = alpha / rank
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.rank > 0:
+            y = y + self.lora_B(self.lora_A(x)) * self.scale
+        return y
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, lora_rank: int = 0):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q = LoRALinear(d_model, d_model, lora_rank)
+        self.k = LoRALinear(d_model, d_model, lora_rank)
+        self.v = LoRALinear(d_model, d_model, lora_rank)
+        self.o = LoRALinear(d_model, d_model, lora_rank)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        h = self.n_heads
+
+        def split(t):
+            return t.view(B, T, h, C // h).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(C // h)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(B, T, C)
+        return self.o(y)
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, lora_rank: int = 0):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_heads, lora_rank)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.fc = nn.Linear(d_model, 4 * d_model)
+        self.proj = nn.Linear(4 * d_model, d_model)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.proj(F.gelu(self.fc(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, vocab_size: int = 2048, seq_len: int = 128, d_model: int = 128, n_layers: int = 2,
+                 n_heads: int = 4, lora_rank: int = 0, seed: int = 0):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"model.d_model={d_model} must be divisible by model.n_heads={n_heads}")
+        torch.manual_seed(seed)
+        self.seq_len = seq_len
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(seq_len, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, lora_rank) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+
+    def forward(self, input_ids, position_ids=None):
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.tok_emb(input_ids) + self.pos_emb(position_ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))

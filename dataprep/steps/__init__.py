@@ -1,0 +1,5 @@
+"""Operators: small composable generator steps (``run(docs) -> docs``), each keeping its own stats.
+
+Each step lives in its own module; configure them in ``configs/prep/*.yaml`` with ``_target_``.
+"""
+from dataprep.steps.base import Step, FilterStep, DedupStep  # noqa: F401
