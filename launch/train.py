@@ -1,0 +1,96 @@
+"""Train a causal LM with data that takes part in training.
+
+    deepspeed launch/train.py +mixer=bandit                     # the main job (DeepSpeed engine)
+    python launch/train.py backend=torch +selector=loss         # one process, plain torch
+    deepspeed --num_gpus 2 launch/train.py +reweighter=loss     # two processes (gloo on CPU)
+    python launch/train.py -m +mixer=static,bandit              # a sweep; then launch/compare.py
+
+The loop below is the whole training loop: DataFlex draws each global batch from the current
+domain weights, runs the plugins at their events, and turns per-sample losses into the scalar
+that the back end backpropagates.
+"""
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dataflex.launching import config_file, prepare_argv  # noqa: E402
+
+sys.argv = sys.argv[:1] + prepare_argv(sys.argv[1:])
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from dataflex import DataFlex, dist  # noqa: E402
+from dataflex.backends import build_backend, setup_distributed  # noqa: E402
+from dataflex.data import DataConfigError, MixtureDataset, load_domains  # noqa: E402
+from dataflex.outputs import RunOutputs, start_wandb, print_comparison  # noqa: E402
+
+PLUGIN_GROUPS = ("mixer", "selector", "reweighter")
+
+
+@hydra.main(config_path="../configs", config_name="train", version_base=None)
+def main(cfg):
+    started = time.time()
+    tr = cfg.trainer
+    setup_distributed(cfg.backend.name)
+    rank, world = dist.rank(), dist.world_size()
+    run_dir = Path(dist.broadcast_object(HydraConfig.get().runtime.output_dir))
+    torch.manual_seed(tr.seed)
+
+    try:
+        domains = load_domains(cfg.data, cfg.model.seq_len, tr.max_val_samples)
+    except DataConfigError as e:
+        raise DataConfigError(f"{e}\n  (data config: {config_file('data')})") from None
+    val = MixtureDataset(domains.val) if domains.val else None
+    model = instantiate(cfg.model, vocab_size=cfg.model.vocab_size or domains.tokenizer.vocab_size, seed=tr.seed)
+    backend = build_backend(cfg.backend.name, model, tr.global_batch_size, world, lr=tr.lr,
+                            weight_decay=tr.weight_decay, warmup_steps=tr.warmup_steps, max_steps=tr.max_steps,
+                            grad_clip=tr.grad_clip, zero_stage=cfg.backend.get("zero_stage", 0),
+                            bf16=cfg.backend.get("bf16", False))
+    plugins = [instantiate(cfg[group]) for group in PLUGIN_GROUPS if cfg.get(group)]
+    flex = DataFlex(domains.train, tr.global_batch_size, plugins, backend.interface, seed=tr.seed,
+                    probe_batch_size=tr.probe_batch_size)
+
+    strategy = {g: HydraConfig.get().runtime.choices.get(g) for g in PLUGIN_GROUPS}
+    out = RunOutputs(run_dir, enabled=rank == 0, flush_every=tr.ledger_flush_every,
+                     wandb_run=start_wandb(cfg, run_dir, strategy) if rank == 0 else None)
+    out.write_config(OmegaConf.to_container(cfg, resolve=True))
+    out.write_samples(flex.data.sample_table())
+    if tr.resume:
+        client = backend.load(Path(tr.resume))
+        flex.load_state_dict(client["flex"])
+        torch.set_rng_state(client["rng"])
+
+    first_val = flex.evaluate(val) if val else {}
+    if first_val:
+        out.log({"step": flex.step, "val_loss": first_val})
+    tokens = 0
+    for step in range(flex.step, tr.max_steps):
+        batch = backend.to_device(flex.next_batch())
+        loss = flex.loss(backend.forward(batch), batch)
+        backend.step(loss)
+        out.log(flex.end_step())
+        tokens += int(dist.all_gather_cat(batch["loss_mask"].sum().reshape(1).cpu()).sum())
+        done = step + 1
+        if val and (done % tr.eval_every == 0 or done == tr.max_steps):
+            out.log({"step": done, "val_loss": flex.evaluate(val)})
+        if tr.checkpoint_every and done % tr.checkpoint_every == 0:
+            backend.save(run_dir / "checkpoints" / f"step_{done:07d}",
+                         {"flex": flex.state_dict(), "rng": torch.get_rng_state()})
+
+    summary = {"strategy": strategy, "steps": flex.step, "tokens": tokens, "wall_time_s": time.time() - started,
+               "val_loss_initial": first_val, "val_loss": out.last("val_loss"),
+               "domain_weights": out.last("domain_weights"), "world_size": world, "backend": cfg.backend.name,
+               "run_dir": str(run_dir)}
+    out.finish(summary, plot=tr.plot)
+    if rank == 0:
+        print_comparison(summary)
+    return summary["val_loss"] and sum(summary["val_loss"].values()) / len(summary["val_loss"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dataflex",
+    version="0.1.0",
+    description="Data that takes part in LLM training: selectors, mixers and reweighters for DeepSpeed, "
+                "Megatron-core and plain PyTorch, plus a lean dataprep pipeline with lineage.",
+    packages=find_packages(include=["dataflex", "dataflex.*", "dataprep", "dataprep.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch==2.13.0",        # the CPU wheel on this machine; a range would pull a CUDA build
+        "deepspeed",
+        "megatron-core",
+        "opacus",
+        "datasets",
+        "wandb",
+        "numpy",
+        "hydra-core",
+        "omegaconf",
+        "tokenizers",
+        "pyarrow",
+        "matplotlib",
+        "tqdm",
+        "datasketch",
+        "zstandard",
+        "ninja",
+    ],
+    extras_require={"dev": ["pytest", "pytest-xdist"]},
+)
