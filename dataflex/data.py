@@ -20,6 +20,20 @@ import torch
 from .tokenizer import Tokenizer, load_tokenizer
 
 TEXT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".txt", ".text", ".md")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve(path) -> str:
+    """A relative path is taken from the working directory, else from the dataflex checkout
+    (so the embedded corpus is found wherever a run starts)."""
+    p = Path(str(path))
+    if p.is_absolute() or _exists(p) or not _exists(REPO_ROOT / p):
+        return str(p)
+    return str(REPO_ROOT / p)
+
+
+def _exists(p: Path) -> bool:
+    return p.exists() or bool(glob.glob(str(p)))
 
 
 class DataConfigError(ValueError):
@@ -30,7 +44,7 @@ def expand_paths(spec, key: str) -> list[Path]:
     specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
     paths: list[Path] = []
     for s in specs:
-        s = str(s)
+        s = resolve(s)
         if any(ch in s for ch in "*?["):
             found = sorted(Path(p) for p in glob.glob(s, recursive=True))
             if not found:
@@ -165,7 +179,7 @@ def load_domains(data_cfg, seq_len: int, max_val_samples: Optional[int] = None) 
         raise DataConfigError("data.domains: no domains given (domains: {NAME: {train: PATH, val: PATH}})")
     if not data.get("tokenizer"):
         raise DataConfigError("data.tokenizer: path to a tokenizers JSON file is required")
-    tokenizer = load_tokenizer(data["tokenizer"])
+    tokenizer = load_tokenizer(resolve(data["tokenizer"]))
     train, val = {}, {}
     for name, entry in data["domains"].items():
         entry = dict(entry) if not isinstance(entry, str) else {"train": entry}
