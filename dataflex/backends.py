@@ -8,18 +8,12 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from pathlib import Path
 
 import torch
 
 from .interface import DeepSpeedInterface, TorchInterface
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .launching import _free_port
 
 
 def ensure_process_env() -> None:

@@ -36,7 +36,7 @@ def prepare_argv(argv: list[str]) -> list[str]:
     if int(os.environ.get("RANK", "0")) > 0:
         if any(a in ("-m", "--multirun") for a in out):
             sys.exit("a sweep (-m) must run from one process: `python launch/train.py -m ...`; "
-                     "set trainer.nprocs to launch each job on several processes")
+                     "add trainer.nprocs=N to launch each job on N processes")
         out += ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=disabled",
                 "hydra/hydra_logging=disabled"]
     return out
@@ -54,3 +54,38 @@ def config_file(group: str) -> str:
             if os.path.exists(path):
                 return path
     return f"{group}={choice}"
+
+
+def needs_launch(nprocs: int) -> bool:
+    """True in the one process that should start `nprocs` ranks itself (a sweep job, or a plain
+    `python launch/train.py trainer.nprocs=2`); false under a launcher."""
+    return nprocs > 1 and "LOCAL_RANK" not in os.environ and "RANK" not in os.environ
+
+
+def launch_ranks(script: str, nprocs: int, backend: str) -> None:
+    """Run this Hydra job again on `nprocs` processes (DeepSpeed's launcher, or torchrun), in the
+    same run directory, and wait for it: the outer process is the sweep, the ranks are the job."""
+    import subprocess
+
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    overrides = [o for o in hc.overrides.task if not o.startswith("hydra.run.dir=")]
+    overrides += [f"hydra.run.dir={hc.runtime.output_dir}", "hydra.output_subdir=null"]
+    bindir = os.path.dirname(sys.executable)
+    if backend == "deepspeed":
+        cmd = [os.path.join(bindir, "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(_free_port()), script]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nprocs), script]
+    config_dir = next((s.path for s in hc.runtime.config_sources if s.provider == "command-line"), None)
+    flags = ["--config-dir", config_dir] if config_dir else []
+    env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
+    subprocess.run(cmd + flags + overrides, check=True, env=env)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -4,6 +4,7 @@
     python launch/train.py backend=torch +selector=loss         # one process, plain torch
     deepspeed --num_gpus 2 launch/train.py +reweighter=loss     # two processes (gloo on CPU)
     python launch/train.py -m +mixer=static,bandit              # a sweep; then launch/compare.py
+    python launch/train.py -m +mixer=static,bandit trainer.nprocs=2   # each job on two ranks
 
 The loop below is the whole training loop: DataFlex draws each global batch from the current
 domain weights, runs the plugins at their events, and turns per-sample losses into the scalar
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataflex.launching import config_file, prepare_argv  # noqa: E402
+from dataflex.launching import config_file, launch_ranks, needs_launch, prepare_argv  # noqa: E402
 
 sys.argv = sys.argv[:1] + prepare_argv(sys.argv[1:])
 
@@ -36,6 +37,8 @@ PLUGIN_GROUPS = ("mixer", "selector", "reweighter")
 def main(cfg):
     started = time.time()
     tr = cfg.trainer
+    if needs_launch(tr.nprocs):
+        return launch_ranks(__file__, tr.nprocs, cfg.backend.name)
     setup_distributed(cfg.backend.name)
     rank, world = dist.rank(), dist.world_size()
     run_dir = Path(dist.broadcast_object(HydraConfig.get().runtime.output_dir))

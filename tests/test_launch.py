@@ -96,10 +96,14 @@ def test_resume_continues_exactly(tmp_path):
     pd.testing.assert_frame_equal(full[full.step >= 4].reset_index(drop=True), resumed, check_exact=True)
 
 
-def test_sweep_and_compare(tmp_path):
-    run([sys.executable, "launch/train.py", "-m", "backend=torch", "+mixer=static,bandit", "logger=none", *FAST,
-         f"hydra.sweep.dir={tmp_path}"])
+def test_sweep_of_two_process_jobs_and_compare(tmp_path):
+    """The sweep is the outer process; each job starts its own two ranks (torchrun here)."""
+    run([sys.executable, "launch/train.py", "-m", "backend=torch", "trainer.nprocs=2", "+mixer=static,bandit",
+         "logger=none", *FAST, f"hydra.sweep.dir={tmp_path}"])
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["0", "1"]
+    for job in ("0", "1"):
+        ledger, summary = check_outputs(tmp_path / job, 6, 8, {0, 1}, wandb=False)
+        assert summary["world_size"] == 2
     proc = run([sys.executable, "launch/compare.py", str(tmp_path)])
     assert "mixer=static" in proc.stdout and "mixer=bandit" in proc.stdout
     for name in ("comparison.md", "comparison.csv", "comparison.png"):
