@@ -50,6 +50,18 @@ class PerSampleGrads:
     def flat(self) -> torch.Tensor:
         return torch.cat([g.flatten(1) for g in self.grads.values()], dim=1)
 
+    def save(self, path, sample_ids: torch.Tensor, **meta) -> None:
+        """Store projected features with the projector and seed that made them: features from
+        different projectors or seeds live in different spaces and must never be compared."""
+        if self.projected is None:
+            raise ValueError("only projected gradients are stored; pass a RademacherProjector")
+        torch.save({"features": self.projected, "norms": self.norms, "sample_ids": torch.as_tensor(sample_ids),
+                    "projector": self.projector, **meta}, path)
+
+    @staticmethod
+    def load(path) -> dict:
+        return torch.load(path, weights_only=False)
+
 
 def per_sample_grads(module: torch.nn.Module, batch: dict, params: ParamSpec = "all",
                      projector: Optional[RademacherProjector] = None, chunk_size: int = 16,
