@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .interface import DeepSpeedInterface, TorchInterface
-from .launching import _free_port
+from .launching import free_port
 
 
 def ensure_process_env() -> None:
@@ -22,7 +22,7 @@ def ensure_process_env() -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def lr_lambda(warmup_steps: int, max_steps: int, min_ratio: float = 0.1):

@@ -74,7 +74,7 @@ def launch_ranks(script: str, nprocs: int, backend: str) -> None:
     overrides += [f"hydra.run.dir={hc.runtime.output_dir}", "hydra.output_subdir=null"]
     bindir = os.path.dirname(sys.executable)
     if backend == "deepspeed":
-        cmd = [os.path.join(bindir, "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(_free_port()), script]
+        cmd = [os.path.join(bindir, "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()), script]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nprocs), script]
     config_dir = next((s.path for s in hc.runtime.config_sources if s.provider == "command-line"), None)
@@ -83,7 +83,7 @@ def launch_ranks(script: str, nprocs: int, backend: str) -> None:
     subprocess.run(cmd + flags + overrides, check=True, env=env)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as sock:

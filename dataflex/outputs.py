@@ -80,8 +80,20 @@ class RunOutputs:
         if plot:
             plot_domain_weights(self.history, self.dir / "domain_weights.png", strategy_label(summary["strategy"]))
         if self.wandb is not None:
+            self._wandb_weight_chart()
             self.wandb.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
             self.wandb.finish()
+
+    def _wandb_weight_chart(self) -> None:
+        """All domains' weights in one W&B chart (the per-key line charts come with every log)."""
+        import wandb
+
+        steps = [r for r in self.history if "domain_weights" in r]
+        if steps:
+            domains = list(steps[-1]["domain_weights"])
+            chart = wandb.plot.line_series(xs=[r["step"] for r in steps], keys=domains, title="domain weights",
+                                           ys=[[r["domain_weights"][d] for r in steps] for d in domains], xname="step")
+            self.wandb.log({"domain_weights_chart": chart})
 
 
 def strategy_label(strategy: dict) -> str:

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from dataflex import DataFlex, dist  # noqa: E402
 from dataflex.backends import build_backend, setup_distributed  # noqa: E402
@@ -72,11 +73,15 @@ def main(cfg):
     if first_val:
         out.log({"step": flex.step, "val_loss": first_val})
     tokens = 0
-    for step in range(flex.step, tr.max_steps):
+    progress = tqdm(range(flex.step, tr.max_steps), desc="train", disable=rank != 0, initial=flex.step,
+                    total=tr.max_steps, dynamic_ncols=True)
+    for step in progress:
         batch = backend.to_device(flex.next_batch())
         loss = flex.loss(backend.forward(batch), batch)
         backend.step(loss)
-        out.log(flex.end_step())
+        record = flex.end_step()
+        out.log(record)
+        progress.set_postfix(loss=f"{record['train_loss']:.3f}")
         tokens += int(dist.all_gather_cat(batch["loss_mask"].sum().reshape(1).cpu()).sum())
         done = step + 1
         if val and (done % tr.eval_every == 0 or done == tr.max_steps):

@@ -29,13 +29,25 @@ def exploration_rate(t: int, num_domains: int) -> float:
     return min(1.0 / K, math.sqrt(math.log(K) / (K * max(t, 1))))
 
 
+def apply_floor(p: torch.Tensor, floor: float) -> torch.Tensor:
+    """Raise every probability below `floor` to it, scaling the others down to keep the sum at 1
+    (repeated, since scaling can push another one under the floor)."""
+    if floor * p.numel() > 1:
+        raise ValueError(f"a floor of {floor} is impossible for {p.numel()} domains")
+    p, fixed = p.clone(), torch.zeros_like(p, dtype=torch.bool)
+    while True:
+        low = (p < floor) & ~fixed
+        if not low.any():
+            return p
+        fixed |= low
+        p[fixed] = floor
+        p[~fixed] *= (1 - floor * int(fixed.sum())) / p[~fixed].sum()
+
+
 def exp3_policy(reward_hat: torch.Tensor, eps_prev: float, eps: float, min_prob: float = 0.0) -> torch.Tensor:
     K = reward_hat.numel()
     pi = (1 - K * eps) * torch.softmax(eps_prev * reward_hat, 0) + eps
-    if min_prob > 0:
-        pi = pi.clamp(min=min_prob)
-        pi = pi / pi.sum()
-    return pi
+    return apply_floor(pi, min_prob) if min_prob > 0 else pi
 
 
 def exp3_update(reward_hat: torch.Tensor, rewards: torch.Tensor, present: torch.Tensor, policy: torch.Tensor,

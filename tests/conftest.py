@@ -1,0 +1,78 @@
+"""Shared fixtures for the dataflex core tests: a tiny model, padded synthetic batches, toy domains."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dataflex.data import SampleSet
+from dataflex.model import TinyGPT
+
+VOCAB, SEQ = 64, 16
+TINY = dict(vocab_size=VOCAB, seq_len=SEQ, d_model=32, n_layers=2, n_heads=4)
+
+
+def tiny_gpt(**overrides) -> TinyGPT:
+    return TinyGPT(**{**TINY, **overrides})
+
+
+@pytest.fixture
+def tiny_model() -> TinyGPT:
+    return tiny_gpt()
+
+
+def build_batch(lengths=(16, 11, 7, 3, 16, 9), prompts=(0, 4, 2, 0, 15, 8), seed: int = 0,
+                vocab: int = VOCAB, seq_len: int = SEQ, pad_id: int = 0) -> dict:
+    """A padded batch: sample i has `lengths[i]` real tokens, the first `prompts[i]` of them a prompt
+    (labels present but masked out); everything after the length is padding (masked, pad ids).
+    Defaults mix full, short, prompt-only-but-one and unmasked samples."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = len(lengths), seq_len
+    stream = torch.randint(1, vocab, (B, T + 1), generator=g)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(B, T)
+    for i, (n, p) in enumerate(zip(lengths, prompts)):
+        assert 0 <= p < n <= T
+        input_ids[i, :n] = stream[i, :n]
+        labels[i, :n] = stream[i, 1:n + 1]
+        loss_mask[i, p:n] = 1.0
+    return {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask,
+            "position_ids": torch.arange(T).expand(B, T).contiguous(),
+            "sample_id": torch.arange(B), "domain": torch.zeros(B, dtype=torch.long),
+            "lengths": torch.tensor(lengths)}
+
+
+@pytest.fixture
+def batch_builder():
+    return build_batch
+
+
+def synthetic_domains(n_per_domain: int = 48, seq_len: int = SEQ, vocab: int = VOCAB, seed: int = 0) -> dict:
+    """Three domains of SampleSets. A: periodic tokens (easy); B: uniformly random tokens
+    (unlearnable); C: a learnable deterministic rule x_{t+1} = (5 x_t + 3) mod V from a random start.
+    The last sample of every domain is short and padded, so padding reaches every code path."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_per_domain
+
+    def to_set(seqs: torch.Tensor) -> SampleSet:
+        inputs, labels = seqs[:, :-1].clone(), seqs[:, 1:].clone()
+        mask = torch.ones(n, seq_len, dtype=torch.bool)
+        inputs[-1, seq_len // 2:] = 0
+        labels[-1, seq_len // 2:] = 0
+        mask[-1, seq_len // 2:] = False
+        return SampleSet(inputs, labels, mask, [f"doc{i}" for i in range(n)], [0] * n)
+
+    period = torch.tensor([3, 9, 14, 20])
+    phase = torch.randint(0, 4, (n, 1), generator=g)
+    a = period[(phase + torch.arange(seq_len + 1)) % 4]
+    b = torch.randint(1, vocab, (n, seq_len + 1), generator=g)
+    c = torch.empty(n, seq_len + 1, dtype=torch.long)
+    c[:, 0] = torch.randint(1, vocab, (n,), generator=g)
+    for t in range(seq_len):
+        c[:, t + 1] = (5 * c[:, t] + 3) % vocab
+    return {"A": to_set(a), "B": to_set(b), "C": to_set(c)}
+
+
+@pytest.fixture
+def domains_builder():
+    return synthetic_domains
