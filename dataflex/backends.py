@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .grads import default_forward
 from .interface import DeepSpeedInterface, TorchInterface
 from .launching import free_port
 
@@ -40,9 +41,16 @@ def make_optimizer(model, lr, weight_decay, warmup_steps, max_steps):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup_steps, max_steps))
 
 
-def _forward(call, batch):
-    out = call(batch["input_ids"], position_ids=batch["position_ids"])
-    return getattr(out, "logits", out)
+class Backend:
+    """`model` is what the training forward calls (the module, DDP or the engine)."""
+    model = None
+    device = torch.device("cpu")
+
+    def to_device(self, batch):
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def forward(self, batch):
+        return default_forward(self.model, batch)
 
 
 def setup_distributed(backend: str) -> None:
@@ -58,7 +66,7 @@ def setup_distributed(backend: str) -> None:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, model, lr=1e-3, weight_decay=0.0, warmup_steps=0, max_steps=1000, grad_clip=1.0):
@@ -70,12 +78,6 @@ class TorchBackend:
         self.optimizer, self.scheduler = make_optimizer(self.module, lr, weight_decay, warmup_steps, max_steps)
         self.grad_clip = grad_clip
         self.interface = TorchInterface(self.module)
-
-    def to_device(self, batch):
-        return {k: v.to(self.device) for k, v in batch.items()}
-
-    def forward(self, batch):
-        return _forward(self.model, batch)
 
     def step(self, loss):
         loss.backward()
@@ -99,7 +101,7 @@ class TorchBackend:
         return state["client"]
 
 
-class DeepSpeedBackend:
+class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
     def __init__(self, model, micro_batch_size, zero_stage=0, bf16=False, lr=1e-3, weight_decay=0.0,
@@ -119,15 +121,9 @@ class DeepSpeedBackend:
         }
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
-        self.module = self.engine.module
+        self.model, self.module = self.engine, self.engine.module
         self.device = self.engine.device
         self.interface = DeepSpeedInterface(self.engine)
-
-    def to_device(self, batch):
-        return {k: v.to(self.device) for k, v in batch.items()}
-
-    def forward(self, batch):
-        return _forward(self.engine, batch)
 
     def step(self, loss):
         self.engine.backward(loss)
