@@ -5,6 +5,7 @@ The loop, with every event in its place (dataflex.session.DataFlex runs exactly 
     fire(FIT_START)                  plugins learn the domains; mixers publish initial weights
     for step in steps:
         fire(BEFORE_SAMPLE)          mixers: state.domain_weights for this step's draw
+        the sampler takes the new weights and any state.pool_masks set since the last draw
         candidates = sampler.draw(global_batch * candidate_factor)
         fire(AFTER_CANDIDATES)       selectors: state.keep_mask over the candidates (may probe them)
         batch = this rank's slice of the kept candidates

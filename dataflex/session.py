@@ -101,6 +101,9 @@ class DataFlex:
         self.engine.fire(Event.BEFORE_SAMPLE)
         if s.domain_weights is not None:
             self.sampler.set_weights(s.domain_weights)
+        for domain, mask in s.pool_masks.items():
+            self.sampler.set_keep_mask(domain, mask)
+        s.pool_masks = {}
         s.domain_weights = self.sampler.weights
         selector = self.engine.of("selector")
         n = round(self.global_batch_size * (selector.candidate_factor if selector else 1))

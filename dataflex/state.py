@@ -18,6 +18,8 @@ class DataState:
     candidate_ids: Optional[torch.Tensor] = None       # [C] global sample ids drawn this step
     candidate_domains: Optional[torch.Tensor] = None   # [C]
     keep_mask: Optional[torch.Tensor] = None           # [C] bool, set by a selector
+    pool_masks: dict = field(default_factory=dict)     # {domain index: [N_d] bool | None}: restrict
+                                                       # the sampler from the next draw on (LESS-style)
     candidate_losses: Optional[torch.Tensor] = None    # [C] probe losses, when a selector asked
     batch_ids: Optional[torch.Tensor] = None           # [B] the global batch trained on
     batch_domains: Optional[torch.Tensor] = None       # [B]

@@ -170,3 +170,30 @@ def test_clear_errors():
     other = DataFlex(synthetic_domains(n_per_domain=4), global_batch_size=4, plugins=[BanditMixer()])
     with pytest.raises(ValueError, match="checkpoint holds plugins"):
         other.load_state_dict(flex.state_dict())
+
+
+class _Steer(StaticMixer):
+    """Turns all weight to domain C and masks C's even samples at the end of step 0."""
+
+    def update(self, event, state):
+        if state.step == 0 and event.value == "batch_end":
+            self._weights = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+            state.pool_masks[2] = torch.arange(state.domain_sizes[2]) % 2 == 1
+
+
+def test_decisions_take_effect_at_the_next_step():
+    """What plugins decide after step t shapes the batch of step t + 1, not some later one."""
+    model = tiny_gpt()
+    steer = _Steer()
+    flex = DataFlex(synthetic_domains(n_per_domain=24), global_batch_size=8, plugins=[steer],
+                    interface=TorchInterface(model))
+    for step in range(3):
+        batch = flex.next_batch()
+        flex.loss(model(batch["input_ids"], position_ids=batch["position_ids"]), batch)
+        if step == 0:
+            assert len(set(batch["domain"].tolist())) > 1
+        else:
+            assert (batch["domain"] == 2).all()
+            local = flex.sampler.local_index(batch["sample_id"])
+            assert (local % 2 == 1).all()
+        flex.end_step()
