@@ -23,7 +23,14 @@ setup(
         "tqdm",
         "datasketch",
         "zstandard",
+        "xxhash",
+        "orjson",
+        "pyyaml",
         "ninja",
     ],
-    extras_require={"dev": ["pytest", "pytest-xdist"]},
+    extras_require={
+        "ray": ["ray"],                                    # dataprep's scale-out executor
+        "bench": ["datatrove", "regex", "psutil"],         # the dataprep baseline in bench/
+        "dev": ["pytest", "pytest-xdist", "ray", "datatrove", "regex", "psutil"],
+    },
 )

@@ -11,7 +11,6 @@ from dataprep.steps.base import Step
 _INVISIBLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00ad\u200b-\u200d\u2060\ufeff]")
 _ODD_SPACES = re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 _TRAILING = re.compile(r"[ \t]+$", re.M)
-_BLANKS = re.compile(r"\n{3,}")
 _INNER_SPACES = re.compile(r"(?<=\S) {2,}")
 
 
@@ -43,8 +42,9 @@ class Normalize(Step):
         self.unify_spaces = unify_spaces
         self.newlines = newlines
         self.strip_trailing = strip_trailing
-        self.blank_repl = "\n" * (max_blank_lines + 1)
+        self.blank_repl = "\n" * (max_blank_lines + 1) if max_blank_lines is not None else ""
         self.max_blank_lines = max_blank_lines
+        self._blanks = re.compile(r"\n{%d,}" % (max_blank_lines + 2)) if max_blank_lines is not None else None
         self.collapse_inner_spaces = collapse_inner_spaces
         self.strip = strip
 
@@ -59,8 +59,8 @@ class Normalize(Step):
             text = _ODD_SPACES.sub(" ", text)
         if self.strip_trailing:
             text = _TRAILING.sub("", text)
-        if self.max_blank_lines is not None and "\n\n\n" in text:
-            text = re.sub(r"\n{%d,}" % (self.max_blank_lines + 2), self.blank_repl, text)
+        if self._blanks is not None and "\n\n\n" in text:
+            text = self._blanks.sub(self.blank_repl, text)
         if self.collapse_inner_spaces:
             text = _INNER_SPACES.sub(" ", text)
         if self.strip:

@@ -5,10 +5,32 @@ each check can be switched off with ``null``.
 """
 from __future__ import annotations
 
+import re
+import string
+
 from dataprep.document import Document
 from dataprep.steps.base import FilterStep
 
 _BULLETS = ("•", "*", "-", "–", "‣", "▪", "●")
+# ASCII fast paths: str.translate deletes in C instead of a Python loop per character
+_DEL_DIGITS = str.maketrans("", "", string.digits)
+_DEL_ALNUM_SPACE = str.maketrans("", "", string.ascii_letters + string.digits + string.whitespace)
+_LETTER_WORD = re.compile(r"\S*?[^\W\d_]\S*")  # a whitespace-separated word holding a letter
+_LETTER_RUN = re.compile(r"[^\W\d_]{3,}")       # runs of 3+ letters
+_VOWEL = re.compile(r"[aeiouyAEIOUY]")
+
+
+def _count_digits(text: str) -> int:
+    if text.isascii():
+        return len(text) - len(text.translate(_DEL_DIGITS))
+    return sum(c.isdigit() for c in text)
+
+
+def _count_other(text: str) -> int:
+    """Characters that are neither alphanumeric nor whitespace."""
+    if text.isascii():
+        return len(text.translate(_DEL_ALNUM_SPACE))
+    return sum(not (c.isalnum() or c.isspace()) for c in text)
 
 
 class QualityFilter(FilterStep):
@@ -22,7 +44,7 @@ class QualityFilter(FilterStep):
     * ``mean_word_length``: mean word length outside [``min_mean_word_length``, ``max_mean_word_length``]
     * ``bullet_lines``: share of lines starting with a bullet > ``max_bullet_lines_ratio``
     * ``ellipsis_lines``: share of lines ending with an ellipsis > ``max_ellipsis_lines_ratio``
-    * ``vowelless_words``: share of alphabetic words of 3+ letters without a vowel (a-e-i-o-u-y)
+    * ``vowelless_words``: share of letter runs of 3+ letters without a vowel (a-e-i-o-u-y)
       > ``max_vowelless_words_ratio`` (catches random character strings)
     """
 
@@ -60,20 +82,15 @@ class QualityFilter(FilterStep):
             sym = text.count("#") + text.count("...") + text.count("…")
             if sym / n_words > self.max_symbol_word_ratio:
                 return "symbol_ratio"
-        if self.max_digit_ratio is not None:
-            digits = sum(c.isdigit() for c in text) if not text.isalpha() else 0
-            if digits / n_chars > self.max_digit_ratio:
-                return "digit_ratio"
-        if self.max_non_alnum_ratio is not None:
-            non_space = n_chars - sum(len(w) for w in words)  # whitespace characters
-            alnum = sum(c.isalnum() for c in text)
-            if (n_chars - alnum - non_space) / n_chars > self.max_non_alnum_ratio:
-                return "non_alnum_ratio"
-        alpha_words = [w for w in words if any(c.isalpha() for c in w)]
-        if self.min_alpha_words_ratio is not None and len(alpha_words) / n_words < self.min_alpha_words_ratio:
-            return "alpha_words"
+        if self.max_digit_ratio is not None and _count_digits(text) / n_chars > self.max_digit_ratio:
+            return "digit_ratio"
+        if self.max_non_alnum_ratio is not None and _count_other(text) / n_chars > self.max_non_alnum_ratio:
+            return "non_alnum_ratio"
+        if self.min_alpha_words_ratio is not None:
+            if len(_LETTER_WORD.findall(text)) / n_words < self.min_alpha_words_ratio:
+                return "alpha_words"
         if self.min_mean_word_length is not None or self.max_mean_word_length is not None:
-            mean = sum(len(w) for w in words) / n_words
+            mean = sum(map(len, words)) / n_words
             if self.min_mean_word_length is not None and mean < self.min_mean_word_length:
                 return "mean_word_length"
             if self.max_mean_word_length is not None and mean > self.max_mean_word_length:
@@ -90,10 +107,10 @@ class QualityFilter(FilterStep):
                 if ell / n_lines > self.max_ellipsis_lines_ratio:
                     return "ellipsis_lines"
         if self.max_vowelless_words_ratio is not None:
-            letters = ["".join(c for c in w if c.isalpha()) for w in alpha_words]
-            letters = [w.lower() for w in letters if len(w) >= 3]
-            if letters:
-                vowelless = sum(not any(v in w for v in "aeiouy") for w in letters)
-                if vowelless / len(letters) > self.max_vowelless_words_ratio:
+            runs = _LETTER_RUN.findall(text)
+            if runs:
+                search = _VOWEL.search
+                vowelless = sum(1 for r in runs if not search(r))
+                if vowelless / len(runs) > self.max_vowelless_words_ratio:
                     return "vowelless_words"
         return None

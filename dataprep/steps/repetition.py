@@ -23,31 +23,32 @@ def _dup_stats(items: list[str]) -> tuple[float, float]:
     return dup_n / len(items), (dup_chars / total_chars if total_chars else 0.0)
 
 
-def _top_ngram_char_frac(words: list[str], n: int) -> float:
+def _top_ngram_char_frac(words: list, lens: list[int], total: int, n: int) -> float:
     """Characters covered by the most frequent n-gram (counted once per occurrence) / all word chars."""
     if len(words) < n:
         return 0.0
     grams = Counter(zip(*(words[i:] for i in range(n))))
-    gram, count = grams.most_common(1)[0]
+    count = max(grams.values())
     if count < 2:
         return 0.0
-    total = sum(len(w) for w in words)
-    return sum(len(w) for w in gram) * count / max(total, 1)
+    gram = max(grams, key=grams.__getitem__)  # the first most frequent, as Counter.most_common(1)
+    i = next(i for i in range(len(words) - n + 1) if tuple(words[i:i + n]) == gram)
+    return sum(lens[i:i + n]) * count / max(total, 1)
 
 
-def _dup_ngram_char_frac(words: list[str], n: int) -> float:
+def _dup_ngram_char_frac(words: list, lens: list[int], total: int, n: int) -> float:
     """Characters of words that fall inside an n-gram occurring more than once / all word chars."""
     if len(words) < n:
         return 0.0
     grams = list(zip(*(words[i:] for i in range(n))))
     counts = Counter(grams)
+    if len(counts) == len(grams):
+        return 0.0
     covered = bytearray(len(words))
     for i, g in enumerate(grams):
         if counts[g] > 1:
             covered[i:i + n] = b"\x01" * n
-    total = sum(len(w) for w in words)
-    dup = sum(len(w) for w, c in zip(words, covered) if c)
-    return dup / max(total, 1)
+    return sum(ln for ln, c in zip(lens, covered) if c) / max(total, 1)
 
 
 class RepetitionFilter(FilterStep):
@@ -94,10 +95,18 @@ class RepetitionFilter(FilterStep):
         words = text.split()
         if len(words) < self.min_words:
             return None
+        ids: dict[str, int] = {}
+        wid = [ids.setdefault(w, len(ids)) for w in words]  # n-grams of ints hash faster than of strings
+        lens = [len(w) for w in words]
+        total = sum(lens)
         for n, limit in self.top:
-            if _top_ngram_char_frac(words, n) > limit:
+            if _top_ngram_char_frac(wid, lens, total, n) > limit:
                 return f"top_{n}gram"
+        # the duplicated share can only shrink as n grows: once it is 0, larger n cannot fail
         for n, limit in self.dup:
-            if _dup_ngram_char_frac(words, n) > limit:
+            frac = _dup_ngram_char_frac(wid, lens, total, n)
+            if frac > limit:
                 return f"dup_{n}gram"
+            if frac == 0.0:
+                break
         return None
