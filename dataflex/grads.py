@@ -1,9 +1,9 @@
 """Exact per-sample gradients with torch.func (vmap over grad of a one-sample loss).
 
 Parameters are chosen by name: "all", "lora" (LoRA adapters), a regular expression, or a list of
-them. Gradients are computed in chunks of samples so memory stays at chunk x P; with a projector,
-each chunk is projected at once and the materialised gradients are dropped. Norms are exact: the
-L2 norm of each sample's full gradient over the chosen parameters.
+them. vmap runs over chunks of samples, bounding its activation memory; with a projector, the B x P
+gradients are projected in one pass (the random matrix is the expensive part) and dropped. Norms
+are exact: the L2 norm of each sample's full gradient over the chosen parameters.
 """
 from __future__ import annotations
 
@@ -78,16 +78,15 @@ def per_sample_grads(module: torch.nn.Module, batch: dict, params: ParamSpec = "
 
     grad_fn = vmap(grad(one_sample_loss), in_dims=(None, 0))
     n = batch["input_ids"].shape[0]
-    norms, projected, grads = [], [], {name: [] for name in trainable}
+    norms, grads = [], {name: [] for name in trainable}
     for start in range(0, n, chunk_size):
         sample = {k: batch[k][start:start + chunk_size] for k in SAMPLE_KEYS}
         g = grad_fn(trainable, sample)
         norms.append(torch.sqrt(sum(t.flatten(1).float().pow(2).sum(1) for t in g.values())))
-        if projector is not None:
-            projected.append(projector.project(torch.cat([t.flatten(1) for t in g.values()], 1)))
-        else:
-            for name, t in g.items():
-                grads[name].append(t)
-    if projector is not None:
-        return PerSampleGrads(torch.cat(norms), projected=torch.cat(projected), projector=projector.describe())
-    return PerSampleGrads(torch.cat(norms), grads={k: torch.cat(v) for k, v in grads.items()})
+        for name, t in g.items():
+            grads[name].append(t)
+    result = PerSampleGrads(torch.cat(norms), grads={k: torch.cat(v) for k, v in grads.items()})
+    if projector is None:
+        return result
+    # one projection of the whole batch: generating R costs far more than holding B x P gradients
+    return PerSampleGrads(result.norms, projected=projector.project(result.flat()), projector=projector.describe())

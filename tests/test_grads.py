@@ -184,3 +184,16 @@ def test_johnson_lindenstrauss_inner_products():
         assert (ratio - 1).abs().max() < 6 * (2 / d) ** 0.5 + 0.05
     assert corr[4096] > 0.9, corr
     assert corr[256] < corr[1024] < corr[4096], corr
+
+
+def test_projector_signs_are_fair_and_cache_is_transparent():
+    cached, uncached = RademacherProjector(dim=200, seed=5, block_size=300), RademacherProjector(dim=200, seed=5, block_size=300, cache_mb=0)
+    R = cached.matrix(1000)
+    assert set(R.unique().tolist()) == {-1.0, 1.0}
+    assert abs(R.mean().item()) < 0.01                       # 200k fair signs: sd of the mean ~0.002
+    gram = (R.T @ R) / R.shape[0]
+    assert (gram - torch.eye(200)).abs().max() < 0.2         # columns nearly orthogonal
+    x = torch.randn(7, 1000)
+    torch.testing.assert_close(cached.project(x), uncached.project(x))
+    torch.testing.assert_close(cached.project(x), x @ R, rtol=1e-4, atol=1e-4)  # blocked sums
+    assert uncached._cache == {} and cached._cache
