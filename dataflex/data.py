@@ -2,24 +2,24 @@
 
 A data config holds `domains: {NAME: {train: PATH, val: PATH}}`, optional `target: {val: PATH}`,
 `tokenizer: PATH`, or `manifest: PATH` to train on dataprep's shards. A PATH is a file, a folder,
-a glob, or a list of them. JSONL records need a string `text` field; a plain text file holds one
+a glob, or a list of them, read by dataprep's readers: JSONL (also .gz/.zst) records need a string
+`text` field; Parquet (`text` column); a saved HF `datasets` folder; a plain text file holds one
 document per block of lines separated by a blank line. Each document (with an end-of-text token
 appended) is cut into samples of `seq_len` labels; the last one is padded and masked.
 """
 from __future__ import annotations
 
 import glob
-import gzip
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import torch
 
+from dataprep.readers import InputError, Source, expand_entry, read_source
+
 from .tokenizer import Tokenizer, load_tokenizer
 
-TEXT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".txt", ".text", ".md")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,60 +40,28 @@ class DataConfigError(ValueError):
     pass
 
 
-def expand_paths(spec, key: str) -> list[Path]:
+MALFORMED = {"bad_json": "malformed JSON", "bad_utf8": "not valid UTF-8", "not_an_object": "record is not a JSON object",
+             "missing_text": "record has no string 'text' field", "non_string_text": "record has no string 'text' field"}
+
+
+def expand_paths(spec, key: str) -> list[Source]:
+    """A config entry (a path, folder, glob or a list of them) as input sources, dataprep's readers'."""
     specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
-    paths: list[Path] = []
-    for s in specs:
-        s = resolve(s)
-        if any(ch in s for ch in "*?["):
-            found = sorted(Path(p) for p in glob.glob(s, recursive=True))
-            if not found:
-                raise DataConfigError(f"{key}: no file matches {s!r}")
-            paths += found
-        elif Path(s).is_dir():
-            found = sorted(p for p in Path(s).rglob("*") if p.name.endswith(TEXT_SUFFIXES))
-            if not found:
-                raise DataConfigError(f"{key}: folder {s} holds no {'/'.join(TEXT_SUFFIXES)} file")
-            paths += found
-        elif Path(s).is_file():
-            paths.append(Path(s))
-        else:
-            raise DataConfigError(f"{key}: file not found: {s}")
-    return paths
+    try:
+        return [src for s in specs for src in expand_entry(resolve(s), key)]
+    except InputError as e:
+        raise DataConfigError(str(e)) from None
 
 
-def _open(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
-def read_documents(path: Path, key: str = "data") -> Iterator[tuple[str, str]]:
-    """(doc_id, text) pairs; doc_id is `path:line` of the record's first line."""
-    jsonl = ".jsonl" in path.name or path.name.endswith(".json")
-    with _open(path) as f:
-        if jsonl:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataConfigError(f"{path}:{lineno}: malformed JSON ({e.msg}) in {key}") from None
-                text = record.get("text") if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise DataConfigError(f"{path}:{lineno}: record has no string 'text' field ({key})")
-                yield f"{path}:{lineno}", text
-        else:
-            block, start = [], 0
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    if not block:
-                        start = lineno
-                    block.append(line.rstrip("\n"))
-                elif block:
-                    yield f"{path}:{start}", "\n".join(block)
-                    block = []
-            if block:
-                yield f"{path}:{start}", "\n".join(block)
+def read_documents(src: Source, key: str = "data") -> Iterator[tuple[str, str]]:
+    """(doc_id, text) pairs; doc_id is `path:line` (`path:row` for Parquet and datasets). Training is
+    strict where dataprep is forgiving: a malformed record stops the run, naming file and line."""
+    for record in read_source(src):
+        if record.reason == "empty_text":
+            continue
+        if record.reason:
+            raise DataConfigError(f"{src.path}:{record.line}: {MALFORMED.get(record.reason, record.reason)} ({key})")
+        yield f"{src.path}:{record.line}", record.text
 
 
 @dataclass

@@ -125,7 +125,7 @@ def test_bad_data_is_named(tmp_path, case):
     proc = run([sys.executable, "launch/train.py", "backend=torch", "logger=none", "--config-dir", str(tmp_path),
                 "data=mine", f"hydra.run.dir={tmp_path / 'run'}"], check=False)
     assert proc.returncode != 0
-    expected = {"missing": f"data.domains.bad.train: file not found: {bad}",
+    expected = {"missing": f"data.domains.bad.train: input not found: '{bad}'",
                 "malformed": f"{bad}:2: malformed JSON", "no_text": f"{bad}:2: record has no string 'text' field",
                 "empty": "data.domains.bad.train: no documents"}[case]
     assert expected in proc.stderr
