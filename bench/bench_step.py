@@ -61,7 +61,19 @@ def new_model(vocab: int) -> TinyGPT:
     return TinyGPT(vocab_size=vocab, seq_len=SEQ, seed=SEED, **common.MODEL)
 
 
-class PlainLoop:
+class _Loop:
+    """`step` (a DeepSpeed engine's backward+step) replaces the plain AdamW update when given."""
+
+    def optimize(self, loss):
+        if self._step is None:
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        else:
+            self._step(loss)
+
+
+class PlainLoop(_Loop):
     """The loop without DataFlex: uniform random batches, plain token-mean cross-entropy."""
 
     def __init__(self, model, data: MixtureDataset, forward=None, step=None):
@@ -82,19 +94,14 @@ class PlainLoop:
         mask = batch["loss_mask"].reshape(-1).float()
         loss = (token * mask).sum() / mask.sum()
         c.lap("forward")
-        if self._step is None:
-            loss.backward()
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-        else:
-            self._step(loss)
+        self.optimize(loss)
         c.lap("backward")
         c.lap("end_step")
         self.last_loss = float(loss.detach())
         return c.parts
 
 
-class FlexLoop:
+class FlexLoop(_Loop):
     """The same loop with DataFlex drawing the batch, weighing the loss and running the plugins."""
 
     def __init__(self, model, train: dict, plugins, interface=None, forward=None, step=None):
@@ -110,12 +117,7 @@ class FlexLoop:
         c.lap("sample")
         loss = self.flex.loss(self.forward(batch), batch)
         c.lap("forward")
-        if self._step is None:
-            loss.backward()
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-        else:
-            self._step(loss)
+        self.optimize(loss)
         c.lap("backward")
         self.flex.end_step()
         c.lap("end_step")
