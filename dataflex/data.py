@@ -1,7 +1,7 @@
 """Domains from a data config: raw JSONL / plain text files or dataprep shards -> token samples.
 
 A data config holds `domains: {NAME: {train: PATH, val: PATH}}`, optional `target: {val: PATH}`,
-`tokenizer: PATH`, or `manifest: PATH` to train on dataprep's shards. A PATH is a file, a folder,
+`tokenizer: PATH` (default: the embedded corpus's), or `manifest: PATH` to train on dataprep's shards. A PATH is a file, a folder,
 a glob, or a list of them, read by dataprep's readers: JSONL (also .gz/.zst) records need a string
 `text` field; Parquet (`text` column); a saved HF `datasets` folder; a plain text file holds one
 document per block of lines separated by a blank line. Each document (with an end-of-text token
@@ -21,6 +21,7 @@ from dataprep.readers import InputError, Source, expand_entry, read_source
 from .tokenizer import Tokenizer, load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TOKENIZER = "data/default/tokenizer.json"   # the embedded corpus's byte-level BPE
 
 
 def resolve(path) -> str:
@@ -145,9 +146,7 @@ def load_domains(data_cfg, seq_len: int, max_val_samples: Optional[int] = None) 
         return _load_manifest(data, seq_len, max_val_samples)
     if not data.get("domains"):
         raise DataConfigError("data.domains: no domains given (domains: {NAME: {train: PATH, val: PATH}})")
-    if not data.get("tokenizer"):
-        raise DataConfigError("data.tokenizer: path to a tokenizers JSON file is required")
-    tokenizer = load_tokenizer(resolve(data["tokenizer"]))
+    tokenizer = load_tokenizer(resolve(data.get("tokenizer") or DEFAULT_TOKENIZER))
     train, val = {}, {}
     for name, entry in data["domains"].items():
         entry = dict(entry) if not isinstance(entry, str) else {"train": entry}

@@ -136,3 +136,17 @@ def test_unknown_plugin_lists_available():
     proc = run([sys.executable, "launch/train.py", "+mixer=nope"], check=False)
     assert proc.returncode != 0
     assert "mixer/nope" in proc.stderr and "bandit" in proc.stderr and "static" in proc.stderr
+
+
+def test_minimal_user_data_config(tmp_path):
+    """Only `domains` (train/val) and `target`: everything else has defaults."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.yaml").write_text(
+        "domains:\n"
+        f"  books: {{train: {ROOT}/data/default/prose/val.jsonl, val: {ROOT}/data/default/prose/val.jsonl}}\n"
+        f"  arith: {{train: {ROOT}/data/default/math/val.jsonl}}\n"
+        f"target: {{val: {ROOT}/data/default/math/val.jsonl}}\n")
+    run([sys.executable, "launch/train.py", "backend=torch", "logger=none", "--config-dir", str(tmp_path), "data=mine",
+         "+mixer=bandit", *FAST, f"hydra.run.dir={tmp_path / 'run'}"])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary["domain_weights"]) == {"books", "arith"} and set(summary["val_loss"]) == {"books"}
