@@ -82,7 +82,7 @@ def main(cfg):
         record = flex.end_step()
         out.log(record)
         progress.set_postfix(loss=f"{record['train_loss']:.3f}")
-        tokens += int(dist.all_gather_cat(batch["loss_mask"].sum().reshape(1).cpu()).sum())
+        tokens += int(batch["loss_mask"].sum())
         done = step + 1
         if val and (done % tr.eval_every == 0 or done == tr.max_steps):
             out.log({"step": done, "val_loss": flex.evaluate(val)})
@@ -90,6 +90,7 @@ def main(cfg):
             backend.save(run_dir / "checkpoints" / f"step_{done:07d}",
                          {"flex": flex.state_dict(), "rng": torch.get_rng_state()})
 
+    tokens = int(dist.all_gather_cat(torch.tensor([tokens])).sum())
     summary = {"strategy": strategy, "steps": flex.step, "tokens": tokens, "wall_time_s": time.time() - started,
                "val_loss_initial": first_val, "val_loss": out.last("val_loss"),
                "domain_weights": out.last("domain_weights"), "world_size": world, "backend": cfg.backend.name,
