@@ -58,8 +58,8 @@ def plot(runs: list[dict], path: Path) -> None:
         val = r["summary"]["val_loss"] or {}
         axes[0].bar([j + i * width for j in range(len(domains))], [val.get(d, 0) for d in domains], width, label=r["name"])
         steps = [h for h in r["history"] if "domain_weights" in h]
-        for d in domains:
-            axes[1].plot([h["step"] for h in steps], [h["domain_weights"][d] for h in steps],
+        for j, d in enumerate(domains):   # colour = domain, line style = run
+            axes[1].plot([h["step"] for h in steps], [h["domain_weights"][d] for h in steps], color=f"C{j}",
                          label=f"{r['name']}: {d}", linestyle=["-", "--", ":", "-."][i % 4])
     axes[0].set_xticks([j + 0.4 - width / 2 for j in range(len(domains))], domains)
     axes[0].set(ylabel="final validation loss", title="per-domain validation loss")
