@@ -41,9 +41,17 @@ class Signals:
         if self.flex.interface is None:
             raise RuntimeError("probing samples needs DataFlex(interface=...), e.g. TorchInterface(model)")
         data = dataset or self.flex.data
-        mine = self._my_share(torch.as_tensor(ids))
+        ids = torch.as_tensor(ids)
+        mine = self._my_share(ids)
         chunk = self.flex.probe_batch_size
-        parts = [self.flex.interface.probe(data.batch(mine[s:s + chunk]), output) for s in range(0, len(mine), chunk)]
+        per_rank = -(-len(ids) // self.flex.world_size)
+        parts = []
+        # every rank runs the same number of forwards: under ZeRO-3 each one is a collective
+        for start in range(0, per_rank, chunk):
+            part = mine[start:start + chunk]
+            out = self.flex.interface.probe(data.batch(part if len(part) else ids[:1]), output)
+            if len(part):
+                parts.append(out)
         if output != "loss":
             return parts
         local = torch.cat(parts) if parts else torch.zeros(0)

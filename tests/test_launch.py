@@ -150,3 +150,12 @@ def test_minimal_user_data_config(tmp_path):
          "+mixer=bandit", *FAST, f"hydra.run.dir={tmp_path / 'run'}"])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert set(summary["domain_weights"]) == {"books", "arith"} and set(summary["val_loss"]) == {"books"}
+
+
+def test_two_ranks_zero3_with_probes(tmp_path):
+    """Under ZeRO-3 every forward is a collective: probes (selector candidates, uneven validation
+    shares) must run the same number of forwards on every rank, or the run hangs."""
+    run(deepspeed("--num_gpus", "2", "launch/train.py", "backend.zero_stage=3", "+selector=loss", "+mixer=bandit",
+                  "logger=none", *FAST, "trainer.max_val_samples=3", "trainer.probe_batch_size=4",
+                  f"hydra.run.dir={tmp_path}"), timeout=300)
+    check_outputs(tmp_path, 6, 8, {0, 1}, wandb=False)
