@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Iterable, Optional
 
 import torch
@@ -76,7 +77,7 @@ class Signals:
 class DataFlex:
     def __init__(self, train: dict, global_batch_size: int, plugins: Iterable[Plugin] = (), interface=None,
                  seed: int = 0, rank: Optional[int] = None, world_size: Optional[int] = None,
-                 initial_weights: str = "size", probe_batch_size: int = 64):
+                 initial_weights: str = "size", probe_batch_size: int = 64, check_ranks_every: int = 50):
         self.data = train if isinstance(train, MixtureDataset) else MixtureDataset(train)
         self.rank = dist.rank() if rank is None else rank
         self.world_size = dist.world_size() if world_size is None else world_size
@@ -92,6 +93,7 @@ class DataFlex:
         self.engine = Engine(plugins, self.state)
         self.loss = LossWrapper(weigh=self._weigh)
         self.step = 0
+        self.check_ranks_every = check_ranks_every
         self._started = False
 
     # -- the step ----------------------------------------------------------------------------------
@@ -149,8 +151,24 @@ class DataFlex:
             record["selected_fraction"] = float(s.keep_mask.float().mean())
         record.update(s.metrics)
         record["ledger"] = self._ledger_rows()
+        if self.world_size > 1 and self.check_ranks_every and self.step % self.check_ranks_every == 0:
+            self._check_ranks_agree()
         self.step += 1
         return record
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank must have drawn, kept and weighted the same global batch; a divergence (a
+        plugin using an unseeded RNG, a rank-local signal) would silently train on other data."""
+        s = self.state
+        h = hashlib.sha256()
+        for t in (s.domain_weights, s.batch_ids, s.sample_weights):
+            if t is not None:
+                h.update(t.detach().cpu().numpy().tobytes())
+        digest = torch.tensor([int.from_bytes(h.digest()[:8], "little", signed=True)])
+        everyone = dist.all_gather_cat(digest)
+        if (everyone != everyone[0]).any():
+            raise RuntimeError(f"ranks disagree on the data of step {self.step} (decision hashes "
+                               f"{everyone.tolist()}): every plugin must decide from gathered signals and seeded RNGs")
 
     def _ledger_rows(self) -> dict:
         s = self.state

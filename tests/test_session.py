@@ -197,3 +197,39 @@ def test_decisions_take_effect_at_the_next_step():
             local = flex.sampler.local_index(batch["sample_id"])
             assert (local % 2 == 1).all()
         flex.end_step()
+
+
+class _RankLocalMixer(StaticMixer):
+    """A broken plugin: weights that depend on the rank (what an unseeded RNG does)."""
+
+    def weights(self, state):
+        import torch.distributed as dist
+        w = torch.ones(state.num_domains, dtype=torch.float64)
+        w[dist.get_rank() % state.num_domains] += 1
+        return w
+
+
+def _divergence_worker(rank, init_file, out_dir):
+    import os
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        model = tiny_gpt()
+        flex = DataFlex(synthetic_domains(n_per_domain=16), global_batch_size=8, plugins=[_RankLocalMixer()],
+                        check_ranks_every=1)
+        try:
+            train_step(flex, model, torch.optim.SGD(model.parameters(), lr=0.1))
+            message = "no error"
+        except RuntimeError as e:
+            message = str(e)
+        open(os.path.join(out_dir, f"rank{rank}.txt"), "w").write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_disagree_are_caught(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_divergence_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        assert "ranks disagree on the data of step 0" in (tmp_path / f"rank{rank}.txt").read_text()
