@@ -8,6 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from dataflex.launching import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["trainer.max_steps=6", "trainer.eval_every=3", "trainer.global_batch_size=8", "trainer.max_val_samples=8",
         "model.d_model=32", "model.seq_len=64", "trainer.ledger_flush_every=4"]
@@ -25,7 +27,8 @@ def run(args, cwd=ROOT, check=True, timeout=600):
 
 
 def deepspeed(*args):
-    return [str(Path(sys.executable).parent / "deepspeed"), *args]
+    """The DeepSpeed launcher; a port of its own, since tests run in parallel (its default is 29500)."""
+    return [str(Path(sys.executable).parent / "deepspeed"), "--master_port", str(free_port()), *args]
 
 
 def check_outputs(run_dir: Path, steps: int, global_batch: int, ranks: set, wandb: bool):
