@@ -32,10 +32,6 @@ class Signals:
     def __init__(self, flex: "DataFlex"):
         self.flex = flex
 
-    def _my_share(self, ids: torch.Tensor) -> torch.Tensor:
-        per_rank = -(-len(ids) // self.flex.world_size)
-        return ids[self.flex.rank * per_rank:(self.flex.rank + 1) * per_rank]
-
     def probe(self, ids: torch.Tensor, output: str = "loss", dataset: Optional[MixtureDataset] = None):
         """Forward without gradients on sample ids. Losses are split over ranks and gathered, so
         every rank gets all of them; logits and raw outputs come back for this rank's share only."""
@@ -43,7 +39,7 @@ class Signals:
             raise RuntimeError("probing samples needs DataFlex(interface=...), e.g. TorchInterface(model)")
         data = dataset or self.flex.data
         ids = torch.as_tensor(ids)
-        mine = self._my_share(ids)
+        mine = self.flex.sampler.rank_slice(ids)
         chunk = self.flex.probe_batch_size
         per_rank = -(-len(ids) // self.flex.world_size)
         parts = []
@@ -66,7 +62,7 @@ class Signals:
             raise RuntimeError("per-sample gradients need DataFlex(interface=...)")
         if projector is None and self.flex.world_size > 1:
             raise ValueError("full per-sample gradients stay on one rank: pass a projector, or read .norms")
-        batch = self.flex.data.batch(self._my_share(torch.as_tensor(ids)))
+        batch = self.flex.data.batch(self.flex.sampler.rank_slice(torch.as_tensor(ids)))
         out = self.flex.interface.per_sample_grads(batch, params, projector)
         out.norms = dist.all_gather_cat(out.norms.float().cpu())
         if out.projected is not None:

@@ -1,6 +1,8 @@
 """Shared fixtures for the dataflex core tests: a tiny model, padded synthetic batches, toy domains."""
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -9,6 +11,14 @@ from dataflex.model import TinyGPT
 
 VOCAB, SEQ = 64, 16
 TINY = dict(vocab_size=VOCAB, seq_len=SEQ, d_model=32, n_layers=2, n_heads=4)
+
+
+def roundtrip(obj):
+    """Through torch.save/torch.load, as a checkpoint would go."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
 
 
 def tiny_gpt(**overrides) -> TinyGPT:

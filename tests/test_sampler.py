@@ -1,6 +1,5 @@
 """dataflex.sampler.DataAwareSampler: draws follow the weights, masks, rank slices, exact resume."""
 import copy
-import io
 
 import numpy as np
 import pytest
@@ -9,16 +8,11 @@ from scipy.stats import chisquare
 
 from dataflex.sampler import DataAwareSampler
 
+from conftest import roundtrip
+
 
 def domains_of(sampler, ids):
     return sampler.domain_of(ids)
-
-
-def roundtrip(state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
 
 
 def test_draws_follow_the_weights_chi_square():

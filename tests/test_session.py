@@ -1,5 +1,4 @@
 """dataflex.session.DataFlex: the loop with all three plugin families, the step record, resume, errors."""
-import io
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from dataflex.projection import RademacherProjector
 from dataflex.reweighters import LossReweighter
 from dataflex.selectors import LossSelector
 
-from conftest import synthetic_domains, tiny_gpt
+from conftest import roundtrip, synthetic_domains, tiny_gpt
 
 LEDGER_COLUMNS = ["step", "rank", "sample_id", "domain", "selected", "weight", "loss"]
 
@@ -83,13 +82,6 @@ def test_full_loop_with_all_three_families():
                                         "LossReweighter/after_loss", "BanditMixer/batch_end"}
 
 
-def _snapshot(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
-
-
 def test_resume_mid_run_matches_an_uninterrupted_run():
     total, cut = 7, 3
     model, opt, flex = make_run(seed=5)
@@ -97,7 +89,7 @@ def test_resume_mid_run_matches_an_uninterrupted_run():
 
     model, opt, flex = make_run(seed=5)
     first = [train_step(flex, model, opt) for _ in range(cut)]
-    ckpt = _snapshot({"model": model.state_dict(), "opt": opt.state_dict()})
+    ckpt = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
     ckpt["flex"] = flex.state_dict()  # in memory: must be a snapshot, not a live view of the run
     train_step(flex, model, opt)
     train_step(flex, model, opt)
