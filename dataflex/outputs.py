@@ -200,8 +200,22 @@ def start_wandb(cfg, run_dir: Path, strategy: dict):
 
     mode = os.environ.get("WANDB_MODE", cfg.logger.mode)
     name = "+".join(f"{k}={v}" for k, v in strategy.items() if v) or "baseline"
-    return wandb.init(project=cfg.logger.project, group=cfg.logger.get("group"), name=name, mode=mode,
+    group = cfg.logger.get("group") or sweep_group()
+    return wandb.init(project=cfg.logger.project, group=group, name=name, mode=mode,
                       dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")
+
+
+def sweep_group(sweep_dir=None) -> Optional[str]:
+    """A sweep job's W&B group: its sweep folder's last two parts (`2026-11-23/12-00-00`, `mixers/v2`), so the
+    jobs of one `launch/train.py -m` land together; None outside a sweep (or `sweep_dir` given for tests)."""
+    if sweep_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+            return os.environ.get("DATAFLEX_SWEEP_GROUP") or None   # a job's ranks (launch_ranks) inherit it
+        sweep_dir = HydraConfig.get().sweep.dir
+    return "/".join(Path(str(sweep_dir)).parts[-2:]) or None
 
 
 def print_comparison(summary: dict) -> None:

@@ -23,6 +23,7 @@ from .plugin import Engine, Plugin
 from .sampler import DataAwareSampler
 from .signals import Signals, as_mixture
 from .state import DataState, per_domain_mean
+from .targets import evenly_spaced
 
 
 NONFINITE = ("drop", "stop", "skip")   # a NaN/inf loss: weight 0 and train on | stop the run | skip the step
@@ -31,8 +32,9 @@ class DataFlex:
                  seed: int = 0, rank: Optional[int] = None, world_size: Optional[int] = None,
                  initial_weights: str = "size", probe_batch_size: int = 64, check_ranks_every: int = 0,
                  loss_reduction: str = "token", datasets: Optional[dict] = None, optimizer=None,
-                 nonfinite: str = "drop"):
+                 nonfinite: str = "drop", tokenizer=None):
         self.optimizer = optimizer      # the training optimizer, read (never stepped) by Signals.optimizer_state
+        self.tokenizer = tokenizer      # the run's tokenizer: plugins that read text (embedding selectors) decode with it
         self.data = train if isinstance(train, MixtureDataset) else MixtureDataset(train)
         self.rank = dist.rank() if rank is None else rank
         self.world_size = dist.world_size() if world_size is None else world_size
@@ -303,6 +305,20 @@ class DataFlex:
         self.state.val_loss = {d: result[d] for d in self.state.domains if d in result}
         self.engine.fire(Event.EVAL_END)
         return result
+
+    @torch.no_grad()
+    def target_loss(self, limit: Optional[int] = None) -> dict:
+        """Mean probe loss per part of the run's `target` dataset (the data config's `target`: one part named
+        `target`, or its subtasks), over at most `limit` evenly spaced samples per part (the same ones at
+        every evaluation and on every rank); {} without one. No plugin event: evaluate() is the evaluation."""
+        target = self.datasets.get("target")
+        if target is None:
+            return {}
+        part = torch.as_tensor(target.domain[torch.arange(len(target))])
+        ids = torch.cat([evenly_spaced(torch.nonzero(part == i).flatten(), limit) for i in range(len(target.names))])
+        losses = self.state.signals.probe(ids, dataset=target)
+        means, present = per_domain_mean(losses, part[ids], len(target.names))
+        return {target.names[i]: float(means[i]) for i in range(len(target.names)) if present[i]}
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -130,7 +130,7 @@ def train(cfg, hc, ckpt):
                     rank=backend.data_parallel_rank, world_size=backend.data_parallel_size,   # Megatron: the data-parallel ones
                     probe_batch_size=tr.probe_batch_size, check_ranks_every=tr.check_ranks_every,
                     loss_reduction=tr.loss_reduction, nonfinite=tr.nonfinite, datasets={"val": val, "target": domains.target},
-                    optimizer=getattr(backend, "optimizer", None))
+                    optimizer=getattr(backend, "optimizer", None), tokenizer=domains.tokenizer)
 
     strategy = run_strategy(cfg, hc, ckpt, PLUGIN_GROUPS)
     out = RunOutputs(run_dir, enabled=rank == 0, flush_every=tr.ledger_flush_every,
@@ -148,7 +148,7 @@ def train(cfg, hc, ckpt):
     else:
         first_val = flex.evaluate(val) if val else {}
         if first_val:
-            out.log({"step": flex.step, "val_loss": first_val})
+            out.log(eval_record(flex, flex.step, first_val, tr.max_val_samples))
 
     def run_totals():    # a collective (every rank calls it): the whole run's tokens and wall time so far
         return {"tokens": before["tokens"] + int(dist.all_gather_cat(torch.tensor([tokens])).sum()),
@@ -171,7 +171,7 @@ def train(cfg, hc, ckpt):
         tokens += int(batch["loss_mask"].sum())
         done = step + 1
         if val and (done % tr.eval_every == 0 or done == tr.max_steps):
-            out.log({"step": done, "val_loss": flex.evaluate(val)})
+            out.log(eval_record(flex, done, flex.evaluate(val), tr.max_val_samples))
         if tr.checkpoint_every and done % tr.checkpoint_every == 0:
             out.flush()                 # records up to the checkpoint are on disk before it counts
             run = dict(run_totals(), val_loss_initial=first_val, val_loss_state=dict(flex.state.val_loss))
@@ -186,10 +186,24 @@ def train(cfg, hc, ckpt):
                "val_loss_initial": first_val, "val_loss": out.last("val_loss"),
                "domain_weights": out.last("domain_weights"), "world_size": world, "backend": cfg.backend.name,
                "run_dir": str(run_dir)}
+    if out.last("target_loss") is not None:     # a data config with a `target`: its loss at the last evaluation
+        summary["target_loss"] = out.last("target_loss")
     out.finish(summary, plot=tr.plot)
     if rank == 0:
         print_comparison(summary)
     return summary["val_loss"] and sum(summary["val_loss"].values()) / len(summary["val_loss"])
+
+
+def eval_record(flex, step: int, val_loss: dict, limit: int | None) -> dict:
+    """One evaluation's metrics line: per-domain validation loss, and the target set's loss when there is one
+    (over at most `limit` samples per subtask, like the validation sets)."""
+    record = {"step": step, "val_loss": val_loss}
+    target = flex.target_loss(limit)
+    if target:     # the mean over the target's subtasks, and each one's when it has several
+        record["target_loss"] = sum(target.values()) / len(target)
+        if len(target) > 1:
+            record["target_loss_by_task"] = target
+    return record
 
 
 def save_checkpoint(backend, path: Path, step: int, client: dict, strategy: dict | None = None) -> None:

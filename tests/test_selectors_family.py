@@ -24,6 +24,28 @@ def test_random_keeps_k_from_seed_and_step_only():
     assert all(len(k) == 8 for k in kept) and flex.state.candidate_ids.numel() == 32
 
 
+def test_random_pool_scope_trains_on_a_fixed_fraction_and_resumes_exactly():
+    from dataflex.selectors.random import random_pool
+    keep = random_pool(64, 0.25, seed=3)
+    assert int(keep.sum()) == 16 and torch.equal(keep, random_pool(64, 0.25, seed=3))
+    assert not torch.equal(keep, random_pool(64, 0.25, seed=4))
+    domains = synthetic_domains(n_per_domain=32)
+    sizes = [len(d) for d in domains.values()]
+    model = tiny_gpt()
+    flex = DataFlex(domains, 8, [RandomSelector(0.25, seed=3, scope="pool")], TorchInterface(model))
+    kept = torch.cat(run_steps(flex, model, 6))
+    assert set(kept.tolist()) <= set(torch.nonzero(random_pool(sum(sizes), 0.25, 3)).flatten().tolist())
+    saved = roundtrip(flex.state_dict())
+    after = run_steps(flex, model, 2)
+    model2 = tiny_gpt()
+    flex2 = DataFlex(domains, 8, [RandomSelector(0.25, seed=3, scope="pool")], TorchInterface(model2))
+    flex2.load_state_dict(saved)
+    model2.load_state_dict(model.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(after, run_steps(flex2, model2, 2)))
+    with pytest.raises(ValueError, match="scope"):
+        RandomSelector(0.5, scope="domain")
+
+
 def noisy_pool(n=48, noisy_fraction=0.5, seed=0):
     """Domain C of the toy corpus (a learnable rule) with the labels of half its samples replaced by
     random tokens (label noise), and a clean holdout set of the same rule."""

@@ -36,9 +36,12 @@ current parameters and moments (one checkpoint) and the kept pool replaced.
 Deviations: the live run is the warm-up model (LESS trains a separate LoRA warm-up model, then
 the target model from scratch on the selection: here training continues from the warm-up weights;
 with `model.lora_rank` the run trains whatever its optimizer holds, LoRA adapters and base weights
-alike, while the features use the adapters). Pool features need a single rank (exact per-sample
-gradients are not gathered over ranks); under DeepSpeed ZeRO 1/2 or bf16, the moments are
-assembled by DeepSpeed's `safe_get_full_optimizer_state` (see Signals.optimizer_state).
+alike, while the features use the adapters). On several ranks the warm-up fraction, the target
+features and the moments are the same on every rank; each rank computes the features of its
+contiguous slice of every chunk of `chunk_size` x ranks pool samples, and the cosines (with
+`features_dir`, the features too) are gathered, so every rank selects the same samples. Under
+DeepSpeed ZeRO 1/2 or bf16, the moments are assembled by DeepSpeed's `safe_get_full_optimizer_state`
+(see Signals.optimizer_state).
 """
 from __future__ import annotations
 
@@ -137,9 +140,6 @@ class LessSelector(Selector):
                 and state.signals.flex.optimizer is None:
             raise RuntimeError("less needs the optimizer's Adam moments: DataFlex(..., optimizer=opt) "
                                "(launch/train.py passes it)")
-        if state.world_size > 1:
-            raise NotImplementedError("less computes exact per-sample pool gradients on one rank: run it with "
-                                      "one process (trainer.nprocs=1)")
         g = torch.Generator().manual_seed(self.seed)
         counts = []
         for d, n in enumerate(state.domain_sizes):
@@ -189,16 +189,30 @@ class LessSelector(Selector):
             grads = self.projector.project(grads.float())
         return l2_normalize(grads.double())
 
+    def _pool_features(self, signals, ids: torch.Tensor, opt: Optional[dict], world_size: int) -> torch.Tensor:
+        """Features of the pool samples `ids`; on several ranks, of this rank's contiguous slice only (a
+        rank with none still runs one sample, dropped, so every rank makes the same calls)."""
+        if world_size == 1:
+            return self._features(signals.per_sample_grads(ids, self.params).flat().float().cpu(), opt)
+        flex = signals.flex
+        mine = flex.sampler.rank_slice(ids)
+        batch = flex.data.batch(mine if len(mine) else ids[:1])
+        feat = self._features(flex.interface.per_sample_grads(batch, self.params).flat().float().cpu(), opt)
+        return feat[:len(mine)]
+
     def _checkpoint(self, state: DataState, i: int) -> None:
         lr = self.lr_sum[i] / max(1, self.lr_count[i])
         self.per_checkpoint.append(self.checkpoint_cosines(state, i, self.checkpoint_steps[i], lr))
 
-    def checkpoint_cosines(self, state: DataState, i: int, step: int, lr: float) -> torch.Tensor:
-        """[N, J]: for every pool sample, the mean cosine with each target subtask at the current
-        parameters and optimizer state (checkpoint i): target SGD gradients, then the pool's Adam
-        features in chunks. With `features_dir`, features and cosines are written as they come, with
-        the rows done in checkpoint_i.json, and a call that finds a matching unfinished checkpoint
-        there (same step, projector, pool, target) continues it (launch/score.py after a crash)."""
+    def checkpoint_cosines(self, state: DataState, i: int, step: int, lr: float,
+                           pool_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[N, J] (with `pool_ids`: [len(pool_ids), J] for those samples only, features not stored:
+        cluster_less's representatives): for every pool sample, the mean cosine with each target
+        subtask at the current parameters and optimizer state (checkpoint i): target SGD gradients,
+        then the pool's Adam features in chunks. With `features_dir`, features and cosines are
+        written as they come, with the rows done in checkpoint_i.json, and a call that finds a
+        matching unfinished checkpoint there (same step, projector, pool, target) continues it
+        (launch/score.py after a crash)."""
         signals, rank0 = state.signals, dist.rank() == 0
         opt = None
         if self.feature == "adam":
@@ -220,20 +234,31 @@ class LessSelector(Selector):
         target_feat = l2_normalize(self.projector.project(target_raw).double() if self.projector is not None
                                    else target_raw.double())
         which = torch.tensor(which)
-        J, N = len(subtasks), sum(state.domain_sizes)
-        store = self._open_store(i, N, J, step, lr, target_feat) if self.features_dir and rank0 else None
+        pool = torch.arange(sum(state.domain_sizes)) if pool_ids is None else torch.as_tensor(pool_ids).long()
+        J, N = len(subtasks), len(pool)
+        store = self._open_store(i, N, J, step, lr, target_feat) if self.features_dir and rank0 \
+            and pool_ids is None else None
         out = torch.zeros(N, J, dtype=torch.float64)
         done = 0
         if store is not None:
             done = store["meta"]["done"]
             out[:done] = torch.from_numpy(np.asarray(store["cos"][:done]))
+        W = state.world_size
+        if W > 1:                            # rank 0's store says where every rank continues
+            done = dist.broadcast_object(done)
+            if done:
+                out[:done] = dist.broadcast_object(out[:done])
         bar = tqdm(total=N, initial=done, desc=f"less checkpoint {i + 1}/{self.num_checkpoints} (step {step})",
                    disable=not (self.progress and rank0), leave=False, dynamic_ncols=True)
-        for start in range(done, N, self.chunk_size):
-            ids = torch.arange(start, min(N, start + self.chunk_size))
-            grads = signals.per_sample_grads(ids, self.params).flat().float().cpu()
-            feat = self._features(grads, opt)
-            out[start:start + len(ids)] = subtask_cosines(feat, target_feat, which, J, normalize=False)
+        for start in range(done, N, self.chunk_size * W):
+            ids = pool[start:start + self.chunk_size * W]
+            feat = self._pool_features(signals, ids, opt, W)
+            cos = subtask_cosines(feat, target_feat, which, J, normalize=False)
+            if W > 1:                        # every rank scored its slice: gathered in rank (= id) order
+                cos = dist.all_gather_cat(cos)
+                if self.features_dir:
+                    feat = dist.all_gather_cat(feat.float())
+            out[start:start + len(ids)] = cos
             if store is not None:
                 store["train"][start:start + len(ids)] = feat.numpy().astype(np.float16)
                 store["cos"][start:start + len(ids)] = out[start:start + len(ids)].numpy()

@@ -1,14 +1,21 @@
-"""Random selection: keep a uniformly random `keep_fraction` of each candidate batch.
+"""Random selection: keep a uniformly random `keep_fraction` of each candidate batch, or of the pool.
 
-The baseline every selector is compared with: the same candidate batch size, so the same draws
-from the sampler, and no signal at all. The keep mask comes from the selector's own generator,
-seeded by the run's seed and the step, so every rank keeps the same samples and a resumed run
-keeps what the uninterrupted run kept.
+The baseline every selector is compared with, in two scopes:
+  scope=batch  the same candidate batch size as the online selectors (loss, rho, gradnorm, tracin),
+               so the same draws from the sampler, and no signal at all;
+  scope=pool   a fixed random keep_fraction of the whole pool, set through the sampler's pool masks
+               before the first draw: the baseline of the pool selectors (less, near, tsds,
+               cluster_less), which train on a kept fraction of the pool.
+The mask comes from the selector's own generator, seeded by the run's seed (and the step), so every
+rank keeps the same samples and a resumed run keeps what the uninterrupted run kept.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from ..events import Event
 from ..plugin import Selector
 from ..state import DataState
 
@@ -23,12 +30,43 @@ def select_random(n: int, k: int, seed: int, step: int) -> torch.Tensor:
     return mask
 
 
+def random_pool(n: int, keep_fraction: float, seed: int) -> torch.Tensor:
+    """Boolean mask keeping round(keep_fraction * n) (at least 1) of a pool of n, from the seed only."""
+    return select_random(n, max(1, round(keep_fraction * n)), seed, step=-1)
+
+
 class RandomSelector(Selector):
-    def __init__(self, keep_fraction: float = 0.5, seed: int = 0):
+    def __init__(self, keep_fraction: float = 0.5, seed: int = 0, scope: str = "batch"):
         if not 0 < keep_fraction <= 1:
             raise ValueError(f"selector.keep_fraction must be in (0, 1], got {keep_fraction}")
-        self.keep_fraction, self.seed = keep_fraction, seed
-        self.candidate_factor = 1.0 / keep_fraction
+        if scope not in ("batch", "pool"):
+            raise ValueError(f"selector.scope must be 'batch' or 'pool', got {scope!r}")
+        self.keep_fraction, self.seed, self.scope = keep_fraction, seed, scope
+        self.candidate_factor = 1.0 / keep_fraction if scope == "batch" else 1.0
+        if scope == "pool":
+            self.events = (Event.BEFORE_SAMPLE, Event.AFTER_CANDIDATES)
+        self.pool_counts: Optional[list] = None
+
+    def apply(self, event, state: DataState) -> None:
+        if event == Event.BEFORE_SAMPLE:
+            if self.pool_counts is None:
+                keep = random_pool(sum(state.domain_sizes), self.keep_fraction, self.seed)
+                self.pool_counts = []
+                for d, part in enumerate(torch.split(keep, list(state.domain_sizes))):
+                    state.pool_masks[d] = part.clone()
+                    self.pool_counts.append(int(part.sum()))
+            for name, n in zip(state.domains, self.pool_counts):
+                state.metrics[f"selector/kept/{name}"] = n
+        else:
+            super().apply(event, state)
 
     def select(self, state: DataState) -> torch.Tensor:
+        if self.scope == "pool":                      # the pool masks did the selecting
+            return torch.ones(len(state.candidate_ids), dtype=torch.bool)
         return select_random(len(state.candidate_ids), state.global_batch_size, self.seed, state.step)
+
+    def state_dict(self) -> dict:
+        return {"pool_counts": self.pool_counts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pool_counts = state.get("pool_counts")

@@ -1,0 +1,212 @@
+"""launch/compare.py and dataflex/report: runs grouped into strategies over seeds, the page's numbers,
+its figures, and one sweep of real tiny runs (with a target set) turned into the page."""
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from dataflex.outputs import LEDGER_SCHEMA, sweep_group
+from dataflex.report import find_runs, group_runs, pick_baseline, plots, write_report
+from dataflex.report.runs import is_dynamic
+from dataflex.report.stats import best_dynamic, mean_std, steps_to_reach, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_run(folder: Path, strategy: dict, overrides: list, seed: int, means: list, steps: int = 20,
+             tokens: int = 2000, wall: float = 20.0, mixer_cfg: dict = None, weights: bool = False,
+             ledger: dict = None, target: list = None, tasks: list = None):
+    """A finished run folder: evaluations at steps 0, 10, 20, ... with validation loss mean ± 0.5 on domains a, b."""
+    folder.mkdir(parents=True)
+    (folder / ".hydra").mkdir()
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides + [f"trainer.seed={seed}"]))
+    config = {"trainer": {"seed": seed, "max_steps": steps}, **({"mixer": mixer_cfg} if mixer_cfg else {})}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    lines = []
+    for i, m in enumerate(means):
+        rec = {"step": 10 * i, "val_loss": {"a": m - 0.5, "b": m + 0.5}}
+        if target:
+            rec["target_loss"] = target[i]
+        if tasks:
+            rec["target_loss_by_task"] = tasks[i]
+        lines.append(rec)
+        if weights:
+            lines.append({"step": 10 * i, "train_loss": m,
+                          "domain_weights": {"a": 0.5 + 0.01 * i, "b": 0.5 - 0.01 * i}})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    summary = {"strategy": {"mixer": None, "selector": None, "reweighter": None, **strategy}, "steps": steps,
+               "tokens": tokens, "wall_time_s": wall, "val_loss": lines[-1 - weights]["val_loss"],
+               "domain_weights": {"a": 0.5, "b": 0.5}}
+    if target:
+        summary["target_loss"] = target[-1]
+    (folder / "summary.json").write_text(json.dumps(summary))
+    if ledger:
+        (folder / "ledger").mkdir()
+        n = len(ledger["domain"])
+        table = {"step": [0] * n, "rank": [0] * n, "sample_id": list(range(n)), "loss": [1.0] * n, **ledger}
+        pd.DataFrame(table)[LEDGER_SCHEMA.names].to_parquet(folder / "ledger" / "part-0000000-0000000.parquet")
+    return folder
+
+
+STATIC = ({"mixer": "static"}, ["+mixer=static", "mixer.weights=uniform", "backend=torch"],
+          {"weights": "uniform", "temperature": 1.0})
+BANDIT = ({"mixer": "bandit"}, ["+mixer=bandit", "backend=torch"], {"_target_": "BanditMixer"})
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """bench/sweeps.py's layout: FAMILY/vI/SEED; the baseline (static uniform) second, to test the choice."""
+    root = tmp_path / "mixers"
+    bandit = [[5.0, 3.0, 2.5], [5.0, 3.5, 3.1], [5.0, 4.0, 3.5]]     # reaches 3.1 at 10, at 20, never
+    for seed, means in enumerate(bandit):
+        make_run(root / "v0" / str(seed), BANDIT[0], BANDIT[1], seed, means, wall=[60, 60, 90][seed],
+                 mixer_cfg=BANDIT[2], weights=True)
+    for seed, means in enumerate([[5.0, 4.0, 3.0], [5.0, 4.2, 3.2]]):  # final means 3.0, 3.2: the target is 3.1
+        make_run(root / "v1" / str(seed), STATIC[0], STATIC[1], seed, means, wall=[20, 40][seed],
+                 mixer_cfg=STATIC[2], weights=True)
+    return root
+
+
+def test_runs_group_by_config_minus_seed(sweep):
+    strategies = group_runs(find_runs(sweep))
+    assert [s.label for s in strategies] == ["mixer=bandit", "mixer=static (weights=uniform)"]
+    assert [[r.seed for r in s.runs] for s in strategies] == [[0, 1, 2], [0, 1]]
+    assert pick_baseline(strategies).label == "mixer=static (weights=uniform)"
+    assert pick_baseline(strategies, "bandit").label == "mixer=bandit"
+    with pytest.raises(ValueError, match="matches 2"):
+        pick_baseline(strategies, "mixer=")
+    assert [is_dynamic(s) for s in strategies] == [True, False]
+
+
+def test_plain_multirun_layout_and_default_baselines(tmp_path):
+    """`launch/train.py -m +mixer=bandit,static trainer.seed=0,1`: jobs 0..3 side by side; no static run:
+    the run without plugins is the baseline, else the first strategy."""
+    for job, (kind, seed) in enumerate([(BANDIT, 0), (STATIC, 0), (BANDIT, 1), (STATIC, 1)]):
+        make_run(tmp_path / "sweep" / str(job), kind[0], kind[1][:1], seed, [5.0, 4.0], mixer_cfg=kind[2])
+    strategies = group_runs(find_runs(tmp_path / "sweep"))
+    assert [(s.label, len(s.runs)) for s in strategies] == [("mixer=bandit", 2), ("mixer=static", 2)]
+    assert pick_baseline(strategies).label == "mixer=static"
+    make_run(tmp_path / "other" / "0", {"reweighter": "loss"}, ["+reweighter=loss"], 0, [5.0, 4.0])
+    make_run(tmp_path / "other" / "1", {}, [], 0, [5.0, 4.0])
+    others = group_runs(find_runs(tmp_path / "other"))
+    assert pick_baseline(others).label == "size-proportional, no plugins"
+    assert pick_baseline(others[:1]).label == "reweighter=loss"
+
+
+def test_stats_exact(sweep):
+    strategies = group_runs(find_runs(sweep))
+    ref, (bandit, static) = summarize(strategies, pick_baseline(strategies))
+    assert ref.final_mean == pytest.approx(3.1) and ref.steps == 20 and ref.sec_per_step == pytest.approx(1.5)
+    assert bandit.reach == [10, 20, None] and bandit.reached == 2
+    assert bandit.ratio == pytest.approx((0.75, statistics.stdev([0.5, 1.0])))
+    assert bandit.tokens == pytest.approx((1500.0, statistics.stdev([1000, 2000])))    # 100 tokens per step
+    assert bandit.mean == pytest.approx((statistics.mean([2.5, 3.1, 3.5]), statistics.stdev([2.5, 3.1, 3.5])))
+    assert bandit.domains["a"] == pytest.approx((statistics.mean([2.0, 2.6, 3.0]), statistics.stdev([2.0, 2.6, 3.0])))
+    assert bandit.wall == pytest.approx((70.0, statistics.stdev([60, 60, 90])))
+    assert bandit.sec_per_step == pytest.approx(3.0) and bandit.overhead == pytest.approx(2.0)
+    assert static.reach == [20, None] and static.ratio == (1.0, 0.0) and static.overhead == pytest.approx(1.0)
+    assert bandit.target is None
+    assert best_dynamic([bandit, static], ref.label) is bandit
+    assert steps_to_reach([(0, 5.0), (10, 3.1)], 3.1) == 10 and steps_to_reach([(0, 5.0)], 3.0) is None
+    assert mean_std([2.0]) == (2.0, 0.0) and all(math.isnan(x) for x in mean_std([]))
+
+
+def test_colours_are_stable_and_shared_by_every_plot(sweep, monkeypatch):
+    labels = ["b", "a", "c", "d"]
+    assert plots.colours(labels) == plots.colours(list(reversed(labels)))
+    assert len(set(plots.colours(labels).values())) == 4
+    assert len(set(plots.colours([f"s{i}" for i in range(15)]).values())) == 15    # tab20 past ten
+    strategies = group_runs(find_runs(sweep))
+    colour = plots.colours(s.label for s in strategies)
+    seen = {}
+    real = plots._finish
+
+    def capture(fig, path, handles, labels, title="strategy"):
+        seen[path.name] = {label: h.get_color() for h, label in zip(handles, labels)}
+        return real(fig, path, handles, labels, title)
+
+    monkeypatch.setattr(plots, "_finish", capture)
+    plots.validation_curves(strategies, sweep / "v.png", colour, 3.1, ["a", "b"])
+    plots.domain_weights(strategies, sweep / "w.png", colour)
+    for s in strategies:
+        assert seen["v.png"][f"{s.label} (n={len(s.runs)})"] == colour[s.label] == seen["w.png"][s.label]
+
+
+def test_page_lists_every_strategy_and_writes_its_files(sweep, tmp_path):
+    ledger = {"domain": ["a", "a", "b", "b"], "selected": [True, False, True, True], "weight": [1.0, 0.0, 0.5, 1.5]}
+    make_run(sweep / "v2" / "0", {"selector": "loss", "reweighter": "loss"},
+             ["+selector=loss", "+reweighter=loss", "backend=torch"],
+             0, [5.0, 3.0, 2.9], ledger=ledger, target=[6.0, 5.0, 4.5],
+             tasks=[{"x": 6.5, "y": 5.5}, {"x": 5.5, "y": 4.5}, {"x": 5.0, "y": 4.0}])
+    strategies = group_runs(find_runs(sweep))
+    page = write_report(sweep, strategies, pick_baseline(strategies), tmp_path / "page")
+    md = (tmp_path / "page" / "report.md").read_text()
+    for s in strategies:
+        assert s.label in md
+    assert "**mixer=static (weights=uniform)** (baseline)" in md
+    assert "| target | target: x | target: y |" in md                   # the target's columns, where there is one
+    assert "| 4.500 ± 0.000 | 5.000 ± 0.000 | 4.000 ± 0.000 |" in md
+    assert "Best dynamic strategy: **selector=loss, reweighter=loss**" in md and "0.50 ± 0.00x" in md
+    for name in ("report.md", "report.csv", "val_curves.png", "domain_weights.png", "sample_weights.png",
+                 "selection_rates.png"):
+        assert (tmp_path / "page" / name).stat().st_size > 0, name
+        assert name in page["files"]
+    for name in ("val_curves.png", "domain_weights.png", "sample_weights.png", "selection_rates.png"):
+        assert f"]({name})" in md
+    rows = list(csv.DictReader(open(tmp_path / "page" / "report.csv")))
+    assert [r["strategy"] for r in rows] == [s.label for s in strategies]
+    assert float(rows[0]["ratio_mean"]) == pytest.approx(0.75) and rows[0]["reached"] == "2"
+
+
+def test_plots_without_data_are_skipped(tmp_path):
+    for seed in (0, 1):
+        make_run(tmp_path / "s" / str(seed), {}, [], seed, [5.0, 4.0])
+    strategies = group_runs(find_runs(tmp_path / "s"))
+    page = write_report(tmp_path / "s", strategies, strategies[0])
+    assert sorted(page["files"]) == ["report.csv", "report.md", "val_curves.png"]
+    md = page["markdown"]
+    assert "Not drawn (no strategy has the data): domain weights, sample weights, selection rates." in md
+    assert "No dynamic strategy" in md
+
+
+def test_sweep_group_names_the_sweep_folder():
+    assert sweep_group("multirun/2026-11-23/12-00-00") == "2026-11-23/12-00-00"
+    assert sweep_group("/x/multirun/sweeps/mixers/v2") == "mixers/v2"
+
+
+def test_labels_shorten_paths():
+    from dataflex.report.runs import _short
+
+    assert _short("mixer.weights=/o/sweeps/mixers/v6/${trainer.seed}/mixture.json") == \
+        "weights=v6/${trainer.seed}/mixture.json"
+    assert _short("mixer.reference=/o/multirun/sweeps/reference") == "reference=sweeps/reference"
+    assert _short("+reweighter.anchor=prose") == "anchor=prose"
+
+
+def test_real_sweep_with_a_target(tmp_path):
+    """Two seeds of a real tiny run through Hydra's sweep, with a target set, then the CLI."""
+    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1")
+    fast = ["backend=torch", "logger=none", "trainer.max_steps=6", "trainer.eval_every=3", "trainer.plot=false",
+            "trainer.global_batch_size=8", "trainer.max_val_samples=8", "model.d_model=32", "model.seq_len=64"]
+    subprocess.run([sys.executable, "launch/train.py", "-m", *fast, "+mixer=static", "trainer.seed=0,1",
+                    f"+data.target.val={ROOT}/data/default/math/val.jsonl", f"hydra.sweep.dir={tmp_path}"],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    metrics = [json.loads(x) for x in (tmp_path / "0" / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in metrics if "val_loss" in m]
+    assert [m["step"] for m in evals] == [0, 3, 6] and all(m["target_loss"] > 0 for m in evals)
+    assert json.loads((tmp_path / "0" / "summary.json").read_text())["target_loss"] == evals[-1]["target_loss"]
+    proc = subprocess.run([sys.executable, "launch/compare.py", str(tmp_path), "--out", str(tmp_path / "page")],
+                          cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=120)
+    md = (tmp_path / "page" / "report.md").read_text()
+    assert "**mixer=static** (baseline) | 2 |" in md and "| target |" in md
+    assert "wrote" in proc.stdout and (tmp_path / "page" / "comparison.md").is_file()
+    for name in ("report.csv", "val_curves.png", "domain_weights.png"):
+        assert (tmp_path / "page" / name).is_file(), name
