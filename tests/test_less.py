@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import roundtrip, synthetic_domains, tiny_gpt
+from conftest import roundtrip, step, synthetic_domains, tiny_gpt
 from dataflex import DataFlex, TorchInterface
 from dataflex.data import MixtureDataset
 from dataflex.grads import per_sample_grads, select_params
@@ -19,13 +19,7 @@ from dataflex.selectors.less import aggregate, checkpoint_weights, l2_normalize,
 BETAS = (0.9, 0.95)          # backends.make_optimizer's
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and far faster on a shared, loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_run(plugin, n=48, val_n=8, lora=4, lr=3e-3, batch=8, seed=0, **kw):
@@ -37,13 +31,6 @@ def make_run(plugin, n=48, val_n=8, lora=4, lr=3e-3, batch=8, seed=0, **kw):
     return model, opt, flex
 
 
-def step(flex, model, opt):
-    batch = flex.next_batch()
-    loss = flex.loss(model(batch["input_ids"], position_ids=batch["position_ids"]), batch)
-    loss.backward()
-    opt.step()
-    opt.zero_grad()
-    return batch, flex.end_step()
 
 
 def less(**kw):

@@ -10,15 +10,14 @@
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
+from ..data_cache import file_lock
 from . import readers as R
 from . import sources as S
 
@@ -282,16 +281,6 @@ def build(root: Path | str | None = None, skip_missing: bool = False, workers: i
     return done
 
 
-@contextmanager
-def _locked(path: Path):
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def ensure(root: str | None = None, skip_missing: bool = False) -> Path:
     """The corpus in `root`, built on first use: local rank 0 builds it holding ROOT.lock (a second launch
     waits for the lock, then finds it built); the other ranks wait for its corpus.json."""
@@ -304,7 +293,7 @@ def ensure(root: str | None = None, skip_missing: bool = False) -> Path:
             time.sleep(1)
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(root.parent / f".{root.name}.lock"):
+    with file_lock(root.parent / f".{root.name}.lock"):
         if marker(root) is None:
             print(f"dataflex: building the benchmark corpus into {root} (first use; "
                   "`python launch/bench_corpus.py` does it ahead)", file=sys.stderr)

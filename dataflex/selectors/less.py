@@ -57,7 +57,7 @@ from tqdm import tqdm
 from .. import dist
 from ..events import Event
 from ..plugin import Selector
-from ..state import DataState
+from ..state import DataState, keep_pool
 from ..targets import evenly_spaced, resolve_target
 from .less_math import (FEATURES, PROJECTORS, adam_feature, aggregate, checkpoint_weights, l2_normalize,  # noqa: F401
                         less_scores, make_projector, subtask_cosines, subtask_matrix, top_fraction)
@@ -323,12 +323,7 @@ class LessSelector(Selector):
         state.metrics["selector/rescored"] = 1
 
     def _apply_keep(self, state: DataState, keep: torch.Tensor) -> None:
-        counts, start = [], 0
-        for d, n in enumerate(state.domain_sizes):
-            state.pool_masks[d] = keep[start:start + n].clone()
-            counts.append(int(keep[start:start + n].sum()))
-            start += n
-        self.pool_counts = counts
+        self.pool_counts = keep_pool(state, keep)
 
     def _load_selection(self, state: DataState) -> None:
         saved = json.loads(Path(self.selection).read_text())

@@ -17,7 +17,7 @@ import torch
 
 from ..events import Event
 from ..plugin import Selector
-from ..state import DataState
+from ..state import DataState, keep_pool
 
 
 def select_random(n: int, k: int, seed: int, step: int) -> torch.Tensor:
@@ -50,11 +50,7 @@ class RandomSelector(Selector):
     def apply(self, event, state: DataState) -> None:
         if event == Event.BEFORE_SAMPLE:
             if self.pool_counts is None:
-                keep = random_pool(sum(state.domain_sizes), self.keep_fraction, self.seed)
-                self.pool_counts = []
-                for d, part in enumerate(torch.split(keep, list(state.domain_sizes))):
-                    state.pool_masks[d] = part.clone()
-                    self.pool_counts.append(int(part.sum()))
+                self.pool_counts = keep_pool(state, random_pool(sum(state.domain_sizes), self.keep_fraction, self.seed))
             for name, n in zip(state.domains, self.pool_counts):
                 state.metrics[f"selector/kept/{name}"] = n
         else:
