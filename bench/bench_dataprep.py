@@ -53,8 +53,8 @@ steps:
     num_perm: 128
     ngram: 5
   - _target_: dataprep.steps.tokenize.Tokenize
-    tokenizer: ${data.tokenizer}
-"""
+    tokenizer: TOKENIZER_PATH
+"""   # the data config's tokenizer, written out (an interpolation no longer resolves here)
 
 
 def make_corpus(folder: str, n_docs: int, files: int) -> None:
@@ -67,11 +67,11 @@ def make_corpus(folder: str, n_docs: int, files: int) -> None:
 def write_conf(conf: str, corpus: str) -> None:
     os.makedirs(os.path.join(conf, "data"), exist_ok=True)
     os.makedirs(os.path.join(conf, "prep"), exist_ok=True)
-    with open(os.path.join(conf, "data", "bench.yaml"), "w") as f:
+    with open(os.path.join(conf, "data", "bench_dataprep.yaml"), "w") as f:
         f.write(f"domains:\n  bench:\n    train: {corpus}\n    val: {os.path.join(corpus, 'part00.jsonl')}\n"
                 f"tokenizer: {TOKENIZER}\n")
-    with open(os.path.join(conf, "prep", "bench.yaml"), "w") as f:
-        f.write("defaults:\n  - default\n  - _self_\n" + CHAIN)
+    with open(os.path.join(conf, "prep", "bench_dataprep.yaml"), "w") as f:
+        f.write("defaults:\n  - default\n  - _self_\n" + CHAIN.replace("TOKENIZER_PATH", TOKENIZER))
 
 
 def peak_rss_of(cmd: list[str]) -> tuple[int, float, int]:
@@ -107,7 +107,7 @@ def peak_rss_of(cmd: list[str]) -> tuple[int, float, int]:
 
 
 def run_dataprep(conf: str, out: str, workers: int) -> dict:
-    cmd = [sys.executable, os.path.join(REPO, "launch", "prep.py"), "--config-dir", conf, "data=bench", "prep=bench",
+    cmd = [sys.executable, os.path.join(REPO, "launch", "prep.py"), "--config-dir", conf, "data=bench_dataprep", "prep=bench_dataprep",
            f"prep.output_dir={out}", f"prep.execution.workers={workers}", "prep.execution.progress=false"]
     rc, wall, peak = peak_rss_of(cmd)
     if rc:
@@ -233,7 +233,7 @@ def run_dataprep_inprocess(conf: str, out: str, workers: int) -> dict:
     from dataprep.run import prepare
 
     with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base=None):
-        cfg = compose("prep", overrides=[f"hydra.searchpath=[file://{conf}]", "data=bench", "prep=bench",
+        cfg = compose("prep", overrides=[f"hydra.searchpath=[file://{conf}]", "data=bench_dataprep", "prep=bench_dataprep",
                                          f"prep.output_dir={out}", f"prep.execution.workers={workers}",
                                          "prep.execution.progress=false"], return_hydra_config=False)
     c = OmegaConf.to_container(cfg, resolve=True)

@@ -72,16 +72,20 @@ def train(args: list, cwd: Path) -> None:
 def run_all(family: str, out: Path, steps: int, seeds: list, cwd: Path, target: str = "code",
             only: list | None = None, data: str | None = None, eval_every: int = 25, extra: tuple = ()) -> None:
     common = ["backend=torch", "logger=none", "trainer.plot=false", f"trainer.max_steps={steps}",
-              f"trainer.eval_every={eval_every}", *([f"data={data}"] if data else []), *extra]
+              f"trainer.eval_every={eval_every}", *([f"data={data}"] if data else [])]
     ref = out / "reference"
     if not (ref / "summary.json").exists():
-        train([*common, "+mixer=static", "mixer.weights=uniform", f"trainer.checkpoint_every={steps}",
+        plain = [e for e in extra if not e.startswith("selector.")]
+        train([*common, *plain, "+mixer=static", "mixer.weights=uniform", f"trainer.checkpoint_every={steps}",
                f"hydra.run.dir={ref}"], cwd)
-    for i, (name, extra) in enumerate(FAMILIES[family].items()):
+    for i, (name, variant) in enumerate(FAMILIES[family].items()):
         folder = out / family / f"v{i}"
         if len(list(folder.glob("*/summary.json"))) == len(seeds) or (only and i not in only):
             continue
-        train(["-m", *common, *[e.format(ref=ref, out=out, target=target) for e in extra],
+        own = [e.format(ref=ref, out=out, target=target) for e in variant]
+        given = [e for e in extra if e.split("=")[0].lstrip("+") in {o.split("=")[0].lstrip("+") for o in own}
+                 or not e.startswith("selector.")]          # --override wins; a selector.* one only where it applies
+        train(["-m", *common, *own, *given,
                f"trainer.seed={','.join(map(str, seeds))}", f"hydra.sweep.dir={folder}",
                "hydra.sweep.subdir=${trainer.seed}"], cwd)
 
