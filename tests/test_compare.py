@@ -210,3 +210,13 @@ def test_real_sweep_with_a_target(tmp_path):
     assert "wrote" in proc.stdout and (tmp_path / "page" / "comparison.md").is_file()
     for name in ("report.csv", "val_curves.png", "domain_weights.png"):
         assert (tmp_path / "page" / name).is_file(), name
+
+
+def test_pool_selectors_report_the_fraction_of_each_pool_kept(tmp_path):
+    from dataflex.report.runs import Run
+    (tmp_path / "data.json").write_text(json.dumps({"seq_len": 8, "names": ["a", "b"], "sizes": [100, 50],
+                                                    "domains": []}))
+    history = [{"step": 0, "selector/kept/a": 5, "selector/kept/b": 0},
+               {"step": 1, "selector/kept/a": 10, "selector/kept/b": 25}, {"step": 1, "val_loss": {"a": 1.0}}]
+    assert Run(tmp_path, {}, history).pool_kept() == {"a": 0.1, "b": 0.5}
+    assert Run(tmp_path, {}, [{"step": 0, "train_loss": 1.0}]).pool_kept() == {}

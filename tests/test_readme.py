@@ -1,4 +1,4 @@
-"""The README cannot drift from what works: every command block of its Training, Preparing data and
+"""The README cannot drift from what works: every command block of its Training, Preparing data, Benchmark corpus and
 Drop-in sections runs here, from a clean copy of the checkout, with small step counts; and `make demo`
 run twice gives the same outputs twice. All slow (`make test-slow`)."""
 import json
@@ -175,3 +175,19 @@ def test_make_demo_twice_gives_the_same_outputs(tmp_path):
                 assert [x.get("train_loss") for x in lines] == [x.get("train_loss") for x in first[run]]
                 assert [x.get("val_loss") for x in lines] == [x.get("val_loss") for x in first[run]]
         assert len(list((clone / "outputs/demo/bandit/wandb").glob("offline-run-*"))) == 1
+
+
+def test_benchmark_corpus_section(tmp_path):
+    """The benchmark corpus built by the README's command (into this test's cache), then trained on."""
+    clone, env = clean_clone(tmp_path), env_for(tmp_path / "cache")
+    (block,) = readme_blocks("Benchmark corpus", "bash")
+    for n, argv in enumerate(commands(block)):
+        if argv[1].endswith("bench_corpus.py"):
+            proc = shell(as_run(argv, small=False), clone, env, timeout=900)
+            assert "train on it with data=bench" in proc.stdout
+            assert (tmp_path / "cache" / "bench_corpus" / "corpus.json").is_file()
+        else:
+            run_dir = f"outputs/readme/bench{n}"
+            shell(as_run(argv, run_dir), clone, env)
+            summary = json.loads((clone / run_dir / "summary.json").read_text())
+            assert len(summary["domain_weights"]) == 7 and summary["steps"] == 2

@@ -109,8 +109,9 @@ def write_report(root: Path, strategies: list, baseline: Strategy, out: Optional
         "domain weights": "Domain weights over steps, one panel per domain, for every strategy with a mixer "
                           "(mean over seeds, band: min..max).",
         "sample weights": "Per-sample weights of the kept samples, from the ledger (all steps and seeds).",
-        "selection rates": "Fraction of each domain's candidates the selector kept, from the ledger "
-                           "(mean over seeds, error bar: std).",
+        "selection rates": "Fraction of each domain the selector kept: of the domain's pool for pool selectors "
+                           "(their kept counts), of its candidates for batch selectors (the ledger); mean over "
+                           "seeds, error bar: std.",
     }
     runs, seeds = sum(len(s.runs) for s in strategies), len(baseline.runs)
     count = f"{len(strategies)} strateg{'y' if len(strategies) == 1 else 'ies'}, {runs} run{'s' * (runs != 1)}"

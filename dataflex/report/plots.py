@@ -157,7 +157,8 @@ def sample_weights(strategies: list, path: Path, colour: dict) -> Optional[Path]
 
 
 def selection_rates(strategies: list, path: Path, colour: dict) -> Optional[Path]:
-    """Fraction of each domain's candidates a selector kept (ledger): mean over seeds, error bar = std."""
+    """Fraction of each domain a selector kept: of its pool for pool selectors (their kept counts), else of
+    its candidates (ledger); mean over seeds, error bar = std."""
     import numpy as np
 
     rates = {}
@@ -166,8 +167,11 @@ def selection_rates(strategies: list, path: Path, colour: dict) -> Optional[Path
             continue
         per_seed = []
         for r in s.runs:
-            t = r.ledger(["domain", "selected"])
-            if t is not None and len(t):
+            pool = r.pool_kept()
+            t = None if pool else r.ledger(["domain", "selected"])
+            if pool:
+                per_seed.append(pool)
+            elif t is not None and len(t):
                 per_seed.append(t.groupby("domain")["selected"].mean().to_dict())
         if per_seed:
             rates[s.label] = per_seed
@@ -186,7 +190,7 @@ def selection_rates(strategies: list, path: Path, colour: dict) -> Optional[Path
         x = np.arange(len(domains)) - 0.4 + width * (i + 0.5)
         ax.bar(x, mean, width, yerr=std, capsize=2, color=colour[label], label=f"{label} (n={len(seeds)})")
     ax.set_xticks(np.arange(len(domains)), domains)
-    ax.set(xlabel="domain", ylabel="fraction of candidates kept", title="selection rate per domain",
+    ax.set(xlabel="domain", ylabel="fraction kept (of the pool, or of the candidates)", title="selection rate per domain",
            ylim=(0, 1.05))
     ax.grid(alpha=0.3, axis="y")
     return _finish(fig, path, *ax.get_legend_handles_labels())

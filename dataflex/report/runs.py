@@ -52,6 +52,17 @@ class Run:
         """{subtask: target loss} at the last evaluation of a target with subtasks; {} otherwise."""
         return next((r["target_loss_by_task"] for r in reversed(self.history) if r.get("target_loss_by_task")), {})
 
+    def pool_kept(self) -> dict:
+        """{domain: fraction of its pool kept} for a pool selector (less, near, tsds, cluster_less, random
+        with scope=pool), from its last `selector/kept/DOMAIN` metrics and data.json's pool sizes; {} otherwise."""
+        kept = next(({k.split("/", 2)[2]: v for k, v in r.items() if k.startswith("selector/kept/")}
+                     for r in reversed(self.history) if any(k.startswith("selector/kept/") for k in r)), {})
+        data = self.dir / "data.json"
+        if not kept or not data.exists():
+            return {}
+        sizes = dict(zip(*(json.loads(data.read_text())[k] for k in ("names", "sizes"))))
+        return {d: n / sizes[d] for d, n in kept.items() if sizes.get(d)}
+
     def ledger(self, columns: list):
         """The run's ledger rows (pandas), only `columns`; None when it has none."""
         folder = self.dir / "ledger"
