@@ -137,7 +137,7 @@ def _short(override: str) -> str:
     if "/" in value:   # the last two parts, three when one of them is an interpolation (${trainer.seed})
         parts = Path(value).parts
         value = "/".join(parts[-3:] if any(x.startswith("$") for x in parts[-2:]) else parts[-2:])
-    return f"{key}={value}"
+    return f"{key}={value.replace('${trainer.seed}', 'SEED')}"     # "$" would start mathtext in a legend
 
 
 def _is_choice(override: str) -> bool:
