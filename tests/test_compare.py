@@ -185,7 +185,7 @@ def test_sweep_group_names_the_sweep_folder():
 def test_labels_shorten_paths():
     from dataflex.report.runs import _short
 
-    assert _short("mixer.weights=/o/sweeps/mixers/v6/${trainer.seed}/mixture.json") == \
+    assert _short("mixer.weights=/o/sweeps/mixers/v6/$\\{trainer.seed\\}/mixture.json") == \
         "weights=v6/SEED/mixture.json"
     assert _short("mixer.reference=/o/multirun/sweeps/reference") == "reference=sweeps/reference"
     assert _short("+reweighter.anchor=prose") == "anchor=prose"

@@ -137,7 +137,9 @@ def _short(override: str) -> str:
     if "/" in value:   # the last two parts, three when one of them is an interpolation (${trainer.seed})
         parts = Path(value).parts
         value = "/".join(parts[-3:] if any(x.startswith("$") for x in parts[-2:]) else parts[-2:])
-    return f"{key}={value.replace('${trainer.seed}', 'SEED')}"     # "$" would start mathtext in a legend
+    for seed in ("${trainer.seed}", "$\\{trainer.seed\\}"):    # as given, and as Hydra records it (escaped)
+        value = value.replace(seed, "SEED")                   # "$" would start mathtext in a legend
+    return f"{key}={value}"
 
 
 def _is_choice(override: str) -> bool:
