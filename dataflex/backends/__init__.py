@@ -35,7 +35,8 @@ def build_backend(name: str, model, global_batch_size: int, world_size: int, opt
     if name == "deepspeed":
         return DeepSpeedBackend(model, global_batch_size // world_size, **kwargs)
     if name == "megatron":
-        from .megatron import MegatronBackend, model_sizes
+        from .megatron import MegatronBackend
+        from .megatron_model import model_sizes
         kwargs.pop("zero_stage", None)
         kwargs.update(options)
         return MegatronBackend(model_sizes(model), global_batch_size, seed=seed, **kwargs)

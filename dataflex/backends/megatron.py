@@ -57,7 +57,6 @@ What is Megatron's and what is dataflex's:
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -68,104 +67,7 @@ from ..interface import TorchInterface
 from ..loss import per_sample_from_token_loss
 from .base import Backend, lr_lambda
 from .megatron_cpu import cpu_device
-
-
-def layout_name(tp: int, pp: int, dp: int) -> str:
-    return f"tensor_model_parallel_size={tp}, pipeline_model_parallel_size={pp}, data_parallel_size={dp}"
-
-
-def model_sizes(model) -> dict:
-    """The sizes of dataflex's TinyGPT (the `model` config, instantiated by launch/train.py)."""
-    try:
-        return {"vocab_size": model.tok_emb.num_embeddings, "d_model": model.tok_emb.embedding_dim,
-                "n_layers": len(model.blocks), "n_heads": model.blocks[0].attn.n_heads, "seq_len": model.seq_len}
-    except AttributeError:
-        raise ValueError(f"backend=megatron builds a Megatron GPTModel from the sizes of model=tiny "
-                         f"(d_model, n_layers, n_heads, seq_len); got a {type(model).__name__} "
-                         "(model=hf is not supported on this back end)") from None
-
-
-def init_parallel(tp: int, pp: int) -> None:
-    from megatron.core import parallel_state as ps
-    if ps.model_parallel_is_initialized():
-        if ps.get_tensor_model_parallel_world_size() == tp and ps.get_pipeline_model_parallel_world_size() == pp:
-            return
-        ps.destroy_model_parallel()
-    world = torch.distributed.get_world_size()
-    if world % (tp * pp):
-        raise ValueError(f"backend=megatron: {world} ranks do not divide into tensor_model_parallel_size={tp} x "
-                         f"pipeline_model_parallel_size={pp}")
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-
-
-def build_gpt(sizes: dict, tp: int, pp: int, seed: int, bf16: bool = False):
-    """Megatron's GPTModel of dataflex's model sizes (this process's tensor/pipeline shard)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from megatron.core.transformer import TransformerConfig
-
-    if sizes["n_layers"] % pp:
-        raise ValueError(f"model.n_layers={sizes['n_layers']} must divide by pipeline_model_parallel_size={pp}")
-    if sizes["n_heads"] % tp:
-        raise ValueError(f"model.n_heads={sizes['n_heads']} must divide by tensor_model_parallel_size={tp}")
-    model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
-    torch.manual_seed(seed)
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    config = TransformerConfig(
-        num_layers=sizes["n_layers"], hidden_size=sizes["d_model"], num_attention_heads=sizes["n_heads"],
-        ffn_hidden_size=4 * sizes["d_model"], hidden_dropout=0.0, attention_dropout=0.0,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, pipeline_dtype=dtype, params_dtype=dtype,
-        bf16=bf16, use_cpu_initialization=True, init_method_std=0.02,
-        bias_activation_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
-        persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False)
-    vocab = int(math.ceil(sizes["vocab_size"] / tp) * tp)
-    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=vocab,
-                     max_sequence_length=sizes["seq_len"], pre_process=ps.is_pipeline_first_stage(),
-                     post_process=ps.is_pipeline_last_stage(), position_embedding_type="learned_absolute",
-                     share_embeddings_and_output_weights=False)
-    layout_free_init(model, seed, config.init_method_std, sizes["n_layers"])
-    return model, config
-
-
-def layout_free_init(model, seed: int, std: float, n_layers: int) -> None:
-    """Re-draw every parameter from its own generator, seeded by (seed, its global name), with the
-    distributions of Megatron's own initialisation for this layer spec (normal(0, std) weights,
-    std / sqrt(2 L) for the attention and MLP output projections, norms 1, biases 0). A
-    tensor-parallel shard is its chunk of the full tensor (as Megatron's CPU initialisation splits a
-    master weight), and pipeline stages name layers by their global number: every layout starts from
-    the same full model, so TP/PP/DP runs can be compared with one process."""
-    import hashlib
-
-    from megatron.core import parallel_state as ps
-    tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    layers = getattr(getattr(model, "decoder", None), "layers", [])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            parts = name.split(".")
-            if parts[:2] == ["decoder", "layers"]:
-                parts[2] = str(layers[int(parts[2])].layer_number - 1)
-            canonical = ".".join(parts)
-            if name.endswith("bias"):
-                p.zero_()
-                continue
-            if p.dim() == 1:
-                p.fill_(1.0)
-                continue
-            shape = list(p.shape)
-            dim = getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False) else -1
-            if dim >= 0:
-                shape[dim] *= tp
-            sigma = std / math.sqrt(2.0 * n_layers) if parts[-2] in ("linear_proj", "linear_fc2") else std
-            g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{canonical}".encode()).digest()[:7], "little"))
-            full = torch.empty(shape, dtype=torch.float32).normal_(0.0, sigma, generator=g)
-            p.copy_(full.chunk(tp, dim)[tp_rank] if dim >= 0 else full)
-
-
-def gpt_forward(call, batch: dict):
-    """A plain forward of a GPTModel (tensor and pipeline size 1): logits [B, T, V]."""
-    return call(batch["input_ids"], batch["position_ids"], None)
+from .megatron_model import build_gpt, gpt_forward, init_parallel, layout_name
 
 
 def _broadcast_from_last_stage(t: torch.Tensor | None, shape, device) -> torch.Tensor:
