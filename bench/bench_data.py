@@ -40,11 +40,11 @@ T0 = time.perf_counter()
 def child(config: str, seq_len: int) -> None:
     """One launch, in its own process: what train.py does before the first step (no model)."""
     t = time.perf_counter()
+    import megatron.core.datasets.indexed_dataset  # noqa: F401  (timed as import, not as loading)
     import torch  # noqa: F401
 
     import dataflex
-    from dataflex.data import MixtureDataset, load_domains
-    import megatron.core.datasets.indexed_dataset  # noqa: F401  (timed as import, not as loading)
+    from dataflex.data.domains import MixtureDataset, load_domains
     t_import = time.perf_counter() - t
     peaks = {"import": _peak_mb()}
     t = time.perf_counter()
@@ -162,7 +162,7 @@ def launch(config: dict, seq_len: int, env: dict) -> dict:
 def sampler_bench(sizes=(10**3, 10**9), draws: int = 200, batch: int = 256) -> list[dict]:
     import torch
 
-    from dataflex.sampler import DataAwareSampler
+    from dataflex.core.sampler import DataAwareSampler
 
     rows = []
     DataAwareSampler([5], seed=0).draw(batch)  # warm-up: lazy imports and caches outside the traced part

@@ -129,15 +129,26 @@ _doc_text.__annotations__["return"] = bytes  # datatrove picks its hash function
 
 
 def run_datatrove(corpus: str, work: str, workers: int, files: int) -> dict:
-    from datatrove.data import Document
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.base import PipelineStep
-    from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, \
-        MinhashDedupSignature
-    from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, \
-        ExactFindDedups
+    from datatrove.pipeline.dedup import (
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
+    from datatrove.pipeline.dedup.exact_dedup import (
+        ExactDedupConfig,
+        ExactDedupFilter,
+        ExactDedupSignature,
+        ExactFindDedups,
+    )
     from datatrove.pipeline.dedup.minhash import MinhashConfig
-    from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter, LambdaFilter
+    from datatrove.pipeline.filters import (
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+        LambdaFilter,
+    )
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.tokens.megatron_tokenizer import MegatronDocumentTokenizer
     from datatrove.pipeline.writers import JsonlWriter
@@ -170,9 +181,8 @@ def run_datatrove(corpus: str, work: str, workers: int, files: int) -> dict:
 
     # datatrove 0.10's xxhash helpers pass str to xxhash 4.x, which rejects it: encode first (keeps
     # datatrove on its fast xxhash path instead of falling back to sha1)
-    import xxhash
-
     import datatrove.utils.hashes.xxhash as dt_xx
+    import xxhash
 
     dt_xx.xxhash32 = lambda d: xxhash.xxh32_intdigest(d.encode("utf-8") if isinstance(d, str) else d)
     dt_xx.xxhash64 = lambda d: xxhash.xxh64_intdigest(d.encode("utf-8") if isinstance(d, str) else d)

@@ -52,10 +52,18 @@ from common import fmt_ms, fmt_ratio, markdown_table, measure_peak, median_ms  #
 
 torch = common.setup_torch()
 
-from dataflex import (FactoredProjector, MixtureDataset, RademacherProjector, SparseProjector,  # noqa: E402
-                      batch_grad, per_sample_grad_dots, per_sample_grad_norms, per_sample_grads)
-from dataflex.loss import per_sample_loss  # noqa: E402
-from dataflex.model import TinyGPT  # noqa: E402
+from dataflex import (  # noqa: E402
+    FactoredProjector,
+    MixtureDataset,
+    RademacherProjector,
+    SparseProjector,
+    batch_grad,
+    per_sample_grad_dots,
+    per_sample_grad_norms,
+    per_sample_grads,
+)
+from dataflex.core.loss import per_sample_loss  # noqa: E402
+from dataflex.models.tiny_gpt import TinyGPT  # noqa: E402
 
 BATCH, MAX_SEQ, LORA_RANK, SEED = 16, 128, 8, 0
 BASELINE = "plain loss.backward()"

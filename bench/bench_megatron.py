@@ -35,11 +35,12 @@ torch = common.setup_torch()
 import bench_step  # noqa: E402
 from bench_step import BATCH, LR, SEED, SEQ, PlainLoop, run_round_robin, summarise  # noqa: E402
 
-from dataflex import DataFlex, MixtureDataset  # noqa: E402
+from dataflex.data.mixture import MixtureDataset
 from dataflex.mixers import BanditMixer  # noqa: E402
-from dataflex.model import TinyGPT  # noqa: E402
+from dataflex.models.tiny_gpt import TinyGPT  # noqa: E402
 from dataflex.reweighters import LossReweighter  # noqa: E402
 from dataflex.selectors import LossSelector  # noqa: E402
+from dataflex.session.flex import DataFlex  # noqa: E402
 
 BASELINE = "Megatron, plain loop (baseline)"
 VARIANTS = {

@@ -33,10 +33,11 @@ from common import markdown_table  # noqa: E402
 
 torch = common.setup_torch()
 
-from dataflex import DataFlex, TorchInterface  # noqa: E402
-from dataflex.data import MixtureDataset  # noqa: E402
+from dataflex.data.domains import MixtureDataset  # noqa: E402
+from dataflex.grad.interface import TorchInterface
 from dataflex.mixers import ADOMixer, AioliMixer, BanditMixer, ShearedMixer, StaticMixer  # noqa: E402
-from dataflex.model import TinyGPT  # noqa: E402
+from dataflex.models.tiny_gpt import TinyGPT  # noqa: E402
+from dataflex.session.flex import DataFlex  # noqa: E402
 
 BATCH, SEQ, LR, SEED = 16, 128, 1e-3, 0
 

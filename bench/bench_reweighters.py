@@ -28,11 +28,21 @@ from common import markdown_table  # noqa: E402
 
 torch = common.setup_torch()
 
-from dataflex import DataFlex, TorchInterface  # noqa: E402
-from dataflex.model import TinyGPT  # noqa: E402
-from dataflex.reweighters import (AnchorReweighter, FocalReweighter, LossReweighter, Rho1Reweighter,  # noqa: E402
-                                  TiltedReweighter, anchor_similarity, focal_weights, loss_weights,
-                                  rho1_token_weights, tilted_weights)
+from dataflex.grad.interface import TorchInterface
+from dataflex.models.tiny_gpt import TinyGPT  # noqa: E402
+from dataflex.reweighters import (  # noqa: E402
+    AnchorReweighter,
+    FocalReweighter,
+    LossReweighter,
+    Rho1Reweighter,
+    TiltedReweighter,
+    anchor_similarity,
+    focal_weights,
+    loss_weights,
+    rho1_token_weights,
+    tilted_weights,
+)
+from dataflex.session.flex import DataFlex  # noqa: E402
 
 BATCH, SEQ, LR, SEED = 16, 128, 1e-3, 0
 

@@ -30,10 +30,12 @@ from common import fmt_ratio, markdown_table  # noqa: E402
 
 torch = common.setup_torch()
 
-from dataflex import MixtureDataset, RademacherProjector, SparseProjector, per_sample_grads  # noqa: E402
-from dataflex.grads import select_params  # noqa: E402
-from dataflex.loss import per_sample_loss  # noqa: E402
-from dataflex.model import TinyGPT  # noqa: E402
+from dataflex.core.loss import per_sample_loss  # noqa: E402
+from dataflex.data.mixture import MixtureDataset  # noqa: E402
+from dataflex.grad.api import per_sample_grads
+from dataflex.grad.params import select_params  # noqa: E402
+from dataflex.grad.projection import RademacherProjector, SparseProjector
+from dataflex.models.tiny_gpt import TinyGPT  # noqa: E402
 from dataflex.selectors.less_math import adam_feature, l2_normalize, subtask_cosines  # noqa: E402
 
 BATCH, SEQ, LORA_RANK, SEED, TARGETS = 16, 128, 8, 0, 16

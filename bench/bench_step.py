@@ -34,11 +34,13 @@ from common import Clock, fmt_ms, fmt_ratio, markdown_table, median_ms  # noqa: 
 torch = common.setup_torch()
 import torch.nn.functional as F  # noqa: E402
 
-from dataflex import DataFlex, MixtureDataset, TorchInterface  # noqa: E402
+from dataflex.data.mixture import MixtureDataset
+from dataflex.grad.interface import TorchInterface
 from dataflex.mixers import BanditMixer, StaticMixer  # noqa: E402
-from dataflex.model import TinyGPT  # noqa: E402
+from dataflex.models.tiny_gpt import TinyGPT  # noqa: E402
 from dataflex.reweighters import LossReweighter  # noqa: E402
 from dataflex.selectors import LossSelector  # noqa: E402
+from dataflex.session.flex import DataFlex  # noqa: E402
 
 BATCH, SEQ, LR, SEED = 16, 128, 1e-3, 0
 PHASES = ("sample", "forward", "backward", "end_step")

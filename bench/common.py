@@ -47,7 +47,7 @@ def load_domains(seq_len: int = 128):
         cwd = os.getcwd()
         os.chdir(ROOT)
         try:
-            _DOMAINS[seq_len] = dataflex.data.load_domains(OmegaConf.load(DATA_CONFIG), seq_len=seq_len)
+            _DOMAINS[seq_len] = dataflex.data.domains.load_domains(OmegaConf.load(DATA_CONFIG), seq_len=seq_len)
         finally:
             os.chdir(cwd)
     return _DOMAINS[seq_len]

@@ -3,28 +3,64 @@
 One interface between model and data (per-sample loss, per-sample gradients, probes), a
 data-aware sampler, a loss wrapper, and three plugin families that use only that interface:
 selectors (keep masks), mixers (domain weights) and reweighters (per-sample weights).
+
+The packages, lowest first (a test enforces that none imports one above it):
+
+    utils      leaves: process groups, errors, console, file locks
+    core       the loop contract: events, state, plugins and their engine, sampler, loss
+    models     TinyGPT, Hugging Face models, the forward convention
+    grad       the gradient engine and the signal interface (TorchInterface)
+    data       data config -> shards -> domains -> the training mixture, provenance
+    session    DataFlex (one step: draw, run plugins, weigh the loss) and Signals
+    mixers, selectors, reweighters    the plugins: one algorithm a file
+    backends   torch, DeepSpeed, Megatron-core
+    run        run folders, launching, checkpoints, reference runs (what launch/ needs)
+    integrations, report              HF Trainer / TRL; the results page
+
+Names below are imported on first use, so `import dataflex` stays cheap.
 """
-from . import mixers, reweighters, selectors
-from .data import Domains, MixtureDataset, SampleSet, load_domains
-from .events import Event
-from .factored import FactoredProjector
-from .ghost import batch_grad, per_sample_grad_dots, per_sample_grad_norms
-from .grads import PerSampleGrads, per_sample_grads, select_params
-from .interface import DeepSpeedInterface, TorchInterface
-from .loss import LossWrapper, per_sample_loss, per_token_loss
-from .plugin import Engine, Mixer, Plugin, Reweighter, Selector
-from .projection import RademacherProjector, SparseProjector
-from .sampler import DataAwareSampler
-from .session import DataFlex
-from .signals import Signals
-from .state import DataState
-from .tokenizer import load_tokenizer
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
 
-__all__ = ["DataAwareSampler", "DataFlex", "DataState", "DeepSpeedInterface", "Domains", "Engine", "Event",
-           "FactoredProjector", "SparseProjector", "batch_grad", "per_sample_grad_dots", "per_sample_grad_norms",
-           "LossWrapper", "Mixer", "MixtureDataset", "PerSampleGrads", "Plugin", "RademacherProjector",
-           "Reweighter", "SampleSet", "Selector", "Signals", "TorchInterface", "load_domains", "load_tokenizer",
-           "mixers", "per_sample_grads", "per_sample_loss", "per_token_loss", "reweighters", "select_params",
-           "selectors"]
+from dataflex import _moved
+
+_moved.install()
+
+__version__ = "0.2.0"
+
+_PUBLIC = {
+    "DataAwareSampler": "dataflex.core.sampler", "DataState": "dataflex.core.state", "Event": "dataflex.core.events",
+    "Engine": "dataflex.core.plugin", "Mixer": "dataflex.core.plugin", "Plugin": "dataflex.core.plugin",
+    "Reweighter": "dataflex.core.plugin", "Selector": "dataflex.core.plugin",
+    "LossWrapper": "dataflex.core.loss", "per_sample_loss": "dataflex.core.loss", "per_token_loss": "dataflex.core.loss",
+    "DataFlex": "dataflex.session.flex", "Signals": "dataflex.session.signals",
+    "Domains": "dataflex.data.domains", "load_domains": "dataflex.data.domains",
+    "MixtureDataset": "dataflex.data.mixture", "SampleSet": "dataflex.data.samples",
+    "load_tokenizer": "dataprep.tokenizer",
+    "FactoredProjector": "dataflex.grad.factored", "RademacherProjector": "dataflex.grad.projection",
+    "SparseProjector": "dataflex.grad.projection", "batch_grad": "dataflex.grad.ghost",
+    "per_sample_grad_dots": "dataflex.grad.ghost", "per_sample_grad_norms": "dataflex.grad.ghost",
+    "PerSampleGrads": "dataflex.grad.params", "select_params": "dataflex.grad.params",
+    "per_sample_grads": "dataflex.grad.api", "TorchInterface": "dataflex.grad.interface",
+    "DeepSpeedInterface": "dataflex.backends.deepspeed",
+}
+_SUBPACKAGES = ("mixers", "selectors", "reweighters", "backends", "data", "grad", "core", "models", "run", "session",
+                "utils", "report", "integrations")
+
+__all__ = sorted(_PUBLIC) + ["mixers", "reweighters", "selectors"]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f"dataflex.{name}")
+    else:
+        raise AttributeError(f"module 'dataflex' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC) | set(_SUBPACKAGES))

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
-import importlib
 import shutil
 import threading
 import time
@@ -19,7 +19,14 @@ from dataprep import __version__
 from dataprep.executors import make_executor
 from dataprep.plan import build_plan
 from dataprep.readers import Source
-from dataprep.stages import instantiate_steps, stage_decide, stage_group, stage_task, group_paths
+from dataprep.stages import (
+    group_paths,
+    instantiate_steps,
+    stage_decide,
+    stage_group,
+    stage_task,
+)
+from dataprep.tokenizer import load_tokenizer
 from dataprep.writer import sha256_file, token_dtype
 
 MANIFEST = "manifest.json"
@@ -60,8 +67,6 @@ def prepare(data_cfg: dict, prep_cfg: dict) -> str:
     step_cfgs = list(prep_cfg.get("steps") or [])
     steps = instantiate_steps(step_cfgs)
     tok_step = next(s for s in steps if s.name == "tokenize")
-    from dataflex.tokenizer import load_tokenizer
-
     if not os.path.isfile(tok_step.tokenizer_path):
         raise FileNotFoundError(f"tokenizer file not found: {tok_step.tokenizer_path!r} "
                                 f"(prep.steps tokenize.tokenizer, default ${{data.tokenizer}})")

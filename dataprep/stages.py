@@ -17,7 +17,6 @@ import heapq
 import json
 import os
 import time
-from collections import Counter
 
 import numpy as np
 import pyarrow as pa

@@ -3,8 +3,10 @@
 ``shard_bytes`` of ``.bin``. Files are written under ``.tmp`` names and renamed when complete."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -74,3 +76,14 @@ class ShardWriter:
         if self._builder is not None:
             self._finish()
         return self.records
+
+
+@contextmanager
+def file_lock(path):
+    """An exclusive flock on `path` (created) for the with-block: one builder at a time across processes."""
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -16,9 +16,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main() -> None:
-    from dataflex.console import quiet_third_party
-    from dataflex.corpus import build, default_root
-    from dataflex.corpus.sources import MissingSource
+    from dataflex.utils.console import quiet_third_party
+    from dataprep.corpora.bench import build, default_root
+    from dataprep.corpora.bench.sources import MissingSource
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help=f"corpus folder (default {default_root()})")

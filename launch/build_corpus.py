@@ -92,7 +92,14 @@ def write_split(out, name, docs, rng, train_chars, val_chars):
 
 
 def train_tokenizer(out, vocab_size):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataflex.report import find_runs, group_runs, pick_baseline, write_report  # noqa: E402
+
 # the per-run table and figure, also used as compare.figure / compare.table
 from dataflex.report.comparison import figure, load_runs, markdown, plot, table, write  # noqa: E402,F401
 

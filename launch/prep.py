@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 @hydra.main(config_path="../configs", config_name="prep", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from dataflex.console import quiet_third_party
+    from dataflex.utils.console import quiet_third_party
 
     quiet_third_party(bool(OmegaConf.select(cfg, "prep.execution.verbose", default=False)))
     from dataprep.config import config_files_from_hydra, locate

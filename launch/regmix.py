@@ -25,8 +25,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from dataflex.mixers.regmix import (fit_regression, heldout_spearman, sample_mixtures, temperature_prior,  # noqa: E402
-                                    top_k_mixture, write_mixture)
+from dataflex.mixers.regmix import (  # noqa: E402
+    fit_regression,
+    heldout_spearman,
+    sample_mixtures,
+    temperature_prior,
+    top_k_mixture,
+    write_mixture,
+)
 from dataflex.mixers.static import load_mixture_file  # noqa: E402
 
 PROXY_DEFAULTS = {"backend": "torch", "logger": "none", "trainer.plot": "false"}
@@ -36,7 +42,7 @@ def domain_sizes(overrides: list[str], config_dir: str | None) -> tuple[list[str
     """Domain names and sample counts of the data config the proxies will train on."""
     from hydra import compose, initialize_config_dir
 
-    from dataflex.data import load_domains
+    from dataflex.data.domains import load_domains
 
     keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] in ("data", "model")]
     if config_dir:

@@ -63,10 +63,16 @@ def main(argv=None) -> int:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from dataflex import DataFlex, TorchInterface
     from dataflex.backends import make_optimizer
-    from dataflex.data import MixtureDataset, load_domains
-    from dataflex.selectors.less import LessSelector, aggregate, checkpoint_weights, top_fraction
+    from dataflex.data.domains import MixtureDataset, load_domains
+    from dataflex.grad.interface import TorchInterface
+    from dataflex.selectors.less import (
+        LessSelector,
+        aggregate,
+        checkpoint_weights,
+        top_fraction,
+    )
+    from dataflex.session.flex import DataFlex
 
     run_dir = args.run_dir
     cfg_path = run_dir / "config.yaml"

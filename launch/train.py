@@ -10,37 +10,63 @@ The loop below is the whole training loop: DataFlex draws each global batch from
 domain weights, runs the plugins at their events, and turns per-sample losses into the scalar
 that the back end backpropagates.
 """
-import json
 import contextlib
+import json
 import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataflex.checks import TMP_SUFFIX, UserError, check_config, fault, mark_complete  # noqa: E402
-from dataflex.console import ConsoleLog, quiet_third_party  # noqa: E402
-from dataflex.launching import (RunError, check_known_keys, check_override_typos,  # noqa: E402
-                                checkpoint_run_folder, config_file,
-                                launch_ranks, needs_launch, port_clash_message, prepare_argv, prepare_run_dir,
-                                reference_keys, remove_failed_run, resolve_resume, resume_config,
-                                run_strategy)
+import dataflex.run.reference  # noqa: E402,F401  (plugins' `reference=RUN_DIR` loads through it)
+from dataflex.run.checkpoints import (  # noqa: E402
+    TMP_SUFFIX,
+    checkpoint_run_folder,
+    mark_complete,
+    resolve_resume,
+)
+from dataflex.run.config import (  # noqa: E402
+    check_config,
+    check_known_keys,
+    check_override_typos,
+    reference_keys,
+)
+from dataflex.run.faults import fault  # noqa: E402
+from dataflex.run.launching import (  # noqa: E402
+    config_file,
+    launch_ranks,
+    needs_launch,
+    port_clash_message,
+    prepare_argv,
+    prepare_run_dir,
+    remove_failed_run,
+    resume_config,
+    run_strategy,
+)
+from dataflex.utils.console import ConsoleLog, quiet_third_party  # noqa: E402
+from dataflex.utils.errors import RunError, UserError  # noqa: E402
 
 sys.argv = sys.argv[:1] + prepare_argv(sys.argv[1:])
 check_override_typos(sys.argv[1:], str(Path(__file__).resolve().parents[1] / "configs"))
 
+from functools import partial
+
 import hydra  # noqa: E402
-import torch  # noqa: E402
+import torch
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dataflex import DataFlex, dist  # noqa: E402
 from dataflex.backends import build_backend, setup_distributed  # noqa: E402
-from dataflex.data import DataConfigError, MixtureDataset, load_domains  # noqa: E402
-from dataflex.hf import data_config_for  # noqa: E402  (model=hf: the model's own tokenizer)
-from dataflex.outputs import RunOutputs, start_wandb, print_comparison  # noqa: E402
+from dataflex.data.config import data_config_for  # noqa: E402  (model=hf: the model's own tokenizer)
+from dataflex.data.domains import load_domains  # noqa: E402
+from dataflex.data.mixture import MixtureDataset  # noqa: E402
+from dataflex.data.provenance import sample_table  # noqa: E402
+from dataflex.run.outputs import RunOutputs, print_comparison, start_wandb  # noqa: E402
+from dataflex.session import DataFlex  # noqa: E402
+from dataflex.utils import dist  # noqa: E402
+from dataflex.utils.errors import DataConfigError  # noqa: E402
 
 PLUGIN_GROUPS = ("mixer", "selector", "reweighter")
 
@@ -136,7 +162,7 @@ def train(cfg, hc, ckpt):
     out = RunOutputs(run_dir, enabled=rank == 0, flush_every=tr.ledger_flush_every,
                      wandb_run=start_wandb(cfg, run_dir, strategy) if rank == 0 else None)
     out.write_config(OmegaConf.to_container(cfg, resolve=True))
-    out.track_samples(flex.data.describe(), flex.data.sample_table)
+    out.track_samples(flex.data.describe(), partial(sample_table, flex.data))
     before = {"tokens": 0, "wall_time_s": 0.0}    # what the run did before its checkpoint (a resume)
     if tr.resume:
         client = backend.load(Path(tr.resume))

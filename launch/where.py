@@ -24,10 +24,10 @@ def main(argv=None) -> int:
     ap.add_argument("--manifest", default=None, help="manifest.json (default: data.manifest of RUN_DIR/config.yaml)")
     ap.add_argument("--json", action="store_true", help="print JSON")
     args = ap.parse_args(argv)
-    from dataflex.console import quiet_third_party
+    from dataflex.utils.console import quiet_third_party
 
     quiet_third_party(False)   # megatron's import warnings (Transformer Engine, Apex) are no answer
-    from dataprep.where import where
+    from dataflex.data.provenance import where
 
     try:
         if raw_run(args.run_dir, args.manifest):

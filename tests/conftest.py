@@ -6,8 +6,8 @@ import io
 import pytest
 import torch
 
-from dataflex.data import SampleSet
-from dataflex.model import TinyGPT
+from dataflex.data.samples import SampleSet
+from dataflex.models.tiny_gpt import TinyGPT
 
 VOCAB, SEQ = 64, 16
 TINY = dict(vocab_size=VOCAB, seq_len=SEQ, d_model=32, n_layers=2, n_heads=4)

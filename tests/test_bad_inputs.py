@@ -10,13 +10,21 @@ import time
 
 import pytest
 from omegaconf import OmegaConf
-
-from dataflex.checks import (ConfigError, ShardError, UserError, check_config, clear_stale_extension_locks,
-                             load_tokenizer_checked, mark_complete)
-from dataflex.data import DataConfigError, load_domains
-from dataflex.launching import RunError, check_known_keys, resolve_resume
-from dataprep.readers import Source, read_source
 from test_launch import ROOT, run
+
+from dataflex.backends.extensions import clear_stale_extension_locks
+from dataflex.data.domains import load_domains
+from dataflex.data.tokenizer import load_tokenizer_checked
+from dataflex.run.checkpoints import mark_complete, resolve_resume
+from dataflex.run.config import check_config, check_known_keys
+from dataflex.utils.errors import (
+    ConfigError,
+    DataConfigError,
+    RunError,
+    ShardError,
+    UserError,
+)
+from dataprep.readers import Source, read_source
 
 TOKENIZER = str(ROOT / "data" / "default" / "tokenizer.json")
 GOOD = "".join(json.dumps({"text": f"document number {i} has a few words in it."}) + "\n" for i in range(20))

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from dataflex.corpus import pipeline as B
-from dataflex.corpus import readers as R
-from dataflex.data import load_domains
-from dataflex.signals import as_mixture
+from dataflex.data.domains import load_domains
+from dataflex.session.signals import as_mixture
+from dataprep.corpora.bench import pipeline as B
+from dataprep.corpora.bench import readers as R
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,7 +124,7 @@ def test_bench_config_resolves_under_the_cache_root(monkeypatch):
     monkeypatch.setenv("DATAFLEX_CACHE", "/somewhere")
     cfg = OmegaConf.create({"data": OmegaConf.load(ROOT / "configs" / "data" / "bench.yaml")})
     data = OmegaConf.to_container(cfg, resolve=True)["data"]
-    assert data["build"] == {"_target_": "dataflex.corpus.ensure", "root": "/somewhere/bench_corpus"}
+    assert data["build"] == {"_target_": "dataprep.corpora.bench.ensure", "root": "/somewhere/bench_corpus"}
     assert data["manifest"] == "/somewhere/bench_corpus/shards/manifest.json"
     assert data["target"]["math_solutions"]["val"] == "/somewhere/bench_corpus/target/math_solutions.jsonl"
     assert set(data["target"]) == set(B.SUBTASKS)

@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from dataflex.outputs import LEDGER_SCHEMA, sweep_group
 from dataflex.report import find_runs, group_runs, pick_baseline, plots, write_report
 from dataflex.report.runs import is_dynamic
 from dataflex.report.stats import best_dynamic, mean_std, steps_to_reach, summarize
+from dataflex.run.outputs import LEDGER_SCHEMA, sweep_group
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 `trainer.resume=true` in the same run folder: the folder's ledger, metrics and summary equal an
 uninterrupted run's, exactly (not after de-duplication), with a mixer, a selector and a reweighter active.
 
-DATAFLEX_FAULT=step:N / checkpoint:N makes launch/train.py SIGKILL itself there (dataflex.checks.fault)."""
+DATAFLEX_FAULT=step:N / checkpoint:N makes launch/train.py SIGKILL itself there (dataflex.run.config.fault)."""
 import json
 import os
 import subprocess
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from test_launch import ROOT
 
 PY, TRAIN = sys.executable, str(ROOT / "launch" / "train.py")

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from dataflex.data import DataConfigError, MixtureDataset, build_samples, load_domains
-from dataflex.data_cache import MARKER
+from dataflex.data.cache import MARKER
+from dataflex.data.domains import MixtureDataset, load_domains
+from dataflex.data.provenance import sample_table
+from dataflex.data.samples import build_samples
+from dataflex.utils.errors import DataConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = str(ROOT / "data" / "default" / "tokenizer.json")
@@ -60,9 +63,9 @@ def test_cached_shards_equal_a_fresh_build_and_the_in_memory_samples(tmp_path):
 SCRIPT = """
 import json, sys
 sys.path.insert(0, {root!r})
-from dataflex.data import _groups
-from dataflex.data_cache import ensure_cache
-from dataflex.tokenizer import load_tokenizer
+from dataflex.data.config import _groups
+from dataflex.data.cache import ensure_cache
+from dataprep.tokenizer import load_tokenizer
 data = json.loads({data!r})
 folder, cache, built = ensure_cache(_groups(data), load_tokenizer(data["tokenizer"]), data["cache"], progress=False)
 print(json.dumps({{"built": built, "docs": {{g["name"] + "/" + g["split"]: g["documents"] for g in cache["groups"]}}}}))
@@ -125,7 +128,7 @@ def test_malformed_input_names_file_line_and_key(tmp_path):
 
 
 def test_raw_file_samples_resolve_to_their_source_line(tmp_path):
-    from dataflex.provenance import where_sample
+    from dataflex.data.provenance import where_sample
 
     data = _corpus(tmp_path, docs=30)
     domains = load_domains(data, seq_len=32, progress=False)
@@ -133,7 +136,7 @@ def test_raw_file_samples_resolve_to_their_source_line(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "data.json").write_text(json.dumps(mix.describe()))
-    table = mix.sample_table(torch.arange(len(mix)))
+    table = sample_table(mix, torch.arange(len(mix)))
     for sid in (0, len(mix) - 1, mix.sizes[0] + 7):
         info = where_sample(str(run_dir), sid)
         assert info["doc_id"] == table["doc_id"][sid] == f"{info['source']}:{info['line']}"

@@ -140,8 +140,8 @@ def test_manifest_lineage(corpus, reference):
 def test_megatron_reads_back_same_tokens(corpus, reference):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from dataflex.tokenizer import load_tokenizer
     from dataprep.steps.normalize import Normalize
+    from dataprep.tokenizer import load_tokenizer
 
     root, data, _ = corpus
     out, path = reference

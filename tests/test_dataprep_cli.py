@@ -9,7 +9,6 @@ import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from dataprep.testing import planted_jsonl
 

@@ -1,13 +1,18 @@
 """dataprep readers and operators in isolation."""
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
 
 from dataprep.document import Document
-from dataprep.readers import InputError, Source, detect_format, expand_entry, read_source
+from dataprep.readers import (
+    InputError,
+    Source,
+    detect_format,
+    expand_entry,
+    read_source,
+)
 from dataprep.steps.exact_dedup import ExactDedup
 from dataprep.steps.length import LengthFilter
 from dataprep.steps.minhash_dedup import MinHashDedup
@@ -150,6 +155,7 @@ def test_prose_heuristics_apply_to_text_domains_only(tmp_path):
     in a `kind: code` domain passes, the same code declared as text does not."""
     import sysconfig
     from pathlib import Path
+
     from dataprep.plan import build_plan
     code = [Path(sysconfig.get_paths()["stdlib"], n).read_text()[:3000] for n in ("json/encoder.py", "shlex.py",
                                                                                     "bisect.py", "heapq.py")]

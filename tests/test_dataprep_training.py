@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-
-from dataflex.data import load_domains
-from dataflex.tokenizer import load_tokenizer
 from test_launch import ROOT, check_outputs, deepspeed, run
+
+from dataflex.data.domains import load_domains
+from dataprep.tokenizer import load_tokenizer
 
 FAST = ["trainer.max_steps=4", "trainer.eval_every=2", "trainer.global_batch_size=8", "trainer.max_val_samples=8",
         "model.d_model=32", "model.seq_len=64"]

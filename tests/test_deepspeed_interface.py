@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataflex import RademacherProjector, TorchInterface
 from dataflex.backends import DeepSpeedBackend
-from dataflex.model import TinyGPT
+from dataflex.grad.interface import TorchInterface
+from dataflex.grad.projection import RademacherProjector
+from dataflex.models.tiny_gpt import TinyGPT
 
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # DeepSpeed's ninja
 

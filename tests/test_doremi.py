@@ -2,11 +2,11 @@
 trained on uniform data, the learnable domain C gains weight, unlearnable B and easy A do not."""
 import pytest
 import torch
-
-from dataflex import DataFlex, TorchInterface
-from dataflex.mixers.doremi import DoReMiMixer, doremi_update, excess_loss
-
 from conftest import roundtrip, synthetic_domains, tiny_gpt, train_steps
+
+from dataflex.grad.interface import TorchInterface
+from dataflex.mixers.doremi import DoReMiMixer, doremi_update, excess_loss
+from dataflex.session.flex import DataFlex
 
 
 def test_excess_loss_clips_at_zero_and_keeps_absent_domains():

@@ -8,15 +8,32 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import roundtrip, step, tiny_gpt
-from dataflex import DataFlex, TorchInterface
-from dataflex.data import MixtureDataset, chunk_documents
-from dataflex.embeddings import cache_key, cached_embeddings, embed_texts, embedder_path, load_embedder
-from dataflex.selectors import (ClusterLessSelector, NearSelector, TsdsSelector, cluster_scores, kmeans, near_scores,
-                                representatives, tsds_probabilities, tsds_sample)
+
+from dataflex.data.domains import MixtureDataset
+from dataflex.data.samples import chunk_documents
+from dataflex.grad.interface import TorchInterface
+from dataflex.selectors import (
+    ClusterLessSelector,
+    NearSelector,
+    TsdsSelector,
+    cluster_scores,
+    kmeans,
+    near_scores,
+    representatives,
+    tsds_probabilities,
+    tsds_sample,
+)
+from dataflex.selectors.embedding import (
+    cache_key,
+    cached_embeddings,
+    embed_texts,
+    embedder_path,
+    load_embedder,
+)
 from dataflex.selectors.tsds import kde_density
-from dataflex.tokenizer import load_tokenizer
+from dataflex.session.flex import DataFlex
+from dataprep.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ("prose", "code", "math", "noise")
@@ -205,7 +222,7 @@ def test_selector_keeps_the_target_domain_caches_embeddings_and_resumes_exactly(
 
 
 def test_pool_embeddings_come_from_the_cache_the_second_time(corpus, tmp_path):
-    from dataflex.embeddings import sample_texts
+    from dataflex.selectors.embedding import sample_texts
     train, _, tok = corpus
     data = MixtureDataset(train)
     texts = sample_texts(data, torch.arange(12), tok)
@@ -237,13 +254,13 @@ def test_cluster_less_scores_representatives_and_resumes_exactly(corpus, cache, 
             ids.append(b["sample_id"])
         return torch.stack(ids), flex.engine.of("selector"), flex
 
-    from dataflex.signals import Signals
+    from dataflex.session.signals import Signals
     real = Signals.per_sample_grads
 
     def spy(self, ids, *a, **kw):
         calls.append(len(ids))
         return real(self, ids, *a, **kw)
-    monkeypatch.setattr("dataflex.signals.Signals.per_sample_grads", spy)
+    monkeypatch.setattr("dataflex.session.signals.Signals.per_sample_grads", spy)
     full, p, flex = run()
     assert sum(calls) == len(p.reps) <= 12                           # only the representatives' gradients
     assert p.labels.shape == (len(flex.data),)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from test_launch import FAST, ROOT, run
 
 PY = sys.executable
@@ -115,7 +114,8 @@ def test_prep_ends_with_a_summary_and_no_third_party_noise(prepared_default):
 
 
 def test_manifest_domains_and_exclude(prepared_default):
-    from dataflex.data import DataConfigError, load_domains
+    from dataflex.data.domains import load_domains
+    from dataflex.utils.errors import DataConfigError
 
     manifest = str(prepared_default[0])
     with pytest.raises(DataConfigError, match=r"domain 'noise' has no training documents .*`exclude: \[noise\]`"):
@@ -280,8 +280,8 @@ def test_comparison_plot_is_readable():
 # 11. .txt.gz ---------------------------------------------------------------------------------------------------
 
 def test_gzipped_plain_text_is_decompressed(tmp_path, monkeypatch):
+    from dataflex.data.domains import load_domains
     from dataprep.readers import expand_entry, read_source
-    from dataflex.data import load_domains
 
     text = "First paragraph of a gzipped book, long enough to count.\n\nSecond paragraph, also plain text.\n"
     path = tmp_path / "book.txt.gz"

@@ -1,22 +1,31 @@
-"""The gradient engine: ghost norms and inner products (dataflex.ghost), the Kronecker-factored
-projector (dataflex.factored), the sparse JL projector, all against materialised per-sample
+"""The gradient engine: ghost norms and inner products (dataflex.grad.ghost), the Kronecker-factored
+projector (dataflex.grad.factored), the sparse JL projector, all against materialised per-sample
 gradients (torch.func) and the dense Rademacher reference."""
 import copy
 import math
 
 import pytest
 import torch
+from conftest import build_batch, synthetic_domains, tiny_gpt
 from torch import nn
 
 import dataflex
-from dataflex import (DataFlex, FactoredProjector, RademacherProjector, SparseProjector, TorchInterface, batch_grad,
-                      per_sample_grad_dots, per_sample_grad_norms, per_sample_grads, select_params)
-from dataflex.data import MixtureDataset
-from dataflex.factored import water_fill
-from dataflex.loss import per_sample_loss
-from dataflex.model import TinyGPT
-
-from conftest import build_batch, synthetic_domains, tiny_gpt
+from dataflex import (
+    DataFlex,
+    FactoredProjector,
+    RademacherProjector,
+    SparseProjector,
+    TorchInterface,
+    batch_grad,
+    per_sample_grad_dots,
+    per_sample_grad_norms,
+    per_sample_grads,
+    select_params,
+)
+from dataflex.core.loss import per_sample_loss
+from dataflex.data.domains import MixtureDataset
+from dataflex.grad.factored import water_fill
+from dataflex.models.tiny_gpt import TinyGPT
 
 SPECS = ["all", "lora", r"blocks\.0\.", r"ln|bias|emb"]
 
@@ -94,7 +103,7 @@ def test_factored_block_is_the_kronecker_formula(spec):
     proj = FactoredProjector(3000, seed=4)
     got = per_sample_grads(model, batch, params=spec, projector=proj)
     layout = got.projector["layout"]
-    assert got.projector["projector"] == "dataflex.factored.v1" and got.projector["seed"] == 4
+    assert got.projector["projector"] == "dataflex.grad.factored.v1" and got.projector["seed"] == 4
     assert sum(d for _, d, _ in layout) == got.projected.shape[1] == min(3000, exact.flat().shape[1])
     torch.testing.assert_close(got.norms, exact.norms, rtol=1e-5, atol=0)
     start, scale = 0, got.projected.abs().max().double()   # k's bias has a zero gradient (softmax shift)
@@ -241,7 +250,8 @@ class ScaledGPT(TinyGPT):
 
 def test_unhookable_parameters_are_exact():
     from conftest import TINY
-    from dataflex.ghost import capture
+
+    from dataflex.grad.ghost import capture
     model, batch = ScaledGPT(**TINY), build_batch()
     assert capture(model, batch).fallback == ["gain"]
     exact = per_sample_grads(model, batch)
@@ -300,7 +310,7 @@ def test_signals_and_save(tmp_path):
     out = signals.per_sample_grads(ids, projector=FactoredProjector(128, seed=5))
     out.save(tmp_path / "f.pt", ids)
     saved = dataflex.PerSampleGrads.load(tmp_path / "f.pt")
-    assert saved["projector"]["projector"] == "dataflex.factored.v1" and saved["projector"]["layout"]
+    assert saved["projector"]["projector"] == "dataflex.grad.factored.v1" and saved["projector"]["layout"]
     torch.testing.assert_close(saved["features"], out.projected)
 
 

@@ -1,16 +1,16 @@
-"""Per-sample gradients (dataflex.grads, TorchInterface) against a single-sample loop and opacus;
-the seeded Rademacher projector (dataflex.projection)."""
+"""Per-sample gradients (dataflex.grad.params, TorchInterface) against a single-sample loop and opacus;
+the seeded Rademacher projector (dataflex.grad.projection)."""
 import copy
 
 import pytest
 import torch
-
-from dataflex.grads import per_sample_grads, select_params
-from dataflex.interface import TorchInterface
-from dataflex.loss import per_sample_loss
-from dataflex.projection import RademacherProjector
-
 from conftest import build_batch, tiny_gpt
+
+from dataflex.core.loss import per_sample_loss
+from dataflex.grad.api import per_sample_grads
+from dataflex.grad.interface import TorchInterface
+from dataflex.grad.params import select_params
+from dataflex.grad.projection import RademacherProjector
 
 SPECS = ["all", r"blocks\.0\.", "lora"]
 

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -17,11 +16,13 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 import transformers  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 import dataflex  # noqa: E402
-from dataflex import hf  # noqa: E402
 from dataflex.mixers import BanditMixer  # noqa: E402
+from dataflex.data.config import data_config_for  # noqa: E402
+from dataflex.models import hf  # noqa: E402
+from dataprep.tokenizer import HFTokenizer  # noqa: E402
 from dataflex.reweighters import LossReweighter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,7 +278,7 @@ def test_llama2_style_tokenizer_gets_the_right_eos(tmp_path):
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>",
                                          unk_token="<unk>").save_pretrained(folder)
     t = dataflex.load_tokenizer(folder)
-    assert isinstance(t, hf.HFTokenizer) and t.eos_id == 2 and t.pad_id == 2 and t.vocab_size == tok.get_vocab_size()
+    assert isinstance(t, HFTokenizer) and t.eos_id == 2 and t.pad_id == 2 and t.vocab_size == tok.get_vocab_size()
     assert t.encode("Elinor") and t.decode(t.encode("Elinor")) == "Elinor"
     bare = tmp_path / "bare.json"
     tok.save(str(bare))
@@ -299,13 +300,13 @@ def test_model_directory_tokenizer_and_vocab_check(tiny_dir):
 
 
 def test_data_config_for_hf_models(tiny_dir):
-    model_cfg = {"_target_": "dataflex.hf.build_model", "path": str(tiny_dir), "tokenizer": None}
+    model_cfg = {"_target_": "dataflex.models.hf.build_model", "path": str(tiny_dir), "tokenizer": None}
     embedded = {"domains": {}, "tokenizer": "data/default/tokenizer.json"}
-    assert hf.data_config_for(embedded, model_cfg)["tokenizer"] == str(tiny_dir)
-    assert hf.data_config_for({"domains": {}}, model_cfg)["tokenizer"] == str(tiny_dir)
-    assert hf.data_config_for({"domains": {}, "tokenizer": "/x/tok.json"}, model_cfg)["tokenizer"] == "/x/tok.json"
-    assert hf.data_config_for(embedded, {**model_cfg, "tokenizer": "/y"})["tokenizer"] == "/y"
-    assert hf.data_config_for(embedded, {"_target_": "dataflex.model.TinyGPT"}) is embedded
+    assert data_config_for(embedded, model_cfg)["tokenizer"] == str(tiny_dir)
+    assert data_config_for({"domains": {}}, model_cfg)["tokenizer"] == str(tiny_dir)
+    assert data_config_for({"domains": {}, "tokenizer": "/x/tok.json"}, model_cfg)["tokenizer"] == "/x/tok.json"
+    assert data_config_for(embedded, {**model_cfg, "tokenizer": "/y"})["tokenizer"] == "/y"
+    assert data_config_for(embedded, {"_target_": "dataflex.models.tiny_gpt.TinyGPT"}) is embedded
 
 
 def test_build_model_with_lora_and_checkpointing(tiny_dir):
@@ -347,7 +348,7 @@ def check_hf_run(run_dir: Path, tokenizer_dir: Path):
     data = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").exists() else None
     assert data is None or data["seq_len"] == 32
     cfg = (run_dir / "config.yaml").read_text()
-    assert "dataflex.hf.build_model" in cfg
+    assert "dataflex.models.hf.build_model" in cfg
     return summary
 
 
@@ -363,7 +364,7 @@ def test_launch_train_model_hf_torch(tiny_dir, tmp_path):
 
 @pytest.mark.slow
 def test_launch_train_model_hf_deepspeed_lora(tiny_dir, tmp_path):
-    run_train([str(Path(sys.executable).parent / "deepspeed"), "--master_port", str(__import__("dataflex.launching", fromlist=["free_port"]).free_port()),
+    run_train([str(Path(sys.executable).parent / "deepspeed"), "--master_port", str(__import__("dataflex.utils.dist", fromlist=["free_port"]).free_port()),
                "launch/train.py", "model=hf", f"model.path={tiny_dir}", "+mixer=bandit", "model.lora.r=4",
                "model.gradient_checkpointing=true", *HF_FAST, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     summary = check_hf_run(tmp_path / "run", tiny_dir)
@@ -387,8 +388,7 @@ def test_launch_train_refuses_a_tokenizer_larger_than_the_model(tmp_path):
 # ------------------------------------------------------------------------------------- collectives' devices
 
 def test_all_gather_cat_keeps_device_and_dtype_in_one_process():
-    from dataflex import dist
-
+    from dataflex.utils import dist
     t = torch.arange(6, dtype=torch.float64).view(3, 2)
     assert dist.all_gather_cat(t) is t
     assert dist.comm_device() == torch.device("cpu")
@@ -396,7 +396,7 @@ def test_all_gather_cat_keeps_device_and_dtype_in_one_process():
 
 GATHER_WORKER = """
 import json, os, sys, torch, torch.distributed as tdist
-from dataflex import dist
+from dataflex.utils import dist
 rank = int(os.environ["RANK"])
 tdist.init_process_group("gloo", rank=rank, world_size=2)
 out = dist.all_gather_cat(torch.full((rank + 1, 2), float(rank)))
@@ -409,7 +409,7 @@ tdist.destroy_process_group()
 
 
 def test_all_gather_cat_two_ranks_gloo():
-    from dataflex.launching import free_port
+    from dataflex.utils.dist import free_port
 
     port = str(free_port())
     procs = []
@@ -432,8 +432,8 @@ def test_all_gather_cat_under_nccl_takes_cpu_and_cuda_tensors():
     hands the result back on the caller's device."""
     import torch.distributed as tdist
 
-    from dataflex import dist
-    from dataflex.launching import free_port
+    from dataflex.utils import dist
+    from dataflex.utils.dist import free_port
     if tdist.is_initialized():
         pytest.skip("a process group already exists in this process")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))

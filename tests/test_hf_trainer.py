@@ -9,13 +9,13 @@ import torch
 pytest.importorskip("transformers")
 
 import pandas as pd  # noqa: E402
+from test_hf import tiny_model  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
 import dataflex  # noqa: E402
-from dataflex.integrations.hf import DataFlexTrainer, make_flex_trainer  # noqa: E402
+from dataflex.integrations.hf_trainer import DataFlexTrainer, make_flex_trainer  # noqa: E402
 from dataflex.mixers import BanditMixer  # noqa: E402
 from dataflex.reweighters import LossReweighter  # noqa: E402
-from test_hf import tiny_model  # noqa: E402
 
 
 def args(tmp_path, **kw):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dataflex.launching import free_port
+from dataflex.utils.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["trainer.max_steps=6", "trainer.eval_every=3", "trainer.global_batch_size=8", "trainer.max_val_samples=8",

@@ -6,15 +6,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import roundtrip, step, synthetic_domains, tiny_gpt
-from dataflex import DataFlex, TorchInterface
-from dataflex.data import MixtureDataset
-from dataflex.grads import per_sample_grads, select_params
-from dataflex.projection import RademacherProjector, SparseProjector
-from dataflex.sampler import DataAwareSampler
+
+from dataflex.core.sampler import DataAwareSampler
+from dataflex.data.domains import MixtureDataset
+from dataflex.grad.api import per_sample_grads
+from dataflex.grad.interface import TorchInterface
+from dataflex.grad.params import select_params
+from dataflex.grad.projection import RademacherProjector, SparseProjector
 from dataflex.selectors import LessSelector, RandomSelector, adam_feature, less_scores
-from dataflex.selectors.less import aggregate, checkpoint_weights, l2_normalize, top_fraction
+from dataflex.selectors.less import (
+    aggregate,
+    checkpoint_weights,
+    l2_normalize,
+    top_fraction,
+)
+from dataflex.session.flex import DataFlex
 
 BETAS = (0.9, 0.95)          # backends.make_optimizer's
 
@@ -55,7 +62,7 @@ def test_adam_feature_matches_formula_with_the_optimizers_real_state():
     # the formula, from one sample's plain autograd gradient
     batch = flex.data.batch(torch.tensor([5]))
     model.eval()
-    from dataflex.loss import per_sample_loss
+    from dataflex.core.loss import per_sample_loss
     loss = per_sample_loss(model(batch["input_ids"], position_ids=batch["position_ids"]), batch["labels"],
                            batch["loss_mask"])[0]
     grads = torch.autograd.grad(loss, list(named.values()))
@@ -278,8 +285,8 @@ def test_domain_masked_to_nothing_comes_back():
         s.set_pool([0.5, 0.5])
     assert s.weights.tolist() == [1.0, 0.0]                                    # nothing changed on error
     # through DataFlex with no mixer: a plugin empties a domain, then brings it back
-    from dataflex.plugin import Selector
-    from dataflex.events import Event
+    from dataflex.core.events import Event
+    from dataflex.core.plugin import Selector
 
     class Flip(Selector):
         events = (Event.BEFORE_SAMPLE, Event.AFTER_CANDIDATES)
@@ -302,8 +309,9 @@ def test_domain_masked_to_nothing_comes_back():
 # -- the one command -------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_launch_less_trains_on_kept_samples_after_warmup(tmp_path, monkeypatch):
-    from test_launch import FAST, ROOT, run
     import sys
+
+    from test_launch import FAST, ROOT, run
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args = [a for a in FAST if not a.startswith("trainer.max_steps")]
     run([sys.executable, str(ROOT / "launch" / "train.py"), "backend=torch", "logger=none", "+selector=less",
@@ -365,8 +373,9 @@ def test_optimizer_state_under_deepspeed_matches_torch(stage):
 def test_score_offline_resumes_and_its_selection_trains(tmp_path, monkeypatch):
     """launch/score.py over a run's checkpoints; a scoring stopped half-way continues to the same
     scores; `selector.selection=PATH` then trains on the kept samples only."""
-    from test_launch import FAST, ROOT, run
     import sys
+
+    from test_launch import FAST, ROOT, run
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     fast = [a for a in FAST if not a.startswith("trainer.max_steps")]
     warm = tmp_path / "warm"

@@ -8,11 +8,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from conftest import synthetic_domains, tiny_gpt
-from dataflex import DataFlex, TorchInterface
-from dataflex.data import MixtureDataset
+
+from dataflex.data.domains import MixtureDataset
+from dataflex.grad.interface import TorchInterface
 from dataflex.selectors import LessSelector
+from dataflex.session.flex import DataFlex
 
 STEPS, WARMUP = 9, 6
 

@@ -1,11 +1,17 @@
-"""Per-token -> per-sample loss -> weighted scalar (dataflex.loss), checked against a per-sample loop."""
+"""Per-token -> per-sample loss -> weighted scalar (dataflex.core.loss), checked against a per-sample loop."""
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_gpt
-from dataflex.loss import (LossWrapper, per_sample_from_token_loss, per_sample_loss, per_token_loss,
-                           reduce_loss, weighted_mean)
+
+from dataflex.core.loss import (
+    LossWrapper,
+    per_sample_from_token_loss,
+    per_sample_loss,
+    per_token_loss,
+    reduce_loss,
+    weighted_mean,
+)
 
 
 def loop_losses(model, batch):

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from dataflex import DataFlex
-from dataflex.backends import DeepSpeedBackend, TorchBackend
-
 from conftest import synthetic_domains, tiny_gpt
+
+from dataflex.backends import DeepSpeedBackend, TorchBackend
+from dataflex.session.flex import DataFlex
 
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # DeepSpeed's ninja
 

@@ -13,9 +13,9 @@ from test_launch import FAST, ROOT, check_outputs, run  # noqa: E402
 
 pytest.importorskip("megatron.core")
 
-from dataflex import dist  # noqa: E402
-from dataflex.loss import LossWrapper, per_sample_loss  # noqa: E402
-from dataflex.model import TinyGPT  # noqa: E402
+from dataflex.core.loss import LossWrapper, per_sample_loss  # noqa: E402
+from dataflex.models.tiny_gpt import TinyGPT  # noqa: E402
+from dataflex.utils import dist  # noqa: E402
 
 SIZES = dict(vocab_size=96, seq_len=16, d_model=32, n_layers=2, n_heads=4)
 
@@ -49,9 +49,9 @@ def test_per_sample_losses_equal_plain_forward_of_the_same_weights(megatron_back
     """Probe through Megatron's schedule (forward only) == a plain forward of the same GPTModel module
     with dataflex's per-sample loss (what the torch back end computes), and the training step's
     loss_func sees the same per-sample losses."""
-    from dataflex.backends.megatron import gpt_forward
-    from dataflex.backends.megatron_cpu import cpu_device
-    from dataflex.interface import TorchInterface
+    from dataflex.backends.megatron.backend import gpt_forward
+    from dataflex.backends.megatron.cpu_shim import cpu_device
+    from dataflex.grad.interface import TorchInterface
 
     backend = megatron_backend()
     batch = _batch()
@@ -99,8 +99,8 @@ def test_per_sample_grads_name_the_layout_or_work(megatron_backend):
     except NotImplementedError as e:
         pytest.fail(f"TP=PP=1 should give per-sample gradients: {e}")
     assert all(v.shape[0] == 4 for v in g.grads.values()) and g.norms.shape == (4,)
-    from dataflex.backends.megatron import gpt_forward
-    from dataflex.backends.megatron_cpu import cpu_device
+    from dataflex.backends.megatron.backend import gpt_forward
+    from dataflex.backends.megatron.cpu_shim import cpu_device
     module = backend.module
     names = list(g.grads)
     params = [dict(module.named_parameters())[n] for n in names]
@@ -196,12 +196,12 @@ def test_readme_drop_in_snippet_runs(megatron_backend):
     import os
     import re
 
+    from megatron.core.pipeline_parallel import get_forward_backward_func
     from omegaconf import OmegaConf
 
     from dataflex.backends import build_backend
-    from dataflex.backends.megatron_cpu import cpu_device
-    from dataflex.data import load_domains
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from dataflex.backends.megatron.cpu_shim import cpu_device
+    from dataflex.data.domains import load_domains
 
     text = (ROOT / "README.md").read_text()
     section = text[text.index("\n## Megatron-core"):]

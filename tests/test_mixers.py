@@ -1,19 +1,24 @@
 """Mixers: the ODM EXP3 bandit (spec section 3: paper and count-weighted estimators) and the static mixture."""
-import copy
 import io
 import math
 
 import pytest
 import torch
-
-from dataflex import DataFlex
-from dataflex.events import Event
-from dataflex.mixers import MIXERS, BanditMixer, StaticMixer, exp3_estimate, exp3_policy, exp3_update, exploration_rate
-from dataflex.mixers.static import resolve_weights
-from dataflex.state import DataState
-
 from conftest import VOCAB, synthetic_domains, tiny_gpt
 
+from dataflex.core.events import Event
+from dataflex.core.state import DataState
+from dataflex.mixers import (
+    MIXERS,
+    BanditMixer,
+    StaticMixer,
+    exp3_estimate,
+    exp3_policy,
+    exp3_update,
+    exploration_rate,
+)
+from dataflex.mixers.static import resolve_weights
+from dataflex.session.flex import DataFlex
 
 # -- exact formulas ---------------------------------------------------------------------------
 

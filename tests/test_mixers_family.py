@@ -6,17 +6,34 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from dataflex import DataFlex, TorchInterface
-from dataflex.data import MixtureDataset
-from dataflex.events import Event
-from dataflex.mixers import (MIXERS, ADOMixer, AioliMixer, BanditMixer, ShearedMixer, StaticMixer, ado_preference,
-                             aioli_eg_step, aioli_mixtures, aioli_normalize, aioli_unmix, clip_min_probability,
-                             domain_loss_weights, fit_power_law, power_law, read_reference, resolve_weights,
-                             sheared_update, temperature_weights)
-from dataflex.state import DataState
-
 from conftest import roundtrip, synthetic_domains, tiny_gpt
+
+from dataflex.core.events import Event
+from dataflex.core.state import DataState
+from dataflex.data.domains import MixtureDataset
+from dataflex.grad.interface import TorchInterface
+from dataflex.mixers import (
+    MIXERS,
+    ADOMixer,
+    AioliMixer,
+    BanditMixer,
+    ShearedMixer,
+    StaticMixer,
+    ado_preference,
+    aioli_eg_step,
+    aioli_mixtures,
+    aioli_normalize,
+    aioli_unmix,
+    clip_min_probability,
+    domain_loss_weights,
+    fit_power_law,
+    power_law,
+    read_reference,
+    resolve_weights,
+    sheared_update,
+    temperature_weights,
+)
+from dataflex.session.flex import DataFlex
 
 
 def new_state(K=3, batch=16, sizes=None):
@@ -352,7 +369,7 @@ def test_sheared_own_schedule_probes_validation_loss():
     torch.testing.assert_close(mixer.delta, expected)
     first = val.batch(torch.tensor([0, 1, 2]))
     with torch.no_grad():
-        from dataflex.loss import per_sample_loss
+        from dataflex.core.loss import per_sample_loss
         la = per_sample_loss(model(first["input_ids"], position_ids=first["position_ids"]), first["labels"],
                              first["loss_mask"])
     assert expected[0].item() == pytest.approx(la.double().mean().item(), rel=1e-5)

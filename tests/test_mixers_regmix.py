@@ -3,18 +3,26 @@ the whole offline workflow through launch/regmix.py's Hydra sweep."""
 import builtins
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from dataflex.events import Event
+from dataflex.core.events import Event
+from dataflex.core.state import DataState
 from dataflex.mixers import StaticMixer
-from dataflex.mixers.regmix import (LinearModel, fit_regression, heldout_spearman, make_model, sample_mixtures,
-                                    spearman, temperature_prior, top_k_mixture, write_mixture)
-from dataflex.state import DataState
+from dataflex.mixers.regmix import (
+    LinearModel,
+    fit_regression,
+    heldout_spearman,
+    make_model,
+    sample_mixtures,
+    spearman,
+    temperature_prior,
+    top_k_mixture,
+    write_mixture,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 OPT = np.array([0.4, 0.3, 0.1, 0.2])

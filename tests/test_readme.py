@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from dataflex.launching import free_port
 from test_launch import ROOT
+
+from dataflex.utils.dist import free_port
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -150,7 +150,7 @@ def test_drop_in_section(tmp_path):
     code = snippet.replace('{"domains": {...}, "tokenizer": "tok.json"}',
                            repr({"domains": domains, "tokenizer": f"{ROOT}/data/default/tokenizer.json"}))
     assert code != snippet
-    setup = ("import torch\nfrom dataflex.model import TinyGPT\n"
+    setup = ("import torch\nfrom dataflex.models.tiny_gpt import TinyGPT\n"
              "model = TinyGPT(vocab_size=2048, seq_len=128, d_model=32, n_layers=2, n_heads=4)\n"
              "optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)\nmax_steps = 3\n")
     check = "\nassert record['step'] == max_steps - 1 and 'train_loss' in record, record\nprint('ok', record['train_loss'])\n"

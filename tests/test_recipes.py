@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from test_launch import FAST, ROOT, run
 
 pytestmark = pytest.mark.slow

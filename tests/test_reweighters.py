@@ -6,14 +6,23 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from dataflex import DataFlex, TorchInterface
-from dataflex.events import Event
-from dataflex.reweighters import (REWEIGHTERS, STRATEGIES, AnchorReweighter, FocalReweighter, LossReweighter,
-                                  Rho1Reweighter, TiltedReweighter, loss_weights, normalise_losses)
-from dataflex.state import DataState
-
 from conftest import synthetic_domains, tiny_gpt
+
+from dataflex.core.events import Event
+from dataflex.core.state import DataState
+from dataflex.grad.interface import TorchInterface
+from dataflex.reweighters import (
+    REWEIGHTERS,
+    STRATEGIES,
+    AnchorReweighter,
+    FocalReweighter,
+    LossReweighter,
+    Rho1Reweighter,
+    TiltedReweighter,
+    loss_weights,
+    normalise_losses,
+)
+from dataflex.session.flex import DataFlex
 
 
 def spec_weights(losses, strategy, r):

@@ -5,17 +5,26 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from dataflex import DataFlex, TorchInterface
-from dataflex.events import Event
-from dataflex.mixers import StaticMixer
-from dataflex.reweighters import (REWEIGHTERS, AnchorReweighter, FocalReweighter, LossReweighter, Rho1Reweighter,
-                                  TiltedReweighter, anchor_weights, annealed_temperature, focal_weights,
-                                  rho1_token_weights, tilted_weights)
-from dataflex.selectors import LossSelector
-from dataflex.state import DataState
-
 from conftest import synthetic_domains, tiny_gpt
+
+from dataflex.core.events import Event
+from dataflex.core.state import DataState
+from dataflex.grad.interface import TorchInterface
+from dataflex.mixers import StaticMixer
+from dataflex.reweighters import (
+    REWEIGHTERS,
+    AnchorReweighter,
+    LossReweighter,
+    Rho1Reweighter,
+    TiltedReweighter,
+    anchor_weights,
+    annealed_temperature,
+    focal_weights,
+    rho1_token_weights,
+    tilted_weights,
+)
+from dataflex.selectors import LossSelector
+from dataflex.session.flex import DataFlex
 
 LOSSES = torch.tensor([0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 9.0, 12.0], dtype=torch.float64)   # two planted outliers
 

@@ -1,4 +1,4 @@
-"""dataflex.sampler.DataAwareSampler: draws follow the weights, masks, rank slices, exact resume."""
+"""dataflex.core.sampler.DataAwareSampler: draws follow the weights, masks, rank slices, exact resume."""
 import copy
 import json
 import tracemalloc
@@ -6,11 +6,10 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+from conftest import roundtrip
 from scipy.stats import chisquare
 
-from dataflex.sampler import DataAwareSampler, FeistelPermutation
-
-from conftest import roundtrip
+from dataflex.core.sampler import DataAwareSampler, FeistelPermutation
 
 
 def domains_of(sampler, ids):

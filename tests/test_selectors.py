@@ -1,12 +1,12 @@
 """Loss-based online batch selection (dataflex.selectors.loss) on its own and inside DataFlex."""
 import pytest
 import torch
-
-from dataflex import DataFlex, TorchInterface
-from dataflex.loss import per_sample_loss
-from dataflex.selectors import SELECTORS, LossSelector, select_top_loss
-
 from conftest import synthetic_domains, tiny_gpt
+
+from dataflex.core.loss import per_sample_loss
+from dataflex.grad.interface import TorchInterface
+from dataflex.selectors import SELECTORS, LossSelector, select_top_loss
+from dataflex.session.flex import DataFlex
 
 
 def test_select_top_loss_picks_the_k_largest():

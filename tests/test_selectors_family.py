@@ -1,14 +1,19 @@
 """random, RHO-LOSS, delta-loss and GraNd/EL2N selectors (spec section 9)."""
 import pytest
 import torch
+from conftest import SEQ, VOCAB, roundtrip, synthetic_domains, tiny_gpt, train_steps
 
-from dataflex import DataFlex, TorchInterface
-from dataflex.data import SampleSet
-from dataflex.selectors import (DeltaLossSelector, GradNormSelector, RandomSelector, RhoLossSelector, el2n,
-                                select_random)
-
-from conftest import roundtrip, synthetic_domains, tiny_gpt, train_steps, VOCAB, SEQ
-
+from dataflex.data.samples import SampleSet
+from dataflex.grad.interface import TorchInterface
+from dataflex.selectors import (
+    DeltaLossSelector,
+    GradNormSelector,
+    RandomSelector,
+    RhoLossSelector,
+    el2n,
+    select_random,
+)
+from dataflex.session.flex import DataFlex
 
 run_steps = train_steps
 

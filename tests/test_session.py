@@ -1,17 +1,19 @@
-"""dataflex.session.DataFlex: the loop with all three plugin families, the step record, resume, errors."""
+"""dataflex.session.flex.DataFlex: the loop with all three plugin families, the step record, resume, errors."""
 
 import pytest
 import torch
+from conftest import roundtrip, synthetic_domains, tiny_gpt
 
-from dataflex import DataFlex, MixtureDataset, Reweighter, TorchInterface
-from dataflex.grads import per_sample_grads
-from dataflex.loss import per_sample_loss
+from dataflex.core.loss import per_sample_loss
+from dataflex.core.plugin import Reweighter
+from dataflex.data.mixture import MixtureDataset
+from dataflex.grad.api import per_sample_grads
+from dataflex.grad.interface import TorchInterface
+from dataflex.grad.projection import RademacherProjector
 from dataflex.mixers import MIXERS, BanditMixer, StaticMixer
-from dataflex.projection import RademacherProjector
 from dataflex.reweighters import LossReweighter
 from dataflex.selectors import LossSelector
-
-from conftest import roundtrip, synthetic_domains, tiny_gpt
+from dataflex.session.flex import DataFlex
 
 LEDGER_COLUMNS = ["step", "rank", "sample_id", "domain", "selected", "weight", "loss"]
 
@@ -205,6 +207,7 @@ class _RankLocalMixer(StaticMixer):
 
 def _divergence_worker(rank, init_file, out_dir):
     import os
+
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -250,6 +253,7 @@ class _MixerDivergeAtStep3(StaticMixer):
 
 def _diverge_at_3_worker(rank, init_file, out_dir, kind):
     import os
+
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)

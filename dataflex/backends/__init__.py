@@ -9,9 +9,9 @@ device shim in `megatron_cpu.py`. Imported only when asked for.
 """
 from __future__ import annotations
 
-from .base import Backend, ensure_process_env, lr_lambda, make_optimizer, setup_distributed
-from .deepspeed import DeepSpeedBackend
-from .torch import TorchBackend
+from dataflex.backends.base import Backend, ensure_process_env, lr_lambda, make_optimizer, setup_distributed
+from dataflex.backends.deepspeed import DeepSpeedBackend
+from dataflex.backends.torch import TorchBackend
 
 BACKENDS = ("deepspeed", "megatron", "torch")
 
@@ -21,7 +21,7 @@ __all__ = ["BACKENDS", "Backend", "DeepSpeedBackend", "TorchBackend", "build_bac
 
 def __getattr__(name):
     if name == "MegatronBackend":          # megatron.core is imported only when this back end is used
-        from .megatron import MegatronBackend
+        from dataflex.backends.megatron.backend import MegatronBackend
         return MegatronBackend
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -35,8 +35,8 @@ def build_backend(name: str, model, global_batch_size: int, world_size: int, opt
     if name == "deepspeed":
         return DeepSpeedBackend(model, global_batch_size // world_size, **kwargs)
     if name == "megatron":
-        from .megatron import MegatronBackend
-        from .megatron_model import model_sizes
+        from dataflex.backends.megatron.backend import MegatronBackend
+        from dataflex.backends.megatron.model import model_sizes
         kwargs.pop("zero_stage", None)
         kwargs.update(options)
         return MegatronBackend(model_sizes(model), global_batch_size, seed=seed, **kwargs)

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import torch
 
-from ..grads import default_forward
-from ..launching import free_port
+from dataflex.models.forward import default_forward
+from dataflex.utils.dist import free_port
 
 
 def ensure_process_env() -> None:
@@ -48,7 +47,7 @@ class Backend:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def forward(self, batch):
-        forward = getattr(getattr(self, "interface", None), "forward", default_forward)   # HF models: dataflex.hf
+        forward = getattr(getattr(self, "interface", None), "forward", default_forward)   # HF models: dataflex.models.hf
         return forward(self.model, batch)
 
 

@@ -3,9 +3,11 @@ fused optimizer op needs compiling on CPU."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
-from ..interface import DeepSpeedInterface
-from .base import Backend, make_optimizer, setup_distributed
+from dataflex.backends.base import Backend, make_optimizer, setup_distributed
+from dataflex.grad.interface import TorchInterface
+from dataflex.models.forward import default_forward
 
 
 class DeepSpeedBackend(Backend):
@@ -26,7 +28,7 @@ class DeepSpeedBackend(Backend):
             "steps_per_print": 10 ** 9,
             "wall_clock_breakdown": False,
         }
-        from ..checks import clear_stale_extension_locks
+        from dataflex.backends.extensions import clear_stale_extension_locks
         clear_stale_extension_locks()      # a first start killed while compiling would make this one hang
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
@@ -45,3 +47,41 @@ class DeepSpeedBackend(Backend):
     def load(self, path: Path) -> dict:
         _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
         return client["dataflex"]
+
+
+class DeepSpeedInterface(TorchInterface):
+    def __init__(self, engine, forward: Callable = default_forward):
+        super().__init__(engine.module, forward)
+        self.engine = engine
+        self.zero_stage = engine.zero_optimization_stage()
+
+    def _call(self):
+        return self.engine
+
+    def _hook_call(self):
+        # ZeRO-3: the engine's forward gathers the partitioned parameters (the hooks only read
+        # activations and output gradients); below stage 3 the module holds them whole
+        return self.engine if self.zero_stage >= 3 else None
+
+    def _zero3_error(self, what: str):
+        return NotImplementedError(
+            f"{what} need each rank to hold full parameters: ZeRO stage 3 partitions them. Use ZeRO 0-2 "
+            "(backend.zero_stage), or per_sample_grad_norms / per_sample_grad_dots / FactoredProjector / "
+            "SparseProjector, which run through the engine's forward; losses and probes work under ZeRO-3.")
+
+    def per_sample_grads(self, batch, params="all", projector=None, chunk_size=16, train_mode=False):
+        if self.zero_stage >= 3 and not (getattr(projector, "factored", False)
+                                         or getattr(projector, "engine", None) == "hooks"):
+            raise self._zero3_error("exact per-sample gradients through torch.func (and dense projections of them)")
+        return super().per_sample_grads(batch, params, projector, chunk_size, train_mode)
+
+    @staticmethod
+    def full_optimizer_state(param, key: str):
+        """One parameter's optimizer state (`exp_avg`, ...) assembled from ZeRO's flat partitions; a collective."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+        return safe_get_full_optimizer_state(param, key)
+
+    def batch_grad(self, batch, params="all", reduction="mean"):
+        if self.zero_stage >= 3:
+            raise self._zero3_error("batch_grad's functional call")
+        return super().batch_grad(batch, params, reduction)

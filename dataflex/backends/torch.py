@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from ..interface import TorchInterface
-from .base import Backend, make_optimizer
+from dataflex.backends.base import Backend, make_optimizer
+from dataflex.grad.interface import TorchInterface
 
 
 class TorchBackend(Backend):

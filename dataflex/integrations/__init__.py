@@ -1,1 +1,1 @@
-"""Integrations of dataflex into other training loops (`dataflex.integrations.hf`: HF Trainer)."""
+"""Integrations of dataflex into other training loops (`dataflex.integrations.hf_trainer`: HF Trainer)."""

@@ -30,10 +30,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..events import Event
-from ..plugin import Mixer
-from ..state import DataState
-from .static import WeightSpec, resolve_weights
+from dataflex.core.events import Event
+from dataflex.core.plugin import Mixer
+from dataflex.core.state import DataState
+from dataflex.mixers.static import WeightSpec, resolve_weights
 
 GRID_LOG_BETA = np.arange(-2, 6, 1.0)
 GRID_LOG_EPS = np.arange(-2, 2, 0.5)

@@ -34,10 +34,10 @@ from typing import Optional
 
 import torch
 
-from ..events import Event
-from ..plugin import Mixer
-from ..state import DataState
-from .static import WeightSpec, resolve_weights
+from dataflex.core.events import Event
+from dataflex.core.plugin import Mixer
+from dataflex.core.state import DataState
+from dataflex.mixers.static import WeightSpec, resolve_weights
 
 ESTIMATORS = ("count", "paper")
 DRAWS = ("sample", "step")

@@ -24,11 +24,11 @@ from typing import Optional
 
 import torch
 
-from ..events import Event
-from ..plugin import Mixer
-from ..reference import as_reference
-from ..state import DataState
-from .static import WeightSpec, resolve_weights
+from dataflex.core.events import Event
+from dataflex.core.plugin import Mixer
+from dataflex.core.state import DataState
+from dataflex.grad.interface import as_reference
+from dataflex.mixers.static import WeightSpec, resolve_weights
 
 
 def excess_loss(token_losses: torch.Tensor, reference_losses: torch.Tensor, token_mask: torch.Tensor,

@@ -24,10 +24,10 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from ..events import Event
-from ..plugin import Mixer
-from ..state import DataState
-from .static import WeightSpec, resolve_weights
+from dataflex.core.events import Event
+from dataflex.core.plugin import Mixer
+from dataflex.core.state import DataState
+from dataflex.mixers.static import WeightSpec, resolve_weights
 
 
 def sheared_update(alpha: torch.Tensor, loss: torch.Tensor, reference: torch.Tensor, clip: bool = True,

@@ -16,8 +16,8 @@ from typing import Mapping, Sequence, Union
 
 import torch
 
-from ..plugin import Mixer
-from ..state import DataState
+from dataflex.core.plugin import Mixer
+from dataflex.core.state import DataState
 
 WeightSpec = Union[str, Mapping[str, float], Sequence[float]]
 

@@ -4,7 +4,7 @@ runs.py groups finished runs into strategies (config minus the seed), stats.py m
 baseline, plots.py draws the figures, page.py writes report.md and report.csv; comparison.py keeps the
 per-run side-by-side table (comparison.md/csv/png) that `make demo` prints.
 """
-from .page import write_report
-from .runs import find_runs, group_runs, pick_baseline
+from dataflex.report.page import write_report
+from dataflex.report.runs import find_runs, group_runs, pick_baseline
 
 __all__ = ["find_runs", "group_runs", "pick_baseline", "write_report"]

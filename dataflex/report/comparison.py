@@ -4,7 +4,7 @@ import csv
 import json
 from pathlib import Path
 
-from ..outputs import strategy_label
+from dataflex.run.outputs import strategy_label
 
 
 def load_runs(root: Path) -> list[dict]:

@@ -7,9 +7,18 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from . import plots
-from .runs import Strategy
-from .stats import NAN, Reference, StrategyStats, best_dynamic, domains_of, mean_std, summarize, tasks_of
+from dataflex.report import plots
+from dataflex.report.runs import Strategy
+from dataflex.report.stats import (
+    NAN,
+    Reference,
+    StrategyStats,
+    best_dynamic,
+    domains_of,
+    mean_std,
+    summarize,
+    tasks_of,
+)
 
 ODM_RATIO = 0.81   # ODM (Albalak et al., 2023): steps to the uniform baseline's final perplexity on the Pile
 

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from .stats import band, curve
+from dataflex.report.stats import band, curve
 
 DPI = 150
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..outputs import strategy_label
+from dataflex.run.outputs import strategy_label
 
 PLUGIN_GROUPS = ("mixer", "selector", "reweighter")
 # overrides that never change what a run learns: left out of the strategy key and the label

@@ -15,7 +15,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Optional
 
-from .runs import Run, Strategy, is_dynamic
+from dataflex.report.runs import Run, Strategy, is_dynamic
 
 NAN = float("nan")
 

@@ -1,12 +1,12 @@
 """Reweighters output per-sample weights (state.sample_weights) or per-token weights
 (state.token_weights, with `needs_token_losses = True`). The loss wrapper normalises by the weights'
 total, so only their ratios matter; sample weights are returned with mean 1 by convention."""
-from ..registry import Registry
-from .anchor import AnchorReweighter, anchor_similarity, anchor_weights
-from .focal import FocalReweighter, focal_weights
-from .loss import STRATEGIES, LossReweighter, annealed_temperature, loss_weights, normalise_losses
-from .rho1 import Rho1Reweighter, rho1_token_weights
-from .tilted import TiltedReweighter, tilted_weights
+from dataflex.core.registry import Registry
+from dataflex.reweighters.anchor import AnchorReweighter, anchor_similarity, anchor_weights
+from dataflex.reweighters.focal import FocalReweighter, focal_weights
+from dataflex.reweighters.loss import STRATEGIES, LossReweighter, annealed_temperature, loss_weights, normalise_losses
+from dataflex.reweighters.rho1 import Rho1Reweighter, rho1_token_weights
+from dataflex.reweighters.tilted import TiltedReweighter, tilted_weights
 
 REWEIGHTERS = Registry("reweighter", {"loss": LossReweighter, "tilted": TiltedReweighter, "focal": FocalReweighter,
                                       "rho1": Rho1Reweighter, "anchor": AnchorReweighter})

@@ -18,10 +18,10 @@ from typing import Optional
 
 import torch
 
-from ..plugin import Reweighter
-from ..state import DataState
-from ..targets import resolve_target
-from .common import weight_stats
+from dataflex.core.plugin import Reweighter
+from dataflex.core.state import DataState
+from dataflex.core.targets import resolve_target
+from dataflex.reweighters.common import weight_stats
 
 
 def anchor_similarity(embeddings: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,7 @@ class AnchorReweighter(Reweighter):
         self.refreshed_at = -1
 
     def anchor_ids(self, state: DataState):
-        """(ids, dataset) of the anchor set, the same on every rank (dataflex.targets)."""
+        """(ids, dataset) of the anchor set, the same on every rank (dataflex.core.targets)."""
         return resolve_target(state, self.anchor, self.anchor_samples)
 
     def weigh(self, state: DataState) -> torch.Tensor:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from ..plugin import Reweighter
-from ..state import DataState
-from .common import weight_stats
+from dataflex.core.plugin import Reweighter
+from dataflex.core.state import DataState
+from dataflex.reweighters.common import weight_stats
 
 
 def focal_weights(token_losses: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:

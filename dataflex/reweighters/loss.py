@@ -24,9 +24,9 @@ from typing import Optional
 
 import torch
 
-from ..plugin import Reweighter
-from ..state import DataState
-from .common import weight_stats
+from dataflex.core.plugin import Reweighter
+from dataflex.core.state import DataState
+from dataflex.reweighters.common import weight_stats
 
 STRATEGIES = {
     "linupper": lambda x: torch.clamp(x + 1, max=1.0),

@@ -11,7 +11,7 @@ kept (ties broken by position, so every rank keeps the same ones). The paper kee
 0.6 here.
 
 The reference is an earlier dataflex run (`reference=RUN_DIR` or a checkpoint folder; see
-dataflex.reference), probed on the same tokens at every step: a forward without gradients of the
+dataflex.run.reference), probed on the same tokens at every step: a forward without gradients of the
 batch, reported separately from the reweighting cost in `bench/`.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Optional
 
 import torch
 
-from ..plugin import Reweighter
-from ..reference import as_reference
-from ..state import DataState
+from dataflex.core.plugin import Reweighter
+from dataflex.core.state import DataState
+from dataflex.grad.interface import as_reference
 
 
 def rho1_token_weights(token_losses: torch.Tensor, reference_losses: torch.Tensor, token_mask: torch.Tensor,

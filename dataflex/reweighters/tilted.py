@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ..plugin import Reweighter
-from ..state import DataState
-from .common import weight_stats
+from dataflex.core.plugin import Reweighter
+from dataflex.core.state import DataState
+from dataflex.reweighters.common import weight_stats
 
 
 def tilted_weights(losses: torch.Tensor, t: float) -> torch.Tensor:

@@ -1,15 +1,16 @@
 """Selectors output a keep mask over candidate samples."""
-from ..registry import Registry
-from .cluster_less import ClusterLessSelector, cluster_scores, kmeans, representatives
-from .delta_loss import DeltaLossSelector, delta_scores
-from .gradnorm import GradNormSelector, el2n
-from .less import LessSelector, adam_feature, less_scores
-from .loss import LossSelector, select_top_loss
-from .near import NearSelector, near_scores
-from .random import RandomSelector, select_random
-from .rho import RhoLossSelector, rho_scores
-from .tracin import TracInSelector, tracin_scores
-from .tsds import TsdsSelector, tsds_probabilities, tsds_sample
+from dataflex.core.registry import Registry
+from dataflex.selectors.cluster_less import ClusterLessSelector, cluster_scores, kmeans, representatives
+from dataflex.selectors.delta_loss import DeltaLossSelector, delta_scores
+from dataflex.selectors.gradnorm import GradNormSelector
+from dataflex.core.loss import el2n
+from dataflex.selectors.less import LessSelector, adam_feature, less_scores
+from dataflex.selectors.loss import LossSelector, select_top_loss
+from dataflex.selectors.near import NearSelector, near_scores
+from dataflex.selectors.random import RandomSelector, select_random
+from dataflex.selectors.rho import RhoLossSelector, rho_scores
+from dataflex.selectors.tracin import TracInSelector, tracin_scores
+from dataflex.selectors.tsds import TsdsSelector, tsds_probabilities, tsds_sample
 
 SELECTORS = Registry("selector", {"loss": LossSelector, "random": RandomSelector, "rho": RhoLossSelector,
                                   "delta_loss": DeltaLossSelector, "gradnorm": GradNormSelector,

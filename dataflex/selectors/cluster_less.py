@@ -3,7 +3,7 @@ score given to its members (LESS: Xia, Malladi, Gururangan, Arora, Chen; ICML 20
 pool clustered in a sentence-embedding space to cut its per-sample gradient cost).
 
 1. Cluster. At the first step the pool is embedded by a sentence encoder named by local path
-   (`selector.embedder`, dataflex.embeddings) and split into `clusters` groups by seeded k-means
+   (`selector.embedder`, dataflex.selectors.embedding) and split into `clusters` groups by seeded k-means
    (k-means++ start, Lloyd iterations, Euclidean on the unit-normalised embeddings). The
    `representatives` members nearest each centroid stand for their cluster.
 2. LESS (dataflex.selectors.less, unchanged): warm-up on a random fraction, and at each checkpoint
@@ -25,10 +25,17 @@ from typing import Optional
 
 import torch
 
-from .. import dist
-from ..embeddings import cached_embeddings, check_vocab, embedder_path, load_embedder, run_tokenizer, sample_texts
-from ..state import DataState
-from .less import LessSelector
+from dataflex.core.state import DataState
+from dataflex.selectors.embedding import (
+    cached_embeddings,
+    check_vocab,
+    embedder_path,
+    load_embedder,
+    run_tokenizer,
+    sample_texts,
+)
+from dataflex.selectors.less import LessSelector
+from dataflex.utils import dist
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ..plugin import Selector
-from ..state import DataState
-from .loss import select_top_loss
+from dataflex.core.plugin import Selector
+from dataflex.core.state import DataState
+from dataflex.selectors.loss import select_top_loss
 
 
 def delta_scores(first: torch.Tensor, current: torch.Tensor, prefer: str = "drop") -> torch.Tensor:

@@ -13,18 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ..plugin import Selector
-from ..state import DataState
-from .loss import select_top_loss
-
-
-def el2n(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """[B] mean over label tokens of the L2 error ||p - e_y||."""
-    p = torch.softmax(logits.double(), -1)
-    err = p.pow(2).sum(-1) - 2 * p.gather(-1, labels.unsqueeze(-1)).squeeze(-1) + 1
-    norm = err.clamp(min=0).sqrt()
-    mask = loss_mask.double()
-    return (norm * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+from dataflex.core.plugin import Selector
+from dataflex.core.state import DataState
+from dataflex.selectors.loss import select_top_loss
 
 
 class GradNormSelector(Selector):

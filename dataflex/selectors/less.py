@@ -54,13 +54,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .. import dist
-from ..events import Event
-from ..plugin import Selector
-from ..state import DataState, keep_pool
-from ..targets import evenly_spaced, resolve_target
-from .less_math import (FEATURES, PROJECTORS, adam_feature, aggregate, checkpoint_weights, l2_normalize,  # noqa: F401
-                        less_scores, make_projector, subtask_cosines, subtask_matrix, top_fraction)
+from dataflex.core.events import Event
+from dataflex.core.plugin import Selector
+from dataflex.core.state import DataState, keep_pool
+from dataflex.core.targets import evenly_spaced, resolve_target
+from dataflex.selectors.less_math import (  # noqa: F401
+    FEATURES,
+    PROJECTORS,
+    adam_feature,
+    aggregate,
+    checkpoint_weights,
+    l2_normalize,
+    less_scores,
+    make_projector,
+    subtask_cosines,
+    subtask_matrix,
+    top_fraction,
+)
+from dataflex.utils import dist
+
 
 class LessSelector(Selector):
     candidate_factor = 1.0

@@ -7,8 +7,7 @@ from typing import Sequence
 
 import torch
 
-from ..projection import RademacherProjector, SparseProjector
-
+from dataflex.grad.projection import RademacherProjector, SparseProjector
 
 PROJECTORS = ("sparse", "rademacher", "none")
 FEATURES = ("adam", "sgd")

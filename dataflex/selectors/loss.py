@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ..plugin import Selector
-from ..state import DataState
+from dataflex.core.plugin import Selector
+from dataflex.core.state import DataState
 
 
 def select_top_loss(losses: torch.Tensor, k: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 data, as in the kNN baselines of LESS and TSDS, Xia et al. ICML 2024; Liu et al. NeurIPS 2024).
 
 Every pool sample z and target sample z' is embedded by a sentence encoder the user names by local
-path (`selector.embedder=PATH`, `minilm` for the packaged all-MiniLM-L6-v2; dataflex.embeddings),
+path (`selector.embedder=PATH`, `minilm` for the packaged all-MiniLM-L6-v2; dataflex.selectors.embedding),
 L2-normalised. The score of z is its similarity to the nearest target samples,
 
     S(z) = mean of the top_k largest cos(e(z), e(z')) over the target set   (top_k = 1: the max),
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..embeddings import EmbeddingSelector
-from .less_math import top_fraction
+from dataflex.selectors.embedding import EmbeddingSelector
+from dataflex.selectors.less_math import top_fraction
 
 
 def near_scores(pool: torch.Tensor, target: torch.Tensor, top_k: int = 1, chunk: int = 4096) -> torch.Tensor:

@@ -15,9 +15,9 @@ from typing import Optional
 
 import torch
 
-from ..events import Event
-from ..plugin import Selector
-from ..state import DataState, keep_pool
+from dataflex.core.events import Event
+from dataflex.core.plugin import Selector
+from dataflex.core.state import DataState, keep_pool
 
 
 def select_random(n: int, k: int, seed: int, step: int) -> torch.Tensor:

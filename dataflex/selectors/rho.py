@@ -6,7 +6,7 @@ From a candidate batch of n_B samples, keep the n_b with the largest reducible h
     score(x) = l_theta(x) - l_IL(x),
 
 l_IL being the loss of an "irreducible loss" model trained on holdout data: an earlier dataflex
-run (`reference=RUN_DIR`, see dataflex.reference), probed on the same candidates. Noisy or
+run (`reference=RUN_DIR`, see dataflex.run.reference), probed on the same candidates. Noisy or
 unlearnable samples have a high loss under both models and a low score, where plain top-loss
 selection would pick them. The paper keeps n_b / n_B = 0.1; both probes are forwards without
 gradients over the candidate batch.
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from ..plugin import Selector
-from ..reference import as_reference
-from ..state import DataState
-from .loss import select_top_loss
+from dataflex.core.plugin import Selector
+from dataflex.core.state import DataState
+from dataflex.grad.interface import as_reference
+from dataflex.selectors.loss import select_top_loss
 
 
 def rho_scores(losses: torch.Tensor, irreducible: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,10 @@ from typing import Optional
 
 import torch
 
-from ..plugin import Selector
-from ..state import DataState
-from ..targets import resolve_target
-from .loss import select_top_loss
+from dataflex.core.plugin import Selector
+from dataflex.core.state import DataState
+from dataflex.core.targets import resolve_target
+from dataflex.selectors.loss import select_top_loss
 
 
 def tracin_scores(dots: torch.Tensor, norms: Optional[torch.Tensor] = None) -> torch.Tensor:

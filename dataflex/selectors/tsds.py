@@ -31,8 +31,8 @@ from typing import Optional
 
 import torch
 
-from ..embeddings import EmbeddingSelector
-from .near import near_scores
+from dataflex.selectors.embedding import EmbeddingSelector
+from dataflex.selectors.near import near_scores
 
 
 def kde_density(pool: torch.Tensor, bandwidth: float, chunk: int = 1024) -> torch.Tensor:

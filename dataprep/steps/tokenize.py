@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
 from dataprep.document import Document
 from dataprep.steps.base import Step
+from dataprep.tokenizer import default_tokenizer_path, load_tokenizer
 
 
 class Tokenize(Step):
@@ -18,15 +18,14 @@ class Tokenize(Step):
         tokenizer: path of the tokenizer JSON (``${data.tokenizer}`` in the default chain).
         batch_size: documents per ``encode_batch`` call.
         append_eos: append ``eos_id`` after each document's tokens.
-    The tokenizer is loaded lazily (in the worker that uses it) with ``dataflex.tokenizer.load_tokenizer``.
+    The tokenizer is loaded lazily (in the worker that uses it) with ``dataprep.tokenizer.load_tokenizer``.
     """
 
     name = "tokenize"
 
     def __init__(self, tokenizer=None, batch_size: int = 256, append_eos: bool = True, domains=None):
         if tokenizer in (None, "", "None"):     # no tokenizer in the data config: the embedded one, as training
-            from dataflex.data import DEFAULT_TOKENIZER, resolve
-            tokenizer = str(Path(resolve(DEFAULT_TOKENIZER)).resolve())
+            tokenizer = default_tokenizer_path()
         super().__init__(domains=domains, tokenizer=str(tokenizer), batch_size=batch_size, append_eos=append_eos)
         self.tokenizer_path, self.batch_size, self.append_eos = str(tokenizer), batch_size, append_eos
         self._tok = None
@@ -34,7 +33,6 @@ class Tokenize(Step):
     @property
     def tokenizer(self):
         if self._tok is None:
-            from dataflex.tokenizer import load_tokenizer
             self._tok = load_tokenizer(self.tokenizer_path)
         return self._tok
 

@@ -1,0 +1,138 @@
+"""Per-token loss -> per-sample loss -> sample and token weights -> the scalar to backpropagate.
+
+A batch is a dict of tensors: `input_ids`, `labels` and `loss_mask` ([B, T], labels aligned with
+inputs, mask 1 on label tokens and 0 on padding or prompt tokens), `position_ids` ([B, T]), and
+`sample_id`, `domain` ([B]).
+
+The reduction (`reduction=`):
+
+    token   (default)  L = sum_i s_i sum_t u_it m_it l_it / sum_i s_i sum_t u_it m_it
+    sample             L = sum_i s_i lbar_i / sum_i s_i,  lbar_i = sum_t u_it m_it l_it / sum_t u_it m_it
+
+with m the loss mask, s_i >= 0 sample weights and u_it >= 0 token weights (both 1 when no plugin
+sets them). With all weights 1, `token` is exactly the mean over label tokens that HF Trainer,
+Megatron and a plain `F.cross_entropy(..., ignore_index)` loop compute, and `sample` is the mean of
+per-sample means (Sow et al.'s README form). Both normalise by the weights' own total, so scaling
+every weight by a constant changes nothing.
+
+Under data parallelism the denominator is the global one: each rank returns its numerator over
+(global denominator / world size), so the usual average of gradients over ranks is the gradient
+of the global loss. Non-finite token losses (NaN, inf) get weight 0 in every reduction and
+contribute exactly 0 to the value and the gradient of the loss, never NaN.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+REDUCTIONS = ("token", "sample")
+
+
+def per_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every position, [B, T]."""
+    logits = getattr(logits, "logits", logits)      # HF ModelOutput
+    B, T, V = logits.shape
+    return F.cross_entropy(logits.reshape(B * T, V).float(), labels.reshape(B * T), reduction="none").view(B, T)
+
+
+def per_sample_from_token_loss(token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each sample's label tokens; a sample with no label token has loss 0."""
+    mask = loss_mask.to(token_loss.dtype)
+    return (token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    return per_sample_from_token_loss(per_token_loss(logits, labels), loss_mask)
+
+
+def finite_tokens(token_loss: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token loss with non-finite entries replaced by 0, float mask of finite label tokens).
+    `torch.where` routes an exact zero gradient to the replaced entries."""
+    finite = torch.isfinite(token_loss.detach())
+    safe = torch.where(finite, token_loss, torch.zeros((), dtype=token_loss.dtype, device=token_loss.device))
+    return safe, loss_mask.to(safe.dtype) * finite.to(safe.dtype)
+
+
+def reduce_loss(token_loss: torch.Tensor, loss_mask: torch.Tensor, sample_weights: Optional[torch.Tensor] = None,
+                token_weights: Optional[torch.Tensor] = None, reduction: str = "token",
+                denominator: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The formula of the module docstring. `denominator` replaces the local one (data parallelism:
+    the global denominator divided by the world size)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"loss reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    loss, mask = finite_tokens(token_loss, loss_mask)
+    u = mask if token_weights is None else mask * token_weights.to(mask)
+    s = torch.ones(loss.shape[0], dtype=loss.dtype, device=loss.device) if sample_weights is None \
+        else sample_weights.to(loss)
+    if reduction == "token":
+        num = (s.unsqueeze(1) * u * loss).sum()
+        den = (s.unsqueeze(1) * u).sum() if denominator is None else denominator
+    else:
+        per_sample = (u * loss).sum(-1) / u.sum(-1).clamp(min=torch.finfo(loss.dtype).tiny)
+        num = (s * per_sample).sum()
+        den = s.sum() if denominator is None else denominator
+    den = torch.as_tensor(den, dtype=loss.dtype, device=loss.device)
+    return num / den.clamp(min=torch.finfo(loss.dtype).tiny)
+
+
+def weighted_mean(per_sample: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """mean_i(w_i * l_i): with mean-1 weights, all-ones is the plain mean of per-sample losses."""
+    if weights is None:
+        return per_sample.mean()
+    return (weights.to(per_sample.dtype) * per_sample).mean()
+
+
+class LossWrapper:
+    """Turns model outputs into the training scalar and records the per-sample signal.
+
+    `weigh(signal, batch) -> dict | None` is where a run's plugins come in (the DataFlex session
+    gathers the signal across ranks there). `signal` holds the local batch's detached
+    `loss` ([b] mean over finite label tokens), `tokens` ([b] finite label-token counts),
+    `token_loss` and `token_mask` ([b, T]). The answer may hold `sample_weights` [b],
+    `token_weights` [b, T] and `denominator` (see `reduce_loss`). Without `weigh`, every weight is 1
+    and the denominator is local. After each call `last` holds the local detached per-sample losses,
+    ids, domains and the sample weights used.
+    """
+
+    def __init__(self, weigh: Optional[Callable[[dict, dict], Optional[dict]]] = None, reduction: str = "token"):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"loss reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.weigh = weigh
+        self.reduction = reduction
+        self.last: dict = {}
+
+    def __call__(self, logits, batch: dict) -> torch.Tensor:
+        return self.from_token_loss(per_token_loss(logits, batch["labels"]), batch)
+
+    def from_token_loss(self, token_loss: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Entry point for Megatron-core's `loss_func`, whose output tensor is the per-token loss."""
+        safe, mask = finite_tokens(token_loss.detach(), batch["loss_mask"])
+        tokens = mask.sum(-1)
+        per_sample = (safe * mask).sum(-1) / tokens.clamp(min=1.0)
+        per_sample = torch.where(tokens > 0, per_sample, _all_nonfinite(token_loss.detach(), batch["loss_mask"]))
+        signal = {"loss": per_sample, "tokens": tokens, "token_loss": safe, "token_mask": mask}
+        answer = (self.weigh(signal, batch) if self.weigh else None) or {}
+        weights = answer.get("sample_weights")
+        self.last = {"loss": per_sample, "sample_id": batch.get("sample_id"), "domain": batch.get("domain"),
+                     "weight": weights}
+        return reduce_loss(token_loss, batch["loss_mask"], weights, answer.get("token_weights"), self.reduction,
+                           answer.get("denominator"))
+
+
+def _all_nonfinite(token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """The per-sample loss of a sample without a finite label token: NaN when it has label tokens
+    (all non-finite), 0 when it has none (nothing to learn, as before)."""
+    has_labels = loss_mask.sum(-1) > 0
+    nan = torch.full(has_labels.shape, float("nan"), dtype=token_loss.dtype, device=token_loss.device)
+    return torch.where(has_labels, nan, torch.zeros_like(nan))
+
+
+def el2n(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """[B] mean over label tokens of the L2 error ||p - e_y||."""
+    p = torch.softmax(logits.double(), -1)
+    err = p.pow(2).sum(-1) - 2 * p.gather(-1, labels.unsqueeze(-1)).squeeze(-1) + 1
+    norm = err.clamp(min=0).sqrt()
+    mask = loss_mask.double()
+    return (norm * mask).sum(-1) / mask.sum(-1).clamp(min=1)

@@ -1,0 +1,221 @@
+"""Raw input files tokenized once into Megatron shards, cached and reused by later runs and every rank.
+
+The cache folder ``ROOT/<key>/`` is keyed by the data config (the expanded inputs of every domain and
+split), the tokenizer's sha256 and the inputs' sha256 (memoised by path, size and mtime in
+``ROOT/input_hashes.json``, so a cached launch does not re-read the corpus). It holds, per group
+(domain and split; the target set is the group ``_target/val``):
+
+    GROUP/shards/*_NNNNN.{bin,idx}   dataprep's ShardWriter (megatron-core's IndexedDatasetBuilder)
+    GROUP/provenance.parquet         doc_id (``file:line``), source, line, line_kind, tokens: one row a document
+    GROUP/.done.json                 the group's shards with hashes; written last (a finished group)
+    cache.json                       everything above; written last by atomic rename: the commit point
+
+Building holds ``ROOT/<key>.lock`` (flock), so two launches build once; other ranks of a launch wait for
+``cache.json``. A killed build leaves no ``cache.json``: the next launch keeps the finished groups, redoes
+the unfinished one and writes the same bytes (the build is a pure function of the inputs).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Optional
+
+from dataflex.utils.files import file_lock
+
+CACHE_VERSION = 1
+MARKER = "cache.json"
+
+
+def default_root() -> str:
+    return os.environ.get("DATAFLEX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dataflex", "data")
+
+
+def _sha256_path(path: str) -> str:
+    from dataprep.writer import sha256_file
+
+    if os.path.isdir(path):  # an HF datasets folder
+        h = hashlib.sha256()
+        for root, dirs, names in sorted(os.walk(path)):
+            dirs.sort()
+            for n in sorted(names):
+                p = os.path.join(root, n)
+                h.update(f"{os.path.relpath(p, path)}:{sha256_file(p)}\n".encode())
+        return h.hexdigest()
+    return sha256_file(path)
+
+
+def input_hashes(paths: list[str], root: str) -> list[str]:
+    """sha256 of every input, memoised by (path, size, mtime_ns)."""
+    memo_path = os.path.join(root, "input_hashes.json")
+    try:
+        with open(memo_path) as f:
+            memo = json.load(f)
+    except (OSError, ValueError):
+        memo = {}
+    out, changed = [], False
+    for p in paths:
+        st = os.stat(p)
+        stamp = f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}"
+        if stamp not in memo or os.path.isdir(p):
+            memo[stamp], changed = _sha256_path(p), True
+        out.append(memo[stamp])
+    if changed:
+        try:
+            os.makedirs(root, exist_ok=True)
+            tmp = f"{memo_path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(memo, f)
+            os.replace(tmp, memo_path)
+        except OSError:
+            pass
+    return out
+
+
+def cache_key(groups: list[dict], tokenizer_sha: str, hashes: list[str]) -> str:
+    """Independent of seq_len: the shards hold whole documents; sample indexes are keyed by seq_len."""
+    spec = {"v": CACHE_VERSION, "tokenizer": tokenizer_sha, "hashes": hashes,
+            "groups": [{k: g[k] for k in ("name", "split", "key", "sources")} for g in groups]}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _read_marker(folder: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(folder, MARKER)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_cache(groups: list[dict], tokenizer, root: Optional[str] = None, builder: bool = True,
+                 progress: bool = True) -> tuple[str, dict, bool]:
+    """(folder, cache.json contents, whether this call built it). ``groups``: dicts with ``name``, ``split``,
+    ``key`` (the config key, for error messages) and ``sources`` ([(path, fmt)]). A non-``builder``
+    process (a rank other than local rank 0) only waits for the marker."""
+    root = os.path.abspath(root or default_root())
+    os.makedirs(root, exist_ok=True)
+    paths = [p for g in groups for p, _ in g["sources"]]
+    key = cache_key(groups, tokenizer.sha256, input_hashes(paths, root))
+    folder = os.path.join(root, key)
+    done = _read_marker(folder)
+    if done is not None:
+        return folder, done, False
+    if not builder:
+        t0 = time.time()
+        while (done := _read_marker(folder)) is None:
+            if time.time() - t0 > 5:
+                print(f"dataflex: waiting for the data cache {folder} (built by local rank 0)", file=sys.stderr)
+                t0 = float("inf")
+            time.sleep(0.2)
+        return folder, done, False
+    with file_lock(folder + ".lock"):
+        done = _read_marker(folder)
+        if done is not None:  # another process built it while we waited for the lock
+            return folder, done, False
+        done = _build(folder, groups, tokenizer, progress)
+    return folder, done, True
+
+
+def _build(folder: str, groups: list[dict], tokenizer, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    from dataprep.writer import token_dtype
+
+    os.makedirs(folder, exist_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    todo = [g for g in groups if _group_done(folder, g) is None]
+    total = sum(os.path.getsize(p) for g in todo for p, _ in g["sources"] if os.path.isfile(p))
+    bar = tqdm(total=total, unit="B", unit_scale=True, disable=not progress or not todo, file=sys.stderr,
+               desc=f"dataflex: tokenizing {len(todo)} input group(s) once into {folder}")
+    out_groups = []
+    fault = int(os.environ.get("DATAFLEX_CACHE_FAULT", "0") or 0)   # tests: die after N documents
+    written = [0]
+    for g in groups:
+        rec = _group_done(folder, g)
+        if rec is None:
+            rec = _build_group(folder, g, tokenizer, dtype, bar, fault, written)
+        out_groups.append(rec)
+    bar.close()
+    manifest = {"version": CACHE_VERSION, "tokenizer": tokenizer.describe(), "dtype": dtype, "groups": out_groups}
+    tmp = os.path.join(folder, MARKER + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(folder, MARKER))
+    return manifest
+
+
+def group_dir(folder: str, g: dict) -> str:
+    return os.path.join(folder, g["name"], g["split"])
+
+
+def _group_done(folder: str, g: dict) -> Optional[dict]:
+    try:
+        with open(os.path.join(group_dir(folder, g), ".done.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _build_group(folder: str, g: dict, tokenizer, dtype: str, bar, fault: int, written: list) -> dict:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dataflex.data.config import read_documents
+    from dataprep.readers import Source
+    from dataprep.writer import ShardWriter
+
+    gdir = group_dir(folder, g)
+    shutil.rmtree(gdir, ignore_errors=True)      # an unfinished group is redone from scratch
+    os.makedirs(gdir)
+    writer = ShardWriter(os.path.join(gdir, "shards"), f"{g['name']}_{g['split']}", dtype,
+                         int(os.environ.get("DATAFLEX_SHARD_MB", "256")) * 2**20, gdir)
+    schema = pa.schema([("doc_id", pa.string()), ("source", pa.string()), ("line", pa.int64()),
+                        ("line_kind", pa.string()), ("shard", pa.string()), ("index", pa.int64()),
+                        ("tokens", pa.int64())])
+    prov_path = os.path.join(gdir, "provenance.parquet")
+    cols = {k: [] for k in schema.names}
+    docs = tokens = 0
+    with pq.ParquetWriter(prov_path + ".tmp", schema) as pw:
+        for path, fmt in g["sources"]:
+            src = Source(path, fmt)
+            pending = []
+
+            def flush():
+                nonlocal docs, tokens
+                for (doc_id, text), ids in zip(pending, tokenizer.encode_batch([t for _, t in pending])):
+                    arr = np.asarray(ids + [tokenizer.eos_id])
+                    shard, idx = writer.add(arr)
+                    for k, v in zip(schema.names, (doc_id, path, int(doc_id.rsplit(":", 1)[1]), src.unit, shard,
+                                                   idx, arr.size)):
+                        cols[k].append(v)
+                    docs, tokens = docs + 1, tokens + arr.size
+                    written[0] += 1
+                    if fault and written[0] >= fault:
+                        os._exit(17)
+                    bar.update(len(text.encode("utf-8", "replace")))
+                pending.clear()
+                if len(cols["doc_id"]) >= 65536:
+                    pw.write_table(pa.table(cols, schema=schema))
+                    for v in cols.values():
+                        v.clear()
+
+            for doc in read_documents(src, g["key"]):
+                pending.append(doc)
+                if len(pending) == 512:
+                    flush()
+            flush()
+        if cols["doc_id"]:
+            pw.write_table(pa.table(cols, schema=schema))
+    os.replace(prov_path + ".tmp", prov_path)
+    rec = {"name": g["name"], "split": g["split"], "key": g["key"], "sources": [list(s) for s in g["sources"]],
+           "documents": docs, "tokens": tokens, "provenance": os.path.relpath(prov_path, folder),
+           "shards": [dict(s, prefix=os.path.relpath(os.path.join(gdir, s["prefix"]), folder))
+                      for s in writer.close()]}
+    with open(os.path.join(gdir, ".done.json.tmp"), "w") as f:
+        json.dump(rec, f, indent=1, sort_keys=True)
+    os.replace(os.path.join(gdir, ".done.json.tmp"), os.path.join(gdir, ".done.json"))
+    return rec

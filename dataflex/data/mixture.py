@@ -1,0 +1,113 @@
+"""The training mixture: every domain's samples behind one id space (domain by domain, in order).
+
+`DomainIndex` maps global sample ids to domains; `MixtureDataset` reads any id's row on demand from
+its domain's set (memory-mapped shards or an in-memory `SampleSet`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from dataflex.data.shards import _RowView
+
+
+class DomainIndex:
+    """`mixture.domain`: the domain of global sample ids from the cumulative sizes, without an [N] tensor.
+
+    `domain[ids]` bucketizes the ids; used whole (`domain == k`, `per_domain_mean(x, domain, K)`,
+    `offsets[domain]`) it becomes the full tensor, built once on first such use (small sets: validation)."""
+
+    def __init__(self, sizes: list):
+        self.sizes = list(sizes)
+        self.bounds = torch.tensor(np.cumsum(self.sizes)[:-1].tolist(), dtype=torch.long)
+        self._full: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return int(sum(self.sizes))
+
+    def __getitem__(self, ids) -> torch.Tensor:
+        if isinstance(ids, slice):
+            ids = torch.arange(len(self))[ids]
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.numel() and (ids.min() < 0 or ids.max() >= len(self)):
+            raise IndexError(f"sample ids out of range [0, {len(self)})")
+        return torch.bucketize(ids, self.bounds, right=True)
+
+    def tensor(self) -> torch.Tensor:
+        if self._full is None:
+            self._full = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes))
+        return self._full
+
+    def __eq__(self, other):
+        return self.tensor() == other
+
+    def __iter__(self):
+        return iter(self.tensor())
+
+    def tolist(self) -> list:
+        return self.tensor().tolist()
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        def conv(a):
+            if isinstance(a, DomainIndex):
+                return a.tensor()
+            return type(a)(conv(x) for x in a) if isinstance(a, (list, tuple)) else a
+        return func(*conv(args), **{k: conv(v) for k, v in (kwargs or {}).items()})
+
+
+class MixtureDataset:
+    """All domains' samples behind one id space: global id = domain offset + index within the domain.
+    Rows are read on demand from each domain's set (memory-mapped shards or in-memory `SampleSet`s)."""
+
+    def __init__(self, sets: dict):
+        self.names = list(sets)
+        self.sets = list(sets.values())
+        self.sizes = [len(s) for s in self.sets]
+        self.offsets = [0] + np.cumsum(self.sizes).tolist()
+        self.seq_len = self.sets[0].seq_len if self.sets else 0
+        self.domain = DomainIndex(self.sizes)
+        self.input_ids, self.labels, self.loss_mask = (_RowView(self, i) for i in range(3))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def domain_of(self, ids) -> torch.Tensor:
+        return self.domain[ids]
+
+    def locate(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """(domain, index within the domain) of global ids."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        d = self.domain[ids]
+        return d, ids - torch.tensor(self.offsets, dtype=torch.long)[d]
+
+    def rows(self, ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        d, local = self.locate(torch.atleast_1d(torch.as_tensor(ids, dtype=torch.long)))
+        B, T = len(d), self.seq_len
+        out = (torch.empty(B, T, dtype=torch.long), torch.empty(B, T, dtype=torch.long),
+               torch.empty(B, T, dtype=torch.bool))
+        for k in torch.unique(d).tolist():
+            where = d == k
+            for dst, src in zip(out, self.sets[k].rows(local[where])):
+                dst[where] = src
+        return out
+
+    def batch(self, ids: torch.Tensor) -> dict:
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        B, T = len(ids), self.seq_len
+        input_ids, labels, loss_mask = self.rows(ids)
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "loss_mask": loss_mask.float(),
+            "position_ids": torch.arange(T).expand(B, T).contiguous(),
+            "sample_id": ids,
+            "domain": self.domain[ids],
+        }
+
+    def describe(self) -> dict:
+        """How to find a sample again without this process (RUN_DIR/data.json, read by launch/where.py)."""
+        return {"seq_len": self.seq_len, "names": self.names, "sizes": self.sizes,
+                "domains": [getattr(s, "source", None) for s in self.sets]}

@@ -1,0 +1,215 @@
+"""Training samples read from memory-mapped Megatron shards (``.bin``/``.idx``), never loaded whole.
+
+A `ShardSampleSet` is one domain split: megatron-core `IndexedDataset`s over its shards (memory-mapped)
+and a sample index built the way Megatron's GPTDataset builds one: numpy arrays computed once from the
+shards' sequence lengths, saved beside the shards under a name keyed by seq_len and the shards' hashes,
+and memory-mapped on every later launch. dataflex cuts each document into samples of ``seq_len`` labels
+(the last one padded and masked; samples never cross documents), so the index is per document:
+
+* ``doc_shard``: [S+1] first document of each shard in the concatenation of the shards;
+* ``sample_start``: [D+1] the first sample of each document (a cumulative count), so sample ``i`` is
+  chunk ``i - sample_start[d]`` of document ``d = searchsorted(sample_start, i, "right") - 1``.
+
+Memory is O(documents) on disk and O(batch) in RAM: a batch reads its rows from the page cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from dataflex.utils.errors import ShardError
+
+INDEX_VERSION = 1
+
+
+def open_indexed(prefix: str):
+    """megatron-core's IndexedDataset, memory-mapped. Training reads samples in random order, so the
+    maps are advised MADV_RANDOM: the kernel's read-around (often MBs a fault) would otherwise pull
+    pages no sample needs into the process's resident set."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix, mmap=True)
+    for holder in (getattr(ds, "bin_reader", None), getattr(ds, "index", None)):
+        raw = getattr(getattr(holder, "_bin_buffer_mmap", None), "_mmap", None)
+        if raw is not None and hasattr(mmap, "MADV_RANDOM"):
+            try:
+                raw.madvise(mmap.MADV_RANDOM)
+            except (OSError, ValueError):
+                pass
+    return ds
+
+
+def _sample_counts(lengths: np.ndarray, seq_len: int) -> np.ndarray:
+    """Samples of a document of n tokens (EOS included): ceil((n - 1) / seq_len), 0 below 2 tokens."""
+    n = np.asarray(lengths, dtype=np.int64)
+    return np.where(n > 1, (n - 1 + seq_len - 1) // seq_len, 0)
+
+
+def index_key(seq_len: int, shard_hashes: Sequence[str]) -> str:
+    h = hashlib.sha256(json.dumps({"v": INDEX_VERSION, "seq_len": seq_len, "shards": list(shard_hashes)}).encode())
+    return f"seq{seq_len}-{h.hexdigest()[:20]}"
+
+
+def build_or_load_index(datasets: list, seq_len: int, index_dir: Optional[str], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(doc_shard, sample_start): loaded memory-mapped from ``index_dir/key.npz``-like files when present,
+    else built from the shards' sequence lengths (in blocks, so memory stays small) and saved atomically."""
+    paths = None
+    if index_dir:
+        paths = [os.path.join(index_dir, f"{key}.{name}.npy") for name in ("doc_shard", "sample_start")]
+        if all(os.path.isfile(p) for p in paths):
+            return tuple(np.load(p, mmap_mode="r") for p in paths)
+    docs = np.array([0] + [len(ds) for ds in datasets], dtype=np.int64).cumsum()
+    start = np.empty(int(docs[-1]) + 1, dtype=np.int64)
+    start[0], pos, total, block = 0, 1, 0, 1 << 20
+    for ds in datasets:
+        lengths = ds.sequence_lengths
+        for b in range(0, len(lengths), block):
+            counts = _sample_counts(lengths[b:b + block], seq_len).cumsum() + total
+            start[pos:pos + len(counts)] = counts
+            pos, total = pos + len(counts), int(counts[-1])
+    if paths:
+        try:
+            os.makedirs(index_dir, exist_ok=True)
+            for p, arr in zip(paths, (docs, start)):
+                tmp = f"{p}.{os.getpid()}.tmp.npy"
+                np.save(tmp, arr)
+                os.replace(tmp, p)
+            del start
+            return tuple(np.load(p, mmap_mode="r") for p in paths)
+        except OSError:  # a read-only shard folder: keep the index in memory
+            pass
+    return docs, start
+
+
+class ShardSampleSet:
+    """One domain split over shards; the `SampleSet` interface (`len`, `rows`, `input_ids[i]`, ...)."""
+
+    def __init__(self, prefixes: Sequence[str], seq_len: int, pad_id: int, shard_hashes: Sequence[str],
+                 index_dir: Optional[str] = None, limit: Optional[int] = None, source: Optional[dict] = None):
+        self.prefixes, self.seq_len, self.pad_id = list(prefixes), int(seq_len), int(pad_id)
+        from dataflex.data.shards import open_shard, verify_shards
+        verify_shards(self.prefixes, shard_hashes)           # sha256 on first use, memoised by size and mtime
+        self.datasets = [open_shard(p, open_indexed) for p in self.prefixes]
+        self.key = index_key(self.seq_len, shard_hashes)
+        self.doc_shard, self.sample_start = build_or_load_index(self.datasets, self.seq_len, index_dir, self.key)
+        self.index_dir = index_dir
+        total = int(self.sample_start[-1])
+        self.size = total if limit is None else min(total, int(limit))
+        self.source = source or {}          # where the shards came from (for describe / where.py)
+        self.input_ids, self.labels, self.loss_mask = (_RowView(self, i) for i in range(3))
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.doc_shard[-1])
+
+    def locate(self, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(shard number, sequence index in that shard, chunk) of local sample ids."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.size):
+            raise IndexError(f"sample ids out of range [0, {self.size})")
+        doc = np.searchsorted(self.sample_start, ids, side="right") - 1
+        shard = np.searchsorted(self.doc_shard, doc, side="right") - 1
+        return shard, doc - np.asarray(self.doc_shard)[shard], ids - np.asarray(self.sample_start)[doc]
+
+    def documents(self, ids) -> np.ndarray:
+        """Position of each sample's document in the concatenation of the shards."""
+        return np.searchsorted(self.sample_start, np.asarray(ids, dtype=np.int64), side="right") - 1
+
+    def rows(self, ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input_ids, labels ([B, T] long) and loss_mask ([B, T] bool) of local sample ids."""
+        ids = np.atleast_1d(np.asarray(ids, dtype=np.int64))
+        T = self.seq_len
+        inputs = np.full((len(ids), T), self.pad_id, dtype=np.int64)
+        labels = np.full((len(ids), T), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(ids), T), dtype=bool)
+        for r, (s, j, c) in enumerate(zip(*self.locate(ids))):
+            ds = self.datasets[s]
+            length = int(ds.sequence_lengths[j])
+            piece = ds.get(int(j), offset=int(c) * T, length=min(T + 1, length - int(c) * T))
+            n = len(piece) - 1
+            inputs[r, :n], labels[r, :n], mask[r, :n] = piece[:-1], piece[1:], True
+        return torch.from_numpy(inputs), torch.from_numpy(labels), torch.from_numpy(mask)
+
+
+class _RowView:
+    """`set.input_ids[i]` / `[ids]` / `[a:b]` reads those rows only (no [N, T] tensor is ever built)."""
+
+    def __init__(self, owner, which: int):
+        self.owner, self.which = owner, which
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.owner), self.owner.seq_len)
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            ids = np.arange(len(self.owner))[key]
+        else:
+            ids = torch.as_tensor(key).numpy() if not isinstance(key, np.ndarray) else key
+        out = self.owner.rows(np.atleast_1d(ids))[self.which]
+        return out[0] if np.ndim(ids) == 0 else out
+
+
+VERIFIED = ".verified.json"
+
+
+def verify_shards(prefixes, hashes) -> None:
+    """sha256 of each shard's .bin against the recorded one, once per (path, size, mtime): a shard whose
+    bytes changed or that was truncated stops the run, named. The memo lives beside the shards."""
+    from dataprep.writer import sha256_file
+
+    memos: dict = {}
+    for prefix, want in zip(prefixes, hashes):
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(prefix + ext):
+                raise ShardError(f"shard {prefix + ext}: missing (the manifest or data cache lists it)")
+        path = prefix + ".bin"
+        if not want:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        memo_path = os.path.join(folder, VERIFIED)
+        if folder not in memos:
+            try:
+                with open(memo_path) as f:
+                    memos[folder] = json.load(f)
+            except (OSError, ValueError):
+                memos[folder] = {}
+        memo = memos[folder]
+        st = os.stat(path)
+        stamp = f"{os.path.basename(path)}|{st.st_size}|{st.st_mtime_ns}"
+        if memo.get(stamp) == want:
+            continue
+        got = sha256_file(path)
+        if got != want:
+            raise ShardError(f"shard {path}: its sha256 {got[:16]}... differs from the recorded {want[:16]}... "
+                             f"({st.st_size} bytes now): the file was changed or truncated after it was written; "
+                             "rebuild it (rerun launch/prep.py, or delete the data cache folder)")
+        memo[stamp] = want
+        try:
+            tmp = f"{memo_path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(memo, f)
+            os.replace(tmp, memo_path)
+        except OSError:   # a read-only shard folder: verified again next time
+            pass
+
+
+def open_shard(prefix: str, opener):
+    """`opener(prefix)` (megatron's IndexedDataset), a damaged shard named instead of a bare error."""
+    try:
+        return opener(prefix)
+    except (AssertionError, ValueError, OSError, IndexError) as e:
+        raise ShardError(f"shard {prefix}.bin/.idx: cannot be read ({type(e).__name__}: {e}); the file is "
+                         "truncated or damaged: rebuild it") from None

@@ -1,0 +1,46 @@
+"""The one dispatcher of per-sample gradients: exact (torch.func vmap), hooked and projected, or factored."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from dataflex.grad.factored import factored_grads
+from dataflex.grad.ghost import capture, chunks
+from dataflex.grad.params import ParamSpec, PerSampleGrads, eval_mode
+from dataflex.grad.projection import SparseProjector
+from dataflex.grad.vmap import vmap_grads
+from dataflex.models.forward import default_forward
+
+
+def per_sample_grads(module: torch.nn.Module, batch: dict, params: ParamSpec = "all",
+                     projector=None, chunk_size: int = 16, forward: Callable = default_forward,
+                     train_mode: bool = False) -> PerSampleGrads:
+    """Per-sample gradients of the chosen parameters: exact (`grads`), or `projected` by a
+    RademacherProjector, SparseProjector or FactoredProjector; `norms` are always exact."""
+    if getattr(projector, "factored", False):
+        return factored_grads(module, batch, params, projector, chunk_size, forward, train_mode)
+    if isinstance(projector, SparseProjector) and projector.engine == "hooks":
+        return hook_projected_grads(module, batch, params, projector, chunk_size, forward, train_mode)
+    with eval_mode(module, not train_mode):
+        return vmap_grads(module, batch, params, projector, chunk_size, forward, train_mode)
+
+
+def hook_projected_grads(module, batch, params, projector, chunk_size=16, forward=default_forward,
+                         train_mode=False, call=None) -> PerSampleGrads:
+    """Exact per-sample gradients from the hook engine (dataflex.grad.ghost), materialised one parameter
+    at a time ([b, numel], Book-Keeping style: one forward and one activation backward, then a
+    batched outer product per layer) and projected at that parameter's offset, then dropped."""
+    norms, projected = [], []
+    for part in chunks(batch, chunk_size):
+        run = capture(module, part, params, forward, train_mode, call)
+        sq, out, offset = 0, 0, 0
+        for name in run.shapes:
+            g = run.materialise(name)
+            sq = sq + g.pow(2).sum(1)
+            out = out + projector.project(g, offset)
+            offset += g.shape[1]
+            del g
+        norms.append(sq.sqrt())
+        projected.append(out)
+    return PerSampleGrads(torch.cat(norms), projected=torch.cat(projected), projector=projector.describe())

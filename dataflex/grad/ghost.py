@@ -1,0 +1,317 @@
+"""Ghost signals: exact per-sample gradient norms and inner products without per-sample gradients.
+
+One forward with hooks and one backward of L = sum_i L_i (L_i the sample's mean loss over its
+label tokens) give, for every hooked layer, its inputs a_it and the gradients b_it = dL_i/dy_it of
+its outputs (samples do not mix in a causal LM, so dL/dy_it = dL_i/dy_it). The backward runs
+`torch.autograd.grad` towards those outputs only: no weight gradient is ever formed.
+
+Every chosen parameter's per-sample gradient is then a sum of contributions:
+
+    Linear weight [out, in]   G_i = sum_t b_t a_t^T          factor (rows b_t, cols a_t)
+    Embedding weight [V, d]   G_i = sum_t e_{x_t} b_t^T      factor (rows one-hot x_t, cols b_t)
+    Linear bias               g_i = sum_t b_t                dense [B, out]
+    LayerNorm / RMSNorm       w: sum_t b_t * xhat_t, b: sum_t b_t   dense (xhat the normalised input)
+    anything else             torch.func vmap over those parameters only (exact, costs a per-sample
+                              forward and backward: rare, reported in `EngineRun.fallback`)
+
+A parameter used by several modules (tied weights, a module called twice) sums their contributions.
+
+Norms (ghost norm, Goodfellow 2015; Li et al. 2021, "Large language models can be strong
+differentially private learners"): for a factor, ||G_i||^2 = sum_{t,s} (r_t . r_s)(c_t . c_s),
+with r_t . r_s = [x_t = x_s] for one-hot rows; O(T^2 (R + C)). Materialising G_i costs
+O(T R C); like Book-Keeping (Bu et al., ICML 2023) each parameter takes the cheaper of the two.
+Inner products with a target gradient W (TracIn, Pruthi et al. 2020; GREATS, Wang et al. 2024):
+<G_i, W> = sum_t r_t^T W c_t, O(T R C) and linear, so tied weights need nothing special.
+
+Randomness: by default the module runs in eval mode (dropout off), so every path and every
+chunking of the batch gives the same numbers. `train_mode=True` keeps the module's mode: the
+gradients are those of the batched forward's own dropout masks (exact for that forward).
+Tensors stay on the module's device; bf16 activations are accumulated in float32.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from dataflex.core.loss import per_sample_loss
+from dataflex.grad.params import ParamSpec, eval_mode, select_params
+from dataflex.grad.vmap import vmap_grads
+from dataflex.models.forward import default_forward
+
+NORMS = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+@dataclass
+class Factor:
+    """A per-sample matrix sum_t outer(rows_t, cols_t): rows [B, T, R] (or [B, T] indices of one-hot
+    rows out of `num_rows`), cols [B, T, C], float32."""
+    rows: torch.Tensor
+    cols: torch.Tensor
+    num_rows: int
+
+    @property
+    def onehot(self) -> bool:
+        return not self.rows.is_floating_point()
+
+    def materialise(self) -> torch.Tensor:
+        B, T, C = self.cols.shape
+        if not self.onehot:
+            return self.rows.transpose(1, 2) @ self.cols
+        out = torch.zeros(B * self.num_rows, C, dtype=self.cols.dtype, device=self.cols.device)
+        offset = torch.arange(B, device=self.rows.device).unsqueeze(1) * self.num_rows
+        out.index_add_(0, (self.rows + offset).flatten(), self.cols.flatten(0, 1))
+        return out.view(B, self.num_rows, C)
+
+    def ghost_cost(self) -> int:
+        T = self.cols.shape[1]
+        return T * T * (self.cols.shape[2] + (0 if self.onehot else self.num_rows))
+
+    def materialise_cost(self) -> int:
+        return self.cols.shape[1] * self.num_rows * self.cols.shape[2]
+
+
+def row_gram(f: Factor, g: Factor) -> torch.Tensor:
+    """[B, T, T'] of r_t . r'_s."""
+    if not f.onehot and not g.onehot:
+        return f.rows @ g.rows.transpose(1, 2)
+    if f.onehot and g.onehot:
+        return (f.rows.unsqueeze(2) == g.rows.unsqueeze(1)).to(f.cols.dtype)
+    if f.onehot:
+        return row_gram(g, f).transpose(1, 2)
+    B, T, _ = f.rows.shape
+    return f.rows.gather(2, g.rows.unsqueeze(1).expand(B, T, g.rows.shape[1]))
+
+
+def ghost_inner(f: Factor, g: Factor) -> torch.Tensor:
+    """[B] of <F_i, G_i> = sum_{t,s} (r_t . r'_s)(c_t . c'_s)."""
+    return (row_gram(f, g) * (f.cols @ g.cols.transpose(1, 2))).sum((1, 2))
+
+
+@dataclass
+class EngineRun:
+    """One chunk's captured contributions: name -> list of Factor or dense [B, numel] tensors."""
+    contributions: dict
+    shapes: dict
+    batch_size: int
+    fallback: list = field(default_factory=list)
+    device: torch.device = torch.device("cpu")
+
+    def materialise(self, name: str) -> torch.Tensor:
+        """[B, numel] per-sample gradient of one parameter (the reference, and the cheap cases);
+        zeros for a parameter the forward never used."""
+        parts = [c.materialise().flatten(1) if isinstance(c, Factor) else c for c in self.contributions[name]]
+        if not parts:
+            return torch.zeros(self.batch_size, torch.Size(self.shapes[name]).numel(), device=self.device)
+        return torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
+
+
+def _shape(p: torch.Tensor) -> tuple:
+    return tuple(getattr(p, "ds_shape", p.shape))       # ZeRO-3 partitions keep the full shape here
+
+
+def _plain(mod: nn.Module, cls) -> bool:
+    return isinstance(mod, cls) and type(mod).forward is cls.forward
+
+
+def hook_plan(module: nn.Module, chosen: dict) -> tuple[list, list]:
+    """[(submodule, {"weight"/"bias": name})] for the supported layers owning chosen parameters,
+    and the chosen names no supported layer owns (they go through the vmap fallback)."""
+    by_id = {id(p): n for n, p in chosen.items()}
+    plan, covered = [], set()
+    for mod in module.modules():
+        roles = {r: by_id[id(p)] for r, p in mod._parameters.items() if p is not None and id(p) in by_id}
+        if not roles:
+            continue
+        ok = (_plain(mod, nn.Linear) or (_plain(mod, nn.Embedding) and mod.max_norm is None)
+              or any(_plain(mod, c) for c in NORMS))
+        if ok and set(roles) <= {"weight", "bias"}:
+            plan.append((mod, roles))
+            covered.update(roles.values())
+    return plan, [n for n in chosen if n not in covered]
+
+
+def _flat3(t: torch.Tensor, B: int) -> torch.Tensor:
+    return t.reshape(B, -1, t.shape[-1]).float()
+
+
+def _contributions(mod, roles, x, b, B) -> list:
+    """[(name, Factor | dense)] of one call of a hooked layer: input x, output gradient b."""
+    out = []
+    if isinstance(mod, nn.Linear):
+        b = _flat3(b, B)
+        if "weight" in roles:
+            out.append((roles["weight"], Factor(b, _flat3(x, B), mod.out_features)))
+        if "bias" in roles:
+            out.append((roles["bias"], b.sum(1)))
+    elif isinstance(mod, nn.Embedding):
+        idx = x.reshape(B, -1)
+        b = _flat3(b, B)
+        if mod.padding_idx is not None:                 # the padding row gets no gradient
+            b = b * (idx != mod.padding_idx).unsqueeze(-1).to(b.dtype)
+        out.append((roles["weight"], Factor(idx, b, mod.num_embeddings)))
+    else:                                               # LayerNorm / RMSNorm: elementwise affine
+        shape = tuple(mod.normalized_shape)
+        xf, bf = x.float(), b.float()
+        if isinstance(mod, nn.LayerNorm):
+            xhat = F.layer_norm(xf, shape, eps=mod.eps)
+        else:
+            eps = mod.eps if mod.eps is not None else torch.finfo(x.dtype).eps
+            xhat = F.rms_norm(xf, shape, eps=eps)
+        if "weight" in roles:
+            out.append((roles["weight"], (bf * xhat).reshape(B, -1, *shape).sum(1).reshape(B, -1)))
+        if "bias" in roles:
+            out.append((roles["bias"], bf.reshape(B, -1, *shape).sum(1).reshape(B, -1)))
+    return out
+
+
+def capture(module: nn.Module, batch: dict, params: ParamSpec = "all", forward: Callable = default_forward,
+            train_mode: bool = False, call: Optional[Callable] = None) -> EngineRun:
+    """One forward and one activation-only backward of the batch; see the module docstring.
+    `call` runs the forward (a DeepSpeed engine); hooks go on `module`."""
+    chosen = select_params(module, params)
+    plan, leftover = hook_plan(module, chosen)
+    B = batch["input_ids"].shape[0]
+    records, handles = [], []
+
+    def hook(mod, args, out, roles=None):
+        if not out.requires_grad:        # frozen up to here: make the output a leaf to read its gradient
+            out = out.detach().requires_grad_()
+        records.append((mod, roles, args[0].detach(), out))
+        return out
+
+    for mod, roles in plan:
+        handles.append(mod.register_forward_hook(lambda m, a, o, r=roles: hook(m, a, o, r)))
+    try:
+        with eval_mode(module, not train_mode), torch.enable_grad():
+            logits = forward(call or module, batch)
+            loss = per_sample_loss(logits, batch["labels"], batch["loss_mask"]).sum()
+            outs = [r[3] for r in records]
+            grads = torch.autograd.grad(loss, outs, allow_unused=True) if outs else []
+    finally:
+        for h in handles:
+            h.remove()
+    contributions = {n: [] for n in chosen}
+    for (mod, roles, x, out), g in zip(records, grads):
+        g = torch.zeros_like(out) if g is None else g.detach()
+        for name, c in _contributions(mod, roles, x, g, B):
+            contributions[name].append(c)
+    del records, grads, loss, logits
+    if leftover:
+        with eval_mode(module, not train_mode):
+            exact = vmap_grads(module, batch, [f"^{re.escape(n)}$" for n in leftover], None, 16, forward,
+                               train_mode)
+        for n in leftover:
+            contributions[n].append(exact.grads[n].flatten(1).float())
+    return EngineRun(contributions, {n: _shape(p) for n, p in chosen.items()}, B, leftover,
+                     batch["input_ids"].device)
+
+
+def chunks(batch: dict, chunk_size: Optional[int]):
+    n = batch["input_ids"].shape[0]
+    size = n if not chunk_size else chunk_size
+    keys = ("input_ids", "labels", "loss_mask", "position_ids", "attention_mask")
+    for start in range(0, n, size):
+        yield {k: batch[k][start:start + size] for k in keys if k in batch}
+
+
+def norms_squared(run: EngineRun) -> torch.Tensor:
+    """[B] float32 squared per-sample gradient norm over the captured parameters."""
+    total = torch.zeros(run.batch_size, device=run.device)
+    for name, parts in run.contributions.items():
+        factors = [c for c in parts if isinstance(c, Factor)]
+        if not parts:
+            continue
+        if len(factors) < len(parts):                       # dense pieces: materialise the parameter
+            sq = run.materialise(name).pow(2).sum(1)
+        else:
+            n = len(factors)
+            ghost = n * n * max(f.ghost_cost() for f in factors)
+            if ghost < n * max(f.materialise_cost() for f in factors):
+                sq = sum(ghost_inner(f, g) * (1 if i == j else 2)
+                         for i, f in enumerate(factors) for j, g in enumerate(factors) if j >= i)
+            else:
+                sq = run.materialise(name).pow(2).sum(1)
+        total = total + sq
+    return total
+
+
+def per_sample_grad_norms(module: nn.Module, batch: dict, params: ParamSpec = "all",
+                          forward: Callable = default_forward, chunk_size: Optional[int] = None,
+                          train_mode: bool = False, call: Optional[Callable] = None) -> torch.Tensor:
+    """[B] exact L2 norms of each sample's gradient over the chosen parameters (float32)."""
+    parts = [norms_squared(capture(module, c, params, forward, train_mode, call)) for c in chunks(batch, chunk_size)]
+    return torch.cat(parts).clamp(min=0).sqrt()
+
+
+Target = Union[dict, torch.Tensor]
+
+
+def split_target(target: Target, shapes: dict) -> tuple[dict, bool]:
+    """name -> [K, numel] float32 from a dict (name -> param shape, or [K, *shape]) or a flat
+    vector [P] / matrix [K, P] in the order of the chosen parameters; and whether K was given."""
+    numels = {n: int(torch.Size(s).numel()) for n, s in shapes.items()}
+    if isinstance(target, dict):
+        missing = [n for n in shapes if n not in target]
+        if missing:
+            raise ValueError(f"target gradient lacks {missing[:4]} (it needs every chosen parameter)")
+        out = {n: target[n].detach().float().reshape(-1, numels[n]) for n in shapes}
+        multi = any(target[n].dim() == len(shapes[n]) + 1 for n in shapes)
+        return out, multi
+    flat = target.detach().float()
+    multi = flat.dim() == 2
+    flat = flat.reshape(-1, flat.shape[-1])
+    if flat.shape[1] != sum(numels.values()):
+        raise ValueError(f"flat target has {flat.shape[1]} entries, the chosen parameters {sum(numels.values())}")
+    return dict(zip(numels, flat.split(list(numels.values()), dim=1))), multi
+
+
+def dots(run: EngineRun, target: dict) -> torch.Tensor:
+    """[B, K] of <g_i, target_k> summed over the captured parameters."""
+    K = next(iter(target.values())).shape[0]
+    total = torch.zeros(run.batch_size, K, device=run.device)
+    for name, parts in run.contributions.items():
+        t = target[name].to(run.device)
+        for c in parts:
+            if not isinstance(c, Factor):
+                total = total + c @ t.T
+                continue
+            W = t.view(K, c.num_rows, -1)
+            if K > 1 and c.rows.shape[0] * c.num_rows * c.cols.shape[2] <= 2 ** 26:
+                total = total + c.materialise().flatten(1) @ t.T
+            elif c.onehot:
+                total = total + torch.stack([(W[k][c.rows] * c.cols).sum((1, 2)) for k in range(K)], 1)
+            else:
+                total = total + torch.stack([((c.rows @ W[k]) * c.cols).sum((1, 2)) for k in range(K)], 1)
+    return total
+
+
+def per_sample_grad_dots(module: nn.Module, batch: dict, target: Target, params: ParamSpec = "all",
+                         forward: Callable = default_forward, chunk_size: Optional[int] = None,
+                         train_mode: bool = False, call: Optional[Callable] = None) -> torch.Tensor:
+    """<g_i, target> for every sample: [B] for one target, [B, K] for K targets (float32). `target`:
+    name -> tensor (the parameter's shape, or [K, *shape]) or a flat [P] / [K, P] vector in the
+    order of `select_params(module, params)` (as `PerSampleGrads.flat()` and `batch_grad` give)."""
+    shapes = {n: _shape(p) for n, p in select_params(module, params).items()}
+    split, multi = split_target(target, shapes)
+    parts = [dots(capture(module, c, params, forward, train_mode, call), split) for c in chunks(batch, chunk_size)]
+    out = torch.cat(parts)
+    return out if multi else out[:, 0]
+
+
+def batch_grad(module: nn.Module, batch: dict, params: ParamSpec = "all", forward: Callable = default_forward,
+               reduction: str = "mean", train_mode: bool = False) -> dict:
+    """name -> gradient of the mean (or sum) of the batch's per-sample losses: a target for
+    `per_sample_grad_dots` (e.g. the gradient of a validation set, TracIn / GREATS)."""
+    chosen = {n: p.detach().requires_grad_() for n, p in select_params(module, params).items()}
+    with eval_mode(module, not train_mode), torch.enable_grad():
+        call = lambda *a, **kw: functional_call(module, chosen, a, kw)  # noqa: E731
+        losses = per_sample_loss(forward(call, batch), batch["labels"], batch["loss_mask"])
+        loss = losses.mean() if reduction == "mean" else losses.sum()
+        grads = torch.autograd.grad(loss, list(chosen.values()), allow_unused=True)
+    return {n: (torch.zeros_like(p) if g is None else g.detach()) for (n, p), g in zip(chosen.items(), grads)}

@@ -1,0 +1,81 @@
+"""Exact per-sample gradients with torch.func (vmap over grad of a one-sample loss).
+
+Parameters are chosen by name: "all", "lora" (LoRA adapters), a regular expression, or a list of
+them. vmap runs over chunks of samples, bounding its activation memory; with a projector, the B x P
+gradients are projected in one pass (the random matrix is the expensive part) and dropped. Norms
+are exact: the L2 norm of each sample's full gradient over the chosen parameters.
+
+Projectors: `RademacherProjector` (dense, the reference) projects the whole batch at once;
+`SparseProjector` takes exact per-sample gradients from the hook engine of `dataflex.grad.ghost`, one
+parameter at a time (`engine="vmap"`: from vmap, chunk by chunk), so memory stays bounded;
+`FactoredProjector` never materialises a per-sample gradient (`dataflex.grad.factored`: one forward
+and one backward of the batch).
+
+Randomness: by default the module runs in eval mode for the call (dropout off: the same numbers
+for every chunking and every path). `train_mode=True` keeps the module's mode; vmap then draws
+each sample's own dropout mask (`randomness="different"`), as a batched step would, but not the
+same masks as any other call.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+ParamSpec = Union[str, Sequence[str]]
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module, enable: bool = True):
+    """The module in eval mode (dropout off) for the block, its own mode restored after."""
+    was = [(m, m.training) for m in module.modules()]
+    if enable:
+        module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in was:
+            m.training = training
+
+
+def select_params(module: torch.nn.Module, params: ParamSpec = "all") -> dict:
+    patterns = [params] if isinstance(params, str) else list(params)
+    named = dict(module.named_parameters())
+    if patterns == ["all"]:
+        chosen = named
+    elif patterns == ["trainable"]:                  # what requires grad (a peft model's adapters)
+        chosen = {n: p for n, p in named.items() if p.requires_grad}
+    else:
+        regexes = [re.compile(r"lora_" if p == "lora" else p) for p in patterns]
+        chosen = {n: p for n, p in named.items() if any(r.search(n) for r in regexes)}
+    if not chosen:
+        raise ValueError(f"no parameter matches {patterns!r}; parameters look like: {list(named)[:6]}")
+    return chosen
+
+
+@dataclass
+class PerSampleGrads:
+    norms: torch.Tensor                              # [B]
+    grads: Optional[dict] = None                     # name -> [B, *param.shape], unless projected
+    projected: Optional[torch.Tensor] = None         # [B, d]
+    projector: Optional[dict] = None                 # projector.describe() (+ "layout" for factored)
+
+    def flat(self) -> torch.Tensor:
+        return torch.cat([g.flatten(1) for g in self.grads.values()], dim=1)
+
+    def save(self, path, sample_ids: torch.Tensor, **meta) -> None:
+        """Store projected features with the projector and seed that made them: features from
+        different projectors or seeds live in different spaces and must never be compared."""
+        if self.projected is None:
+            raise ValueError("only projected gradients are stored; pass a projector")
+        torch.save({"features": self.projected, "norms": self.norms, "sample_ids": torch.as_tensor(sample_ids),
+                    "projector": self.projector, **meta}, path)
+
+    @staticmethod
+    def load(path) -> dict:
+        return torch.load(path, weights_only=False)
+
+

@@ -1,0 +1,331 @@
+"""DataFlex: the sampler, the plugins and the loss wrapper wired into any training loop.
+
+    flex = DataFlex(domains.train, global_batch_size=32, plugins=[BanditMixer()],
+                    interface=TorchInterface(model))
+    for step in range(max_steps):
+        batch = flex.next_batch()                  # this rank's slice of the global batch
+        loss = flex.loss(model(batch["input_ids"], position_ids=batch["position_ids"]), batch)
+        loss.backward(); optimizer.step(); optimizer.zero_grad()
+        record = flex.end_step()                   # metrics and ledger rows of the step
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, Optional
+
+import torch
+
+from dataflex.core.events import Event
+from dataflex.core.loss import LossWrapper
+from dataflex.core.plugin import Engine, Plugin
+from dataflex.core.sampler import DataAwareSampler
+from dataflex.core.state import DataState, per_domain_mean
+from dataflex.core.targets import evenly_spaced
+from dataflex.data.domains import MixtureDataset
+from dataflex.session.signals import Signals, as_mixture
+from dataflex.utils import dist
+
+NONFINITE = ("drop", "stop", "skip")   # a NaN/inf loss: weight 0 and train on | stop the run | skip the step
+class DataFlex:
+    def __init__(self, train: dict, global_batch_size: int, plugins: Iterable[Plugin] = (), interface=None,
+                 seed: int = 0, rank: Optional[int] = None, world_size: Optional[int] = None,
+                 initial_weights: str = "size", probe_batch_size: int = 64, check_ranks_every: int = 0,
+                 loss_reduction: str = "token", datasets: Optional[dict] = None, optimizer=None,
+                 nonfinite: str = "drop", tokenizer=None):
+        self.optimizer = optimizer      # the training optimizer, read (never stepped) by Signals.optimizer_state
+        self.tokenizer = tokenizer      # the run's tokenizer: plugins that read text (embedding selectors) decode with it
+        self.data = train if isinstance(train, MixtureDataset) else MixtureDataset(train)
+        self.rank = dist.rank() if rank is None else rank
+        self.world_size = dist.world_size() if world_size is None else world_size
+        if global_batch_size % self.world_size:
+            raise ValueError(f"global batch size {global_batch_size} must divide by the {self.world_size} ranks")
+        self.global_batch_size = global_batch_size
+        self.interface, self.probe_batch_size = interface, probe_batch_size
+        sizes = self.data.sizes
+        start = torch.tensor(sizes, dtype=torch.float64) if initial_weights == "size" else None
+        self._size_weights = initial_weights == "size"
+        self.sampler = DataAwareSampler(sizes, seed, self.rank, self.world_size, start, self.data.names)
+        self.state = DataState(self.data.names, sizes, global_batch_size, self.world_size)
+        self.state.signals = Signals(self)
+        self.engine = Engine(plugins, self.state)
+        self.loss = LossWrapper(weigh=self._weigh, reduction=loss_reduction)
+        self.datasets = {k: as_mixture(k, v) for k, v in (datasets or {}).items() if v is not None}
+        self._needs_tokens = any(getattr(p, "needs_token_losses", False) for p in self.engine.plugins)
+        self._weights = None
+        self._last_weights_digest = b""
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"trainer.nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        self.nonfinite, self.skip_step, self.skipped_steps = nonfinite, False, 0
+        self.step = 0
+        self.check_ranks_every = check_ranks_every
+        self._started = False
+
+    # -- the step ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self.engine.fire(Event.FIT_START)
+
+    def next_batch(self) -> dict:
+        self.start()
+        s = self.state
+        s.step, s.metrics = self.step, {}
+        s.keep_mask = s.candidate_losses = s.losses = s.sample_weights = None
+        s.token_losses = s.token_mask = s.token_weights = s.domain_loss_weights = None
+        self._weights = None
+        s.domain_weights = None
+        self.engine.fire(Event.BEFORE_SAMPLE)
+        # weights and pool masks apply together and are validated together (a domain masked to nothing
+        # can come back); without a mixer, domains are drawn in proportion to what their pools keep
+        masks, s.pool_masks = s.pool_masks, {}
+        follow_pool = bool(masks) and s.domain_weights is None and self._size_weights \
+            and self.engine.of("mixer") is None
+        if s.domain_weights is not None or masks:
+            self.sampler.set_pool(s.domain_weights, masks, proportional=follow_pool)
+        s.domain_weights = self.sampler.weights
+        selector = self.engine.of("selector")
+        n = round(self.global_batch_size * (selector.candidate_factor if selector else 1))
+        s.candidate_ids = self.sampler.draw(n)
+        s.candidate_domains = self.data.domain[s.candidate_ids]
+        if selector:
+            self.engine.fire(Event.AFTER_CANDIDATES)
+            if int(s.keep_mask.sum()) != self.global_batch_size:
+                raise RuntimeError(f"{selector.name} kept {int(s.keep_mask.sum())} samples, the global batch "
+                                   f"is {self.global_batch_size}")
+            s.batch_ids = s.candidate_ids[s.keep_mask]
+        else:
+            s.batch_ids = s.candidate_ids
+        s.batch_domains = self.data.domain[s.batch_ids]
+        return self.data.batch(self.sampler.rank_slice(s.batch_ids))
+
+    def _weigh(self, signal: dict, batch: dict) -> dict:
+        """AFTER_LOSS: gather the step's losses, let reweighters weigh them, compose every weight.
+
+        The sample weight is the product of what the families set, in this order: the mixer's
+        domain loss weights (`apply=loss`), the reweighter's sample weights, and 0 for a sample
+        whose loss is not finite; token weights (a token-level reweighter) multiply on top. The
+        loss wrapper normalises by the weights' global total (`dataflex.core.loss.reduce_loss`)."""
+        s = self.state
+        label_tokens = batch["loss_mask"].sum(-1).float().cpu()
+        n = len(label_tokens)
+        digest = torch.tensor(self._decision_digest(), dtype=torch.float32).expand(n, 4)
+        local = torch.cat([torch.stack([signal["loss"].float().cpu(), signal["tokens"].float().cpu(), label_tokens], 1),
+                           digest], 1)
+        gathered = dist.all_gather_cat(local)
+        losses, tokens, labels = gathered[:, 0], gathered[:, 1], gathered[:, 2]
+        if self.world_size > 1:
+            self._compare_digests(gathered, n)
+        finite = torch.isfinite(losses)
+        bad = ~finite | (labels > tokens)
+        self.skip_step = False
+        if bad.any() and self.nonfinite == "stop":
+            raise FloatingPointError(
+                f"step {self.step}: the training loss is NaN or infinite on samples "
+                f"{s.batch_ids[bad].tolist()[:16]} ({int((labels - tokens).sum())} label tokens){self._lr_note()}; "
+                "trainer.nonfinite=drop trains on with weight 0 for them, skip drops the step")
+        if bad.any() and self.nonfinite == "skip":
+            self.skip_step = True
+            self.skipped_steps += 1
+            s.metrics["nonfinite/skipped_steps"] = self.skipped_steps
+        if not finite.any() and not self.skip_step:
+            raise FloatingPointError(
+                f"step {self.step}: every per-sample loss of the global batch is NaN or infinite "
+                f"(samples {s.batch_ids.tolist()[:16]}{' ...' if len(s.batch_ids) > 16 else ''}); "
+                f"the model diverged or the data is broken{self._lr_note()}: lower trainer.lr, check these "
+                "samples with launch/where.py, or resume from an earlier checkpoint")
+        s.loss_finite = finite
+        stand_in = losses[finite].mean() if finite.any() else torch.tensor(0.0)
+        s.losses = torch.where(finite, losses, stand_in)  # a stand-in inside [min, max]
+        if self._needs_tokens:
+            s.token_losses = dist.all_gather_cat(signal["token_loss"].float().cpu())
+            s.token_mask = dist.all_gather_cat(signal["token_mask"].float().cpu())
+        s.metrics["reweighter/nonfinite"] = int((labels - tokens).sum())
+        s.metrics["reweighter/nonfinite_samples"] = int((~finite).sum())
+        self._tokens = tokens
+        if self.skip_step:        # the loop does not step; the scalar is an exact 0 with zero gradients
+            self._weights = torch.zeros(len(losses), dtype=torch.float64)
+            self._last_weights_digest = self._digest(self._weights)
+            device = signal["loss"].device
+            return {"sample_weights": self.sampler.rank_slice(self._weights).to(device),
+                    "denominator": torch.ones((), device=device)}
+        self.engine.fire(Event.AFTER_LOSS)
+        weights = self._compose(finite)
+        token_weights = None
+        if s.token_weights is not None:
+            token_weights = s.token_weights.double()
+            if s.token_mask is None or token_weights.shape != s.token_mask.shape \
+                    or not torch.isfinite(token_weights).all() or (token_weights < 0).any():
+                raise ValueError("state.token_weights must be finite, non-negative and shaped like "
+                                 "state.token_losses (set needs_token_losses = True on the plugin); got shape "
+                                 f"{tuple(token_weights.shape)}")
+            token_weights = token_weights * s.token_mask.double()
+            per_sample_tokens = token_weights.sum(-1)
+        else:
+            per_sample_tokens = tokens.double()
+        total = (weights * per_sample_tokens).sum() if self.loss.reduction == "token" else weights.sum()
+        if total <= 0:
+            raise FloatingPointError(f"step {self.step}: the plugins' weights give every label token of the "
+                                     "global batch weight 0, so there is nothing to train on")
+        self._weights = weights * len(weights) / weights.sum() if weights.sum() > 0 else weights
+        self._last_weights_digest = self._digest(self._weights, token_weights)
+        device = signal["loss"].device
+        answer = {"sample_weights": self.sampler.rank_slice(weights).to(device),
+                  "denominator": (total / self.world_size).to(device)}
+        if token_weights is not None:
+            answer["token_weights"] = self.sampler.rank_slice(token_weights).to(device)
+        return answer
+
+    def _lr_note(self) -> str:
+        opt = getattr(self, "optimizer", None)
+        try:
+            return f" at learning rate {opt.param_groups[0]['lr']:.3g}" if opt is not None else ""
+        except (AttributeError, IndexError, KeyError, TypeError):
+            return ""
+
+    @staticmethod
+    def _digest(*tensors) -> bytes:
+        h = hashlib.sha256()
+        for t in tensors:
+            if t is not None:
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.digest()
+
+    def _decision_digest(self) -> list:
+        """48 bits of a hash of this step's data decisions (weights, drawn and kept ids, domain loss
+        weights) and 48 of the previous step's final sample weights, as four floats exact in float32:
+        they travel in the per-step loss gather, so ranks are compared every step at no extra collective."""
+        s = self.state
+        cur = self._digest(s.domain_weights, s.candidate_ids, s.keep_mask, s.domain_loss_weights)
+        prev = hashlib.sha256(self._last_weights_digest).digest()
+        return [float(int.from_bytes(d[i:i + 3], "little")) for d in (cur, prev) for i in (0, 3)]
+
+    def _compare_digests(self, gathered: torch.Tensor, per_rank: int) -> None:
+        for cols, what, step in (((3, 4), "data", self.step), ((5, 6), "sample weights", self.step - 1)):
+            part = gathered[:, list(cols)]
+            bad = (part != part[:1]).any(1)
+            if bad.any():
+                ranks = sorted({i // per_rank for i in torch.nonzero(bad).flatten().tolist()})
+                raise RuntimeError(f"ranks disagree on the {what} of step {step} (rank(s) {ranks} differ from "
+                                   "rank 0): every plugin must decide from gathered signals and seeded RNGs")
+
+    def check_ranks(self) -> None:
+        """Compare the last step's decisions, its final weights included, across ranks now (one
+        collective); called at every checkpoint and at the end of the run."""
+        if self.world_size > 1 and self.state.batch_ids is not None:
+            self._check_ranks_agree()
+
+    def _compose(self, finite: torch.Tensor) -> torch.Tensor:
+        s = self.state
+        weights = finite.double()
+        if s.domain_loss_weights is not None:
+            weights = weights * s.domain_loss_weights.double()[s.batch_domains]
+        if s.sample_weights is not None:
+            w = s.sample_weights.double()
+            if w.shape != weights.shape or not torch.isfinite(w).all() or (w < 0).any():
+                raise ValueError(f"state.sample_weights must be finite, non-negative and shaped "
+                                 f"{tuple(weights.shape)}; got {w.tolist()[:8]}")
+            weights = weights * w
+        return weights
+
+    def end_step(self) -> dict:
+        """Let mixers learn from the step; return its metrics and ledger rows."""
+        s = self.state
+        if s.losses is None:
+            raise RuntimeError("end_step() before flex.loss(...): the step's per-sample losses are missing")
+        if not self.skip_step:          # a skipped step teaches the mixers nothing
+            self.engine.fire(Event.BATCH_END)
+        ok = s.loss_finite
+        if self.loss.reduction == "token":
+            train_loss = float((s.losses * self._tokens)[ok].sum() / self._tokens[ok].sum().clamp(min=1))
+        else:
+            train_loss = float(s.losses[ok].mean())
+        record = {"step": self.step, "train_loss": train_loss,
+                  "domain_weights": dict(zip(s.domains, s.domain_weights.tolist()))}
+        means, present = s.domain_mean(s.losses, s.batch_domains)
+        record["domain_loss"] = {d: float(means[i]) for i, d in enumerate(s.domains) if present[i]}
+        if s.keep_mask is not None:
+            record["selected_fraction"] = float(s.keep_mask.float().mean())
+        record.update(s.metrics)
+        record["ledger"] = self._ledger_rows()
+        if self.world_size > 1 and self.check_ranks_every and self.step % self.check_ranks_every == 0:
+            self._check_ranks_agree()
+        self.step += 1
+        return record
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank must have drawn, kept and weighted the same global batch; a divergence (a
+        plugin using an unseeded RNG, a rank-local signal) would silently train on other data."""
+        s = self.state
+        h = hashlib.sha256()
+        for t in (s.domain_weights, s.batch_ids, self._weights, s.token_weights):
+            if t is not None:
+                h.update(t.detach().cpu().numpy().tobytes())
+        digest = torch.tensor([int.from_bytes(h.digest()[:8], "little", signed=True)])
+        everyone = dist.all_gather_cat(digest)
+        if (everyone != everyone[0]).any():
+            raise RuntimeError(f"ranks disagree on the data of step {s.step} (decision hashes "
+                               f"{everyone.tolist()}): every plugin must decide from gathered signals and seeded RNGs")
+
+    def _ledger_rows(self) -> dict:
+        s = self.state
+        B, per_rank = self.global_batch_size, self.global_batch_size // self.world_size
+        kept = s.keep_mask if s.keep_mask is not None else torch.ones(len(s.candidate_ids), dtype=torch.bool)
+        weights = self._weights if self._weights is not None else torch.ones(B, dtype=torch.float64)
+        loss = torch.full((len(kept),), float("nan"), dtype=torch.float64)
+        if s.candidate_losses is not None:
+            loss[:] = s.candidate_losses.double()
+        loss[kept] = torch.where(s.loss_finite, s.losses.double(), float("nan"))
+        weight = torch.zeros(len(kept), dtype=torch.float64)
+        weight[kept] = weights.double()
+        rank = torch.full((len(kept),), -1, dtype=torch.long)
+        rank[kept] = torch.arange(B) // per_rank
+        return {"step": [self.step] * len(kept), "rank": rank.tolist(), "sample_id": s.candidate_ids.tolist(),
+                "domain": [s.domains[d] for d in s.candidate_domains.tolist()], "selected": kept.tolist(),
+                "weight": weight.tolist(), "loss": loss.tolist()}
+
+    def finish(self) -> dict:
+        """FIT_END for the plugins; returns the files they export ({file name: JSON-able}), such as
+        DoReMi's averaged mixture, for the run folder."""
+        self.check_ranks()
+        self.engine.fire(Event.FIT_END)
+        files = {}
+        for plugin in self.engine.plugins:
+            exports = getattr(plugin, "exports", None)
+            if exports is not None:
+                files.update(exports(self.state))
+        return files
+
+    @torch.no_grad()
+    def evaluate(self, val: MixtureDataset) -> dict:
+        """Per-domain validation loss (mean over samples), then EVAL_END for the plugins."""
+        losses = self.state.signals.probe(torch.arange(len(val)), dataset=val)
+        means, present = per_domain_mean(losses, val.domain, len(val.names))
+        result = {val.names[i]: float(means[i]) for i in range(len(val.names)) if present[i]}
+        self.state.val_loss = {d: result[d] for d in self.state.domains if d in result}
+        self.engine.fire(Event.EVAL_END)
+        return result
+
+    @torch.no_grad()
+    def target_loss(self, limit: Optional[int] = None) -> dict:
+        """Mean probe loss per part of the run's `target` dataset (the data config's `target`: one part named
+        `target`, or its subtasks), over at most `limit` evenly spaced samples per part (the same ones at
+        every evaluation and on every rank); {} without one. No plugin event: evaluate() is the evaluation."""
+        target = self.datasets.get("target")
+        if target is None:
+            return {}
+        part = torch.as_tensor(target.domain[torch.arange(len(target))])
+        ids = torch.cat([evenly_spaced(torch.nonzero(part == i).flatten(), limit) for i in range(len(target.names))])
+        losses = self.state.signals.probe(ids, dataset=target)
+        means, present = per_domain_mean(losses, part[ids], len(target.names))
+        return {target.names[i]: float(means[i]) for i in range(len(target.names)) if present[i]}
+
+    # -- state ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        self.check_ranks()
+        return {"step": self.step, "sampler": self.sampler.state_dict(), "engine": self.engine.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start()
+        self.step = state["step"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.engine.load_state_dict(state["engine"])

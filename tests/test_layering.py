@@ -1,0 +1,151 @@
+"""The architecture, read off the tree and kept there: which package may import which, no import cycle
+(module-level and function-level imports both count, `if TYPE_CHECKING:` ones too), no Hydra below `run`,
+and dataprep standing alone below dataflex."""
+import ast
+import collections
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# package -> the dataflex packages it may import (besides itself); `dataprep` sits below all of dataflex
+PLUGINS = {"mixers", "selectors", "reweighters"}
+BELOW = {
+    "utils": set(),
+    "core": {"utils"},
+    "models": {"utils"},
+    "grad": {"utils", "core", "models"},
+    "data": {"utils", "core"},
+    "session": {"utils", "core", "models", "grad", "data"},
+    "mixers": {"utils", "core", "models", "grad", "data"},
+    "selectors": {"utils", "core", "models", "grad", "data"},
+    "reweighters": {"utils", "core", "models", "grad", "data"},
+    "backends": {"utils", "core", "models", "grad", "data", "session"},
+    "run": {"utils", "core", "models", "grad", "data", "session", "backends"} | PLUGINS,
+    "integrations": {"utils", "core", "models", "grad", "data", "session", "backends", "run"} | PLUGINS,
+    "report": {"utils", "run"},
+}
+NO_HYDRA = {"utils", "core", "models", "grad", "data", "session", "backends"} | PLUGINS
+
+
+def modules() -> dict:
+    out = {}
+    for pkg in ("dataflex", "dataprep"):
+        for p in (ROOT / pkg).rglob("*.py"):
+            parts = list(p.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join(parts)] = p
+    return out
+
+
+def imports(mods: dict) -> dict:
+    """module -> {imported module or third-party top-level name}, every import statement in the file."""
+    graph = collections.defaultdict(set)
+    for name, path in mods.items():
+        is_pkg = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    pkg = name.split(".") if is_pkg else name.split(".")[:-1]
+                    base = ".".join(pkg[:len(pkg) - node.level + 1] + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            else:
+                continue
+            for t in targets:
+                while t not in mods and "." in t and t.split(".")[0] in ("dataflex", "dataprep"):
+                    t = t.rpartition(".")[0]
+                if t != name:
+                    graph[name].add(t if t in mods else t.split(".")[0])
+    return graph
+
+
+def layer(module: str):
+    parts = module.split(".")
+    return parts[1] if parts[0] == "dataflex" and len(parts) > 1 else None
+
+
+MODS = modules()
+GRAPH = imports(MODS)
+
+
+def test_no_import_cycle():
+    """Tarjan's strongly connected components over the internal import graph: every one is a single module."""
+    index, low, stack, on, cycles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v), on.add(v)
+        for w in GRAPH.get(v, ()):
+            if w not in MODS or w == "dataflex":
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for m in MODS:
+        if m not in index:
+            visit(m)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_packages_import_only_what_lies_below_them():
+    bad = []
+    for m, targets in GRAPH.items():
+        mine = layer(m)
+        if mine is None or m.startswith("dataflex._moved"):
+            continue
+        for t in targets:
+            theirs = layer(t)
+            if t == "dataflex" or m.split(".")[:2] == ["dataflex", "__init__"]:
+                if t == "dataflex":
+                    bad.append(f"{m} imports the dataflex package root (import the module that defines the name)")
+                continue
+            if theirs and theirs != mine and theirs not in BELOW.get(mine, set()):
+                bad.append(f"{m} ({mine}) imports {t} ({theirs})")
+    assert not bad, "\n".join(bad)
+
+
+def test_dataprep_imports_nothing_from_dataflex():
+    bad = [f"{m} imports {t}" for m, ts in GRAPH.items() if m.startswith("dataprep") for t in ts
+           if t.startswith("dataflex")]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_hydra_below_run():
+    bad = [f"{m} imports {t}" for m, ts in GRAPH.items() if layer(m) in NO_HYDRA for t in ts if t == "hydra"]
+    assert not bad, "\n".join(bad)
+
+
+def test_every_package_has_a_place_in_the_rule():
+    pkgs = {layer(m) for m in MODS if layer(m) and (MODS[m].name == "__init__.py" and m.count(".") == 1)}
+    assert pkgs <= set(BELOW), f"packages outside the layer rule: {sorted(pkgs - set(BELOW))}"
+
+
+@pytest.mark.parametrize("low,high", [("core", "grad"), ("grad", "session"), ("data", "mixers"), ("session", "run")])
+def test_the_checker_sees_a_violation(low, high, tmp_path, monkeypatch):
+    """The checker itself: an upward import planted in a copy of a graph is reported."""
+    planted = dict(GRAPH)
+    victim = next(m for m in MODS if layer(m) == low)
+    target = next(m for m in MODS if layer(m) == high)
+    planted[victim] = set(GRAPH.get(victim, set())) | {target}
+    monkeypatch.setattr(__import__(__name__), "GRAPH", planted)
+    with pytest.raises(AssertionError, match="imports"):
+        test_packages_import_only_what_lies_below_them()
