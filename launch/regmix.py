@@ -10,8 +10,18 @@ Arguments after `--` go to every proxy run (`launch/train.py` overrides). The pr
 logger=none, no plots, unless overridden). The regression target is the proxies' final mean
 validation loss (`--target mean`) or one domain's (`--target DOMAIN`). `--reuse` refits from the
 finished runs of an earlier OUT/sweep without training again. Writes OUT/mixtures/*.json (the
-sampled mixtures), OUT/sweep/ (the runs), OUT/regmix.json (mixtures, losses, out-of-fold
-predictions, held-out Spearman) and OUT/mixture.json (the result).
+sampled mixtures), OUT/sweep/ (the runs), OUT/regmix.json (mixtures, losses, held-out Spearman) and
+OUT/mixture.json (the result).
+
+The mixtures follow the reference code (`dataflex/mixers/regmix.py`): Dirichlet around the domain
+shares ** --temperature, concentrations from 15 log-spaced values in [0.1, 5], a 15x bound on the raw
+share, weights below 2e-4 set to zero; the result is the mean of the top --top-k of --candidates plain
+Dirichlet(shares) candidates. It works at any number of domains.
+
+No mixture is written when the regression's held-out Spearman rank correlation (out-of-fold
+predictions against the measured losses) is below --min-spearman (default 0.3) or cannot be measured
+(fewer than 4 runs): the command exits with the figure, OUT/regmix.json still written. `--force`
+writes it anyway, with the warning printed and stored in the file.
 """
 from __future__ import annotations
 
@@ -25,14 +35,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from dataflex.mixers.regmix import (  # noqa: E402
-    fit_regression,
-    heldout_spearman,
-    sample_mixtures,
-    temperature_prior,
-    top_k_mixture,
-    write_mixture,
-)
+from dataflex.mixers.regmix import (MIN_SPEARMAN, fit_regression, heldout_spearman, regression_problem,  # noqa: E402
+                                    sample_mixtures, temperature_prior, top_k_mixture, write_mixture)
 from dataflex.mixers.static import load_mixture_file  # noqa: E402
 
 PROXY_DEFAULTS = {"backend": "torch", "logger": "none", "trainer.plot": "false"}
@@ -104,13 +108,17 @@ def main(argv=None) -> Path:
     parser.add_argument("--top-k", type=int, default=128)
     parser.add_argument("--config-dir", default=None, help="a config folder for the proxies (as train.py's)")
     parser.add_argument("--reuse", action="store_true", help="refit from OUT/sweep without training")
+    parser.add_argument("--min-spearman", type=float, default=MIN_SPEARMAN,
+                        help="the held-out Spearman the regression must reach for a mixture to be written")
+    parser.add_argument("--force", action="store_true",
+                        help="write the mixture even when the regression fails --min-spearman (with a warning)")
     parser.add_argument("overrides", nargs="*", help="launch/train.py overrides for every proxy (after --)")
     args = parser.parse_args(argv)
 
     domains, sizes = domain_sizes(args.overrides, args.config_dir)
     prior = temperature_prior(sizes, args.temperature)
     if not args.reuse:
-        mixtures = sample_mixtures(prior, args.mixtures, seed=args.seed)
+        mixtures = sample_mixtures(sizes, args.mixtures, seed=args.seed, temperature=args.temperature)
         files = [write_mixture(args.out / "mixtures" / f"mix_{i:04d}.json", domains, w)
                  for i, w in enumerate(mixtures)]
         run_sweep(files, args, args.overrides)
@@ -119,18 +127,27 @@ def main(argv=None) -> Path:
         raise SystemExit(f"regmix: {len(X)} finished proxy runs with validation loss in {args.out / 'sweep'}")
     model = fit_regression(X, y, args.model, args.seed)
     rho = heldout_spearman(X, y, args.model, seed=args.seed)
-    best, predicted = top_k_mixture(model, prior, args.candidates, min(args.top_k, args.candidates), seed=args.seed)
-    out = write_mixture(args.out / "mixture.json", domains, best, predicted_loss=predicted, target=args.target,
-                        model=type(model).name, proxy_runs=len(X), heldout_spearman=rho,
-                        prior={d: float(p) for d, p in zip(domains, prior)})
+    problem = regression_problem(rho, args.min_spearman)
+    best, predicted = top_k_mixture(model, sizes, args.candidates, min(args.top_k, args.candidates), seed=args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "regmix.json").write_text(json.dumps({
         "domains": domains, "prior": prior.tolist(), "runs": [
             {"dir": d, "mixture": x.tolist(), "loss": float(v), "fitted": float(model.predict(x[None])[0])}
             for d, x, v in zip(dirs, X, y)],
-        "heldout_spearman": rho, "model": type(model).name, "mixture": best.tolist(),
-        "predicted_loss": predicted}, indent=2) + "\n")
-    print(f"regmix: {len(X)} proxy runs, {type(model).name} model, held-out Spearman "
-          f"{'n/a' if rho is None else f'{rho:.3f}'}; mixture "
+        "heldout_spearman": rho, "min_spearman": args.min_spearman, "problem": problem,
+        "model": type(model).name, "mixture": best.tolist(), "predicted_loss": predicted}, indent=2) + "\n")
+    figure = "n/a" if rho is None else f"{rho:.3f}"
+    if problem and not args.force:
+        (args.out / "mixture.json").unlink(missing_ok=True)          # no stale mixture from an earlier fit
+        raise SystemExit(f"regmix: NO MIXTURE WRITTEN: {problem}. {len(X)} proxy runs, {type(model).name} model; "
+                         f"the fit is in {args.out / 'regmix.json'}; --force writes the mixture anyway")
+    if problem:
+        print(f"regmix: WARNING: {problem}; writing the mixture anyway (--force)", file=sys.stderr, flush=True)
+    out = write_mixture(args.out / "mixture.json", domains, best, predicted_loss=predicted, target=args.target,
+                        model=type(model).name, proxy_runs=len(X), heldout_spearman=rho,
+                        prior={d: float(p) for d, p in zip(domains, prior)},
+                        **({"warning": problem} if problem else {}))
+    print(f"regmix: {len(X)} proxy runs, {type(model).name} model, held-out Spearman {figure}; mixture "
           + ", ".join(f"{d}={w:.3f}" for d, w in zip(domains, best))
           + f" (predicted {args.target} loss {predicted:.4f})\n"
           f"  train on it: python launch/train.py +mixer=static mixer.weights={out}")

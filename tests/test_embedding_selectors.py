@@ -8,31 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import roundtrip, step, tiny_gpt
 
+from conftest import roundtrip, step, tiny_gpt
+from dataflex.session.flex import DataFlex
+from dataflex.grad.interface import TorchInterface
 from dataflex.data.domains import MixtureDataset
 from dataflex.data.samples import chunk_documents
-from dataflex.grad.interface import TorchInterface
-from dataflex.selectors import (
-    ClusterLessSelector,
-    NearSelector,
-    TsdsSelector,
-    cluster_scores,
-    kmeans,
-    near_scores,
-    representatives,
-    tsds_probabilities,
-    tsds_sample,
-)
-from dataflex.selectors.embedding import (
-    cache_key,
-    cached_embeddings,
-    embed_texts,
-    embedder_path,
-    load_embedder,
-)
-from dataflex.selectors.tsds import kde_density
-from dataflex.session.flex import DataFlex
+from dataflex.selectors.embedding import cache_key, cached_embeddings, embed_texts, embedder_path, load_embedder
+from dataflex.selectors import (ClusterLessSelector, NearSelector, TsdsSelector, cluster_scores, kmeans, near_scores,
+                                representatives, tsds_probabilities, tsds_sample)
+from dataflex.selectors.tsds import kde_density, query_neighbourhoods
 from dataprep.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,43 +45,140 @@ def test_near_scores_pick_the_nearest():
     assert top_fraction(s, 0.6).tolist() == [True, True, False, True, False]
 
 
-def test_tsds_probabilities_hand_computed():
-    # one query at 0 degrees; candidates at 10, 20, 30, 150 degrees
+def chord(a_deg, b_deg):
+    """Euclidean distance of two unit vectors at these angles."""
+    return 2 * math.sin(math.radians(abs(a_deg - b_deg)) / 2)
+
+
+def test_tsds_probabilities_hand_computed_with_the_reference_kernel():
+    # one query at 0 degrees; candidates at 10, 20, 30, 150 degrees; sigma = 0: KNN-Uniform
     pool, q = unit(10, 20, 30, 150), unit(0)
-    # KNN-Uniform, K = 2: mass 1/2 on each of the two nearest
-    torch.testing.assert_close(tsds_probabilities(pool, q, 2), torch.tensor([0.5, 0.5, 0, 0], dtype=torch.float64))
+    torch.testing.assert_close(tsds_probabilities(pool, q, 2, sigma=0),
+                               torch.tensor([0.5, 0.5, 0, 0], dtype=torch.float64))
     # two queries, K = 1: each gives its whole 1/2 to its own nearest
-    p = tsds_probabilities(pool, unit(0, 160), 1)
+    p = tsds_probabilities(pool, unit(0, 160), 1, sigma=0)
     torch.testing.assert_close(p, torch.tensor([0.5, 0, 0, 0.5], dtype=torch.float64))
-    # KDE: candidates 0 and 1 are near-duplicates (density 2 each with h large enough for them only),
-    # caps 1/(M K rho) = 1/4, 1/4, then 1/2 for the next: the duplicates share one candidate's mass
-    dup = unit(10, 10.5, 30, 150)
-    rho = kde_density(dup, 0.05)
-    h = 0.05
-    d01 = (dup[0] - dup[1]).norm().item()
-    torch.testing.assert_close(rho, torch.tensor([2 - d01 / h, 2 - d01 / h, 1, 1], dtype=torch.float64))
-    p = tsds_probabilities(dup, q, 2, kde_bandwidth=h)
-    cap = 1 / (2 * rho[0].item())
-    torch.testing.assert_close(p, torch.tensor([cap, cap, 1 - 2 * cap, 0], dtype=torch.float64))
-    assert tsds_probabilities(dup, q, 2, kde_bandwidth=0)[:2].tolist() == [0.5, 0.5]
+    # KDE with the reference's kernel 1 - d^2/sigma^2, sigma 0.75, among the query's neighbourhood only
+    # (max_neighbors = 3: the candidate at 150 degrees is outside it and keeps density 1)
+    angles = (10, 10.5, 30, 150)
+    dup = unit(*angles)
+    rho = kde_density(dup, torch.tensor([0, 1, 2]), 0.75)
+    expected = [sum(max(0.0, 1 - chord(a, b) ** 2 / 0.75 ** 2) for b in angles[:3]) for a in angles[:3]] + [1.0]
+    torch.testing.assert_close(rho, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-14)
+    assert expected[0] > 1.99 and expected[2] > 2.5                       # near-duplicates count ~2 each
+    p = tsds_probabilities(dup, q, 2, max_neighbors=3)
+    cap = [1 / (2 * r) for r in expected]                                 # 1 / (M K rho), M = 1, K = 2
+    fill = [cap[0], cap[1], min(cap[2], 1 - cap[0] - cap[1]), 0.0]
+    torch.testing.assert_close(p, torch.tensor(fill, dtype=torch.float64) / sum(fill), rtol=0, atol=1e-14)
+    # only the 2 nearest neighbours in the density's sum (kde_neighbors): self and the nearest other
+    rho2 = kde_density(dup, torch.tensor([0, 1, 2]), 0.75, kde_neighbors=2)
+    assert rho2[0].item() == pytest.approx(1 + 1 - chord(10, 10.5) ** 2 / 0.5625, abs=1e-14)
 
 
-def test_tsds_probabilities_sum_to_one_and_concentrate_near_the_target():
+# a transcription of the reference's tsds.py main() (ZifanL/TSDS), written from reading it: exact
+# nearest-neighbour search in place of its faiss IVF index (exact at these sizes), float64 throughout
+
+def ref_tsds(xq, xb, max_K, kde_K, sigma, alpha, C):
+    import heapq
+    import numpy as np
+    M, N = len(xq), len(xb)
+    max_K, kde_K = min(max_K, N // 10), min(kde_K, N // 10)
+    d2 = ((xq[:, None, :] - xb[None]) ** 2).sum(-1)
+    top_indices = np.argsort(d2, axis=1, kind="stable")[:, :max_K]
+    top_dists = np.sqrt(np.take_along_axis(d2, top_indices, 1))
+    if sigma == 0:
+        top_kdes = np.ones(top_indices.shape)
+    else:
+        members = sorted(set(top_indices.reshape(-1).tolist()))
+        F = xb[members]
+        D2 = np.sort(((F[:, None, :] - F[None]) ** 2).sum(-1), axis=1)[:, :kde_K]
+        kernel = 1 - D2 / sigma ** 2
+        kde = (kernel * (kernel > 0)).sum(-1)
+        kde_map = dict(zip(members, kde))
+        top_kdes = np.vectorize(lambda t: kde_map[t])(top_indices)
+    last_k = [0] * M
+    heap = [(1.0 / top_kdes[j][0], 0, j) for j in range(M)]
+    heapq.heapify(heap)
+    weighted = [top_dists[j][0] / top_kdes[j][0] for j in range(M)]
+    s, cost, total = 0, np.zeros(M), 0
+    while heap:
+        count, k, j = heapq.heappop(heap)
+        s = count
+        total -= cost[j]
+        cost[j] = top_dists[j][k + 1] * count - weighted[j]
+        total += cost[j]
+        if alpha / C * total >= (1 - alpha) * M:
+            break
+        last_k[j] = k
+        if k < max_K - 2:
+            count += 1.0 / top_kdes[j][k + 1]
+            heapq.heappush(heap, (count, k + 1, j))
+            weighted[j] += top_dists[j][k + 1] / top_kdes[j][k + 1]
+    probs = np.zeros(N)
+    for j in range(M):
+        total_j = 0
+        for k in range(last_k[j] + 1):
+            probs[top_indices[j][k]] += 1 / M / s / top_kdes[j][k]
+            total_j += 1 / M / s / top_kdes[j][k]
+        probs[top_indices[j][last_k[j] + 1]] += max(1.0 / M - total_j, 0)
+    return probs, s, dict(zip(top_indices.reshape(-1).tolist(), top_kdes.reshape(-1).tolist())), max(last_k)
+
+
+def planted_pool(seed=0, N=600, M=8, dim=16):
+    """Unit vectors; query 0's nearest candidate has six planted near-duplicates (perturbed by 0.25: cosine
+    about 0.97 to it, as sentence embeddings of near-duplicate texts)."""
+    g = torch.Generator().manual_seed(seed)
+    norm = torch.nn.functional.normalize
+    target = norm(torch.randn(M, dim, generator=g, dtype=torch.float64), dim=-1)
+    pool = norm(torch.randn(N, dim, generator=g, dtype=torch.float64), dim=-1)
+    pool[0] = norm(target[0] + 0.6 * norm(torch.randn(dim, generator=g, dtype=torch.float64), dim=0), dim=0)
+    for i in range(1, 7):
+        pool[i] = norm(pool[0] + 0.25 * norm(torch.randn(dim, generator=g, dtype=torch.float64), dim=0), dim=0)
+    return pool, target
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.9])
+def test_tsds_equals_a_transcription_of_the_reference_with_planted_near_duplicates(alpha):
+    """Same pool, queries and fill level s (the reference's, from its alpha/C loop; alpha 0.5 and C 5 are
+    its config's): dataflex's p equals the reference's to 1e-12, the planted near-duplicates' density is
+    theirs (about 6-7: they count as one candidate, and share one candidate's cap)."""
+    import numpy as np
+    pool, target = planted_pool()
+    ref_p, s, ref_kde, deepest = ref_tsds(target.numpy(), pool.numpy(), max_K=5000, kde_K=1000, sigma=0.75,
+                                          alpha=alpha, C=5.0)
+    assert 5 < s and deepest < 60 - 2                          # a fill level inside every neighbourhood
+    p = tsds_probabilities(pool, target, s, sigma=0.75, max_neighbors=60, kde_neighbors=60)
+    np.testing.assert_allclose(p.numpy(), ref_p, rtol=0, atol=1e-12)
+    order = query_neighbourhoods(pool, target, 60)
+    rho = kde_density(pool, torch.unique(order), 0.75, 60)
+    for i, r in ref_kde.items():
+        assert rho[i].item() == pytest.approx(r, abs=1e-12)
+    assert min(ref_kde[i] for i in range(7)) > 4.5
+    M = len(target)
+    assert p[:7].sum() < 1.5 / (M * s)                          # the seven share about one candidate's cap
+    assert (p[:7] > 0).all()
+    # dataflex's former kernel, linear 1 - d/0.3 over the whole pool, barely counted them
+    d = torch.cdist(pool[1:7], pool, compute_mode="donot_use_mm_for_euclid_dist")
+    assert (1 - d / 0.3).clamp(min=0).sum(1).max() < 1.6
+
+
+def test_tsds_samples_with_replacement():
     g = torch.Generator().manual_seed(0)
     centres = torch.eye(16)[:3] * 4
     pool = torch.cat([c + torch.randn(50, 16, generator=g) for c in centres])
     target = centres[1] + torch.randn(10, 16, generator=g)
-    p = tsds_probabilities(pool, target, 5, kde_bandwidth=0.3)
+    p = tsds_probabilities(pool, target, 5)
     assert abs(p.sum().item() - 1) < 1e-12 and (p >= 0).all()
     assert p[50:100].sum() > 0.95
-    keep = tsds_sample(p, 20, seed=3)
-    assert int(keep.sum()) == 20 and keep[50:100].sum() >= 19
-    assert torch.equal(keep, tsds_sample(p, 20, seed=3)) and not torch.equal(keep, tsds_sample(p, 20, seed=4))
-    # a support smaller than the kept count: all of it, the rest by the fallback score
+    draws = tsds_sample(p, 20, seed=3)
+    assert int(draws.sum()) == 20 and draws[50:100].sum() >= 19
+    assert torch.equal(draws, tsds_sample(p, 20, seed=3)) and not torch.equal(draws, tsds_sample(p, 20, seed=4))
+    # with replacement: a support smaller than the draws is no obstacle, and samples repeat
     small = torch.zeros(6, dtype=torch.float64)
-    small[[1, 4]] = 0.5
-    assert tsds_sample(small, 3, 0, torch.tensor([0.0, 0, 0, 0.9, 0, 0])).tolist() == [False, True, False, True,
-                                                                                         True, False]
+    small[[1, 4]] = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    d = tsds_sample(small, 1000, 0)
+    assert d.sum() == 1000 and set(torch.nonzero(d).flatten().tolist()) == {1, 4}
+    assert abs(d[4].item() / 1000 - 0.75) < 4 * math.sqrt(0.75 * 0.25 / 1000)
 
 
 def test_kmeans_is_deterministic_under_its_seed_and_finds_the_clusters():
@@ -207,7 +289,13 @@ def test_selector_keeps_the_target_domain_caches_embeddings_and_resumes_exactly(
     plugin = flex.engine.of("selector")
     N = len(flex.data)
     # code is a quarter of the pool; MiniLM puts some random-character noise near code
-    assert len(plugin.kept_ids) == round(0.1 * N) and kept_domain_fraction(flex, plugin, "code") > 0.75
+    n = round(0.1 * N)
+    if cls is TsdsSelector:                    # n draws with replacement: the distinct ones are kept
+        assert int(plugin.draws.sum()) == n and 0 < len(plugin.kept_ids) <= n
+        assert torch.equal(torch.nonzero(plugin.draws).flatten(), plugin.kept_ids)
+    else:
+        assert len(plugin.kept_ids) == n
+    assert kept_domain_fraction(flex, plugin, "code") > 0.75
     kept = set(plugin.kept_ids.tolist())
     assert set(full.flatten().tolist()) <= kept                     # from step 0, only kept samples
     counts = [record[f"selector/kept/{d}"] for d in DOMAINS]
@@ -215,6 +303,8 @@ def test_selector_keeps_the_target_domain_caches_embeddings_and_resumes_exactly(
     files = flex.finish()
     out = next(iter(files.values()))
     assert out["sample_ids"] == plugin.kept_ids.tolist()
+    if cls is TsdsSelector:
+        assert sum(out["draws"]) == n and min(out["draws"]) >= 1
     assert len(list(Path(cache).glob("*.npy"))) >= 2                # the pool's and the target's
     resumed, rflex, _ = run(stop=3)
     assert torch.equal(full, resumed)

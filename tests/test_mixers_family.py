@@ -222,23 +222,88 @@ def test_ado_fit_recovers_power_law(truth):
     np.testing.assert_allclose(fit, truth, atol=2e-3)
 
 
+# a transcription of the reference's AdoSelector.curr_dist and clip_min_probability (yidingjiang/ado,
+# src/data_selectors/ado.py, written from reading it): `superseded` is its first release's credit term
+
+def ref_clip_min_probability(probs, min_prob):
+    deficit = max(min_prob * len(probs) - probs.sum(), 0)
+    scaled = probs * ((1 - deficit) / probs.sum())
+    clipped = np.maximum(scaled, min_prob)
+    return clipped / clipped.sum()
+
+
+def ref_curr_dist(params, n_seen, empirical_dist, p_history, p_avg, itr, superseded=False):
+    log_beta, log_eps, alpha = params[:, 0], params[:, 1], params[:, 2]
+    irred = np.exp(log_eps)
+    expnt = np.maximum(alpha, 0.05)
+    curr = np.exp(log_eps) + np.exp(log_beta) / n_seen ** alpha
+    slope = expnt * (curr - irred) / np.float32(n_seen)
+    credit = (p_history * (1 - p_history)) ** 0.5 if superseded else p_history ** 0.5
+    weighted = slope * empirical_dist * credit
+    dist = ref_clip_min_probability(weighted / weighted.sum(), 1e-2)
+    p = 0.9 * p_avg + 0.1 * dist
+    p_avg = (1 - 1 / (itr + 1)) * p_avg + 1 / (itr + 1) * dist
+    return p, p_avg, dist
+
+
+ADO_PARAMS = np.array([[1.2, 0.7, 0.35], [2.0, 0.9, 0.5], [0.4, 1.1, 0.02], [1.6, 0.6, 0.25]])
+ADO_PRIOR = np.array([0.4, 0.3, 0.2, 0.1])
+ADO_H = np.array([0.62, 0.25, 0.03, 0.10])           # realised shares far from uniform
+
+
+@pytest.mark.parametrize("credit", ["h", "h(1-h)"])
+def test_ado_mixer_equals_the_reference_update_with_non_uniform_h(credit):
+    """Three consecutive updates of the mixer against the transcription, from the same fitted params,
+    prior, EMA of realised shares h and running average: p, rho and p_bar to 1e-12. The default credit
+    is the reference's current sqrt(h); the two credits give clearly different mixtures here."""
+    K, n = 4, 12_800.0
+    mixer = ADOMixer(start_step=0, prior=ADO_PRIOR.tolist(), **({} if credit == "h" else {"credit": credit}))
+    state = new_state(K)
+    mixer.apply(Event.FIT_START, state)
+    mixer.params = torch.tensor(ADO_PARAMS)
+    mixer.history = torch.tensor(ADO_H)
+    mixer.total = torch.tensor([6400, 3200, 1600, 1600])                # n: all samples seen, 12800
+    p_avg = ADO_PRIOR.copy()
+    for step in (100, 101, 102):
+        state.step = step
+        mixer.apply(Event.BEFORE_SAMPLE, state)
+        p, p_avg, dist = ref_curr_dist(ADO_PARAMS, n, ADO_PRIOR, ADO_H, p_avg, step, superseded=credit != "h")
+        np.testing.assert_allclose(state.domain_weights.numpy(), p, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(mixer.rho.numpy(), dist, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(mixer.p_avg.numpy(), p_avg, rtol=0, atol=1e-12)
+    _, _, current = ref_curr_dist(ADO_PARAMS, n, ADO_PRIOR, ADO_H, ADO_PRIOR, 100)
+    _, _, old = ref_curr_dist(ADO_PARAMS, n, ADO_PRIOR, ADO_H, ADO_PRIOR, 100, superseded=True)
+    assert np.abs(current - old).max() > 0.05                          # the test tells the two apart
+    with pytest.raises(ValueError, match="credit"):
+        ADOMixer(credit="sqrt")
+
+
 def test_ado_flat_domain_drops_to_the_floor_and_steepest_gains():
+    """The flat domain's own preference (before the floor) is far below 0.01, so it is the fit, not the
+    floor, that puts it there; the floor then lifts it to exactly 0.01 / (sum after clipping). Between the
+    learning domains rho_0 / rho_1 = (slope_0 / slope_1) sqrt(h_0 / h_1): the steepest gains, scaled by the
+    credit term."""
     n = 16 * np.arange(1, 400, 10)
     rng = np.random.default_rng(0)
     curves = [power_law(n, 4.0, 0.7, 0.4), power_law(n, 3.0, 0.7, 0.3), 3.0 + 0.002 * rng.standard_normal(len(n))]
     params = torch.tensor(np.stack([fit_power_law(n, c, n_starts=12) for c in curves]))
-    # the flat domain's fitted slope |dL/dn| (alpha floored at 0.05, as the code) is ~0 next to the others
-    slope = params[:, 2].clamp(min=0.05) * torch.exp(params[:, 0]) / float(n[-1]) ** params[:, 2]
-    assert slope[2] < 0.02 * slope[:2].min()
+    slope = params[:, 2].clamp(min=0.05) * torch.exp(params[:, 0]) / float(n[-1]) ** params[:, 2] / float(n[-1])
     prior = torch.full((3,), 1 / 3, dtype=torch.float64)
-    h = torch.full((3,), 1 / 3, dtype=torch.float64)
-    rho = clip_min_probability(ado_preference(params, float(n[-1]), prior, h), 0.01)
-    assert rho[2] == pytest.approx(0.01, abs=1e-4)     # the code renormalises after clipping
-    # the domain with the largest alpha (L - eps) gains weight
-    assert rho.argmax() == slope.argmax() == 0
-    # the code's clip_min_probability: its deficit term is 0 for a distribution, so clip then renormalise
+    h = torch.tensor([0.3, 0.4, 0.3], dtype=torch.float64)
+    raw = ado_preference(params, float(n[-1]), prior, h)
+    assert raw[2] < 0.001                                                # far below the floor on its own
+    assert float(raw[0] / raw[1]) == pytest.approx(float(slope[0] / slope[1] * (0.3 / 0.4) ** 0.5), rel=1e-12)
+    rho = clip_min_probability(raw, 0.01)
+    assert float(rho[2]) == pytest.approx(0.01 / (1 - float(raw[2]) + 0.01), rel=1e-12)
+    assert slope.argmax() == 0 and rho.argmax() == 0 and rho[0] > prior[0]
+    np.testing.assert_allclose(rho.numpy(), ref_clip_min_probability(raw.numpy(), 0.01), rtol=0, atol=1e-15)
+    # the credit term counts: a domain drawn much less often (h 0.2 against 0.5) loses its lead
+    assert ado_preference(params, float(n[-1]), prior, torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)).argmax() == 1
+    # with the reference's clip: a deficit only where the input does not sum to 1
     torch.testing.assert_close(clip_min_probability(torch.tensor([0.999, 0.001, 0.0]), 0.01),
                                torch.tensor([0.999, 0.01, 0.01], dtype=torch.float64) / 1.019)
+    np.testing.assert_allclose(clip_min_probability(torch.tensor([0.5, 0.2, 0.0]), 0.1).numpy(),
+                               ref_clip_min_probability(np.array([0.5, 0.2, 0.0]), 0.1), atol=1e-15)
 
 
 def drive_ado(mixer, curves, steps, batch=16, seed=0):
@@ -267,7 +332,16 @@ def test_ado_mixer_prefers_the_learnable_domain_and_floors_the_flat_one():
     W, state = drive_ado(mixer, curves, 120)
     torch.testing.assert_close(W[:60], torch.full((60, 3), 1 / 3, dtype=torch.float64))  # prior before start
     assert mixer.params is not None
-    assert mixer.rho[2] == pytest.approx(0.01, abs=1e-4)
+    # the flat domain is at the floor because its fitted slope is ~0 (its own preference is far below
+    # 0.01), and the mixer's rho is the reference's from the mixer's own fit, h and n
+    raw = ado_preference(mixer.params, mixer.seen()[0], mixer.prior, mixer.history)
+    assert raw[2] < 0.001 and not torch.allclose(mixer.history, torch.full((3,), 1 / 3, dtype=torch.float64))
+    p, _, dist = ref_curr_dist(mixer.params.numpy(), float(mixer.seen()[0]), mixer.prior.numpy(),
+                               mixer.history.numpy(), mixer.p_avg.numpy(), 120)
+    state.step = 120
+    mixer.apply(Event.BEFORE_SAMPLE, state)
+    np.testing.assert_allclose(mixer.rho.numpy(), dist, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(state.domain_weights.numpy(), p, rtol=0, atol=1e-12)
     assert W[-1][2] < 1 / 3 - 0.05 and W[-1][:2].min() > W[-1][2]
     assert {"ado/alpha/d0", "ado/eps/d0", "ado/beta/d0", "ado/rho/d2", "ado/h/d1"} <= set(state.metrics)
     # p_t = 0.9 p_bar + 0.1 rho: the smoothing keeps the prior's share large early on

@@ -110,18 +110,85 @@ def test_gradnorm_keeps_the_largest_scores(score):
     assert len(batch["input_ids"]) == 4
 
 
-def test_delta_loss_prefers_the_largest_drop_and_restores():
+def count_pool_probes(flex, N, others=None):
+    """Wrap the session's probe: a list that gets one entry per probe of the whole pool (the ids of the
+    other probes go to `others`)."""
+    calls, probe = [], flex.state.signals.probe
+
+    def counting(ids, *args, **kwargs):
+        if len(ids) == N:
+            calls.append(len(ids))
+        elif others is not None:
+            others.append(torch.as_tensor(ids).clone())
+        return probe(ids, *args, **kwargs)
+
+    flex.state.signals.probe = counting
+    return calls
+
+
+def test_delta_loss_baseline_is_the_pool_loss_under_the_initial_model():
+    """The baseline is every pool sample's loss under the initial model (checked against a copy of that
+    model), so candidates drawn for the first time late in training score their real drop: the kept
+    set is the top k of initial - current, computed here independently. (The former baseline, each
+    sample's loss when first probed, gave every new candidate 0.)"""
+    import copy
     model = tiny_gpt()
-    sel = DeltaLossSelector(0.5)
-    flex = DataFlex(synthetic_domains(n_per_domain=8), 4, [sel], TorchInterface(model), seed=0)
-    run_steps(flex, model, 6, lr=3e-2)
+    initial = copy.deepcopy(model)
+    domains = synthetic_domains(n_per_domain=64)
+    N = sum(len(d) for d in domains.values())
+    sel = DeltaLossSelector(0.25)
+    flex = DataFlex(domains, 4, [sel], TorchInterface(model), seed=0)
+    probed = []
+    calls = count_pool_probes(flex, N, probed)
+    run_steps(flex, model, 5, lr=3e-2)
+    at_select = copy.deepcopy(model)                                  # the model that makes the 6th selection
+    run_steps(flex, model, 1, lr=3e-2)
+    assert calls == [N]                                              # one probe pass over the pool, cached
+    expected_initial = TorchInterface(initial).probe(flex.data.batch(torch.arange(N)), "loss").double()
+    torch.testing.assert_close(sel.initial, expected_initial, rtol=0, atol=1e-5)
     s = flex.state
-    first = torch.tensor([sel.first[i] for i in s.candidate_ids.tolist()], dtype=torch.float64)
-    drop = first - s.candidate_losses.double()
-    assert drop[s.keep_mask].min() >= drop[~s.keep_mask].max()
-    other = DeltaLossSelector(0.5)
-    other.load_state_dict(roundtrip(sel.state_dict()))
-    assert other.first == sel.first
+    current = TorchInterface(at_select).probe(flex.data.batch(s.candidate_ids), "loss").double()
+    drop = expected_initial[s.candidate_ids] - current
+    order = torch.sort(drop, descending=True, stable=True).indices
+    assert set(s.candidate_ids[s.keep_mask].tolist()) == set(s.candidate_ids[order[:4]].tolist())
+    assert len(probed) == 6 and torch.equal(probed[-1], s.candidate_ids)
+    seen = set(torch.cat(probed[:-1]).tolist())                       # candidates of the earlier steps
+    fresh = torch.tensor([i not in seen for i in s.candidate_ids.tolist()])
+    assert fresh.any() and (drop[fresh].abs() > 1e-3).all()         # first-time candidates: real drops
+
+
+def test_delta_loss_resumes_exactly_without_probing_the_pool_again():
+    domains = synthetic_domains(n_per_domain=16)
+    N = sum(len(d) for d in domains.values())
+    model = tiny_gpt()
+    sel = DeltaLossSelector(0.5, prefer="stuck")
+    flex = DataFlex(domains, 4, [sel], TorchInterface(model), seed=0)
+    run_steps(flex, model, 3, lr=3e-2)
+    saved, weights = roundtrip(flex.state_dict()), roundtrip(model.state_dict())
+    after = run_steps(flex, model, 3, lr=3e-2)
+    model2 = tiny_gpt()
+    model2.load_state_dict(weights)
+    sel2 = DeltaLossSelector(0.5, prefer="stuck")
+    flex2 = DataFlex(domains, 4, [sel2], TorchInterface(model2), seed=0)
+    flex2.load_state_dict(saved)
+    calls = count_pool_probes(flex2, N)
+    assert all(torch.equal(a, b) for a, b in zip(after, run_steps(flex2, model2, 3, lr=3e-2)))
+    assert calls == [] and torch.equal(sel2.initial, sel.initial)
+    with pytest.raises(ValueError, match="baseline"):
+        DeltaLossSelector(0.5, baseline="first_probe").load_state_dict(roundtrip(sel.state_dict()))
+
+
+def test_delta_loss_first_probe_baseline_is_what_its_documentation_says():
+    """baseline=first_probe: on the first pass every candidate is new, scores 0, and the first k in draw
+    order are kept; a candidate's baseline is its loss when first drawn."""
+    model = tiny_gpt()
+    sel = DeltaLossSelector(0.5, baseline="first_probe")
+    flex = DataFlex(synthetic_domains(n_per_domain=16), 4, [sel], TorchInterface(model), seed=0)
+    flex.next_batch()
+    assert flex.state.keep_mask.tolist() == [True] * 4 + [False] * 4
+    assert sel.initial is None and len(sel.first) == len(set(flex.state.candidate_ids.tolist()))
+    with pytest.raises(ValueError, match="baseline"):
+        DeltaLossSelector(0.5, baseline="initial")
 
 
 @pytest.mark.parametrize("normalize", [False, True])

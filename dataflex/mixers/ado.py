@@ -13,10 +13,12 @@ domain reuses its last value) and the samples drawn per domain. No proxy, no val
    `n_starts` grid points of lowest objective, all 512 with n_starts=0; scipy instead of jaxopt;
    among fits within the Huber threshold of the best, the smallest beta wins, so a flat series,
    which any eps + beta with alpha ~ 0 fits, reads as irreducible loss.)
-2. Preference rho_k ∝ mu_k * (h_k (1 - h_k))^0.5 * max(alpha_k, 0.05) (L_k(n) - eps_k) / n:
-   the prior (token share) times the credit term times |dL_k/dn|. h is the EMA (gamma 0.9) of the
-   realised share of each domain in the batch. (The spec writes h_k^0.5; the code multiplies
-   h (1 - h) under the root: `credit="h(1-h)"`, the default, or `credit="h"`.)
+2. Preference rho_k ∝ mu_k * h_k^0.5 * max(alpha_k, 0.05) (L_k(n) - eps_k) / n: the prior (token
+   share) times the credit term times |dL_k/dn|. h is the EMA (gamma 0.9) of the realised share of
+   each domain in the batch. The credit term sqrt(h) (`credit="h"`, the default) is the reference
+   code's since its commit bc3d8d0 ("Fixing update rule to the correct version", 2024-12) and the
+   spec's; `credit="h(1-h)"` is the superseded sqrt(h (1 - h)) of the code's first public release,
+   kept only to reproduce runs made with it.
 3. Floor: normalise, clip every probability to at least 0.01, rescale (the code's
    clip_min_probability).
 4. Smoothing: p_t = 0.9 p_bar + 0.1 rho, then p_bar <- (1 - 1/(t+1)) p_bar + rho / (t+1).
@@ -38,6 +40,7 @@ from dataflex.mixers.static import WeightSpec, resolve_weights
 GRID_LOG_BETA = np.arange(-2, 6, 1.0)
 GRID_LOG_EPS = np.arange(-2, 2, 0.5)
 GRID_ALPHA = np.arange(0, 0.8, 0.1)
+CREDITS = ("h", "h(1-h)")          # sqrt(h): the reference code's; sqrt(h (1 - h)): its superseded first form
 
 
 def power_law(n, log_beta, log_eps, alpha):
@@ -125,16 +128,19 @@ def clip_min_probability(p: torch.Tensor, floor: float) -> torch.Tensor:
 
 
 def ado_preference(params: torch.Tensor, n, prior: torch.Tensor, history: torch.Tensor,
-                   credit: str = "h(1-h)", min_alpha: float = 0.05) -> torch.Tensor:
-    """rho ∝ mu * credit(h) * max(alpha, 0.05) * (L(n) - eps) / n, normalised. params: [K, 3] rows
-    (log beta, log eps, alpha)."""
+                   credit: str = "h", min_alpha: float = 0.05) -> torch.Tensor:
+    """rho ∝ mu * credit(h) * max(alpha, 0.05) * (L(n) - eps) / n, normalised, before the floor. params:
+    [K, 3] rows (log beta, log eps, alpha); credit(h) = sqrt(h) (`"h"`, the reference code's) or the
+    superseded sqrt(h (1 - h)) (`"h(1-h)"`)."""
+    if credit not in CREDITS:
+        raise ValueError(f"ado credit must be one of {CREDITS}, got {credit!r}")
     params = torch.as_tensor(params, dtype=torch.float64)
     n = torch.as_tensor(n, dtype=torch.float64)
     log_beta, log_eps, alpha = params[:, 0], params[:, 1], params[:, 2]
     reducible = torch.exp(log_beta) / n ** alpha                  # L(n) - eps
     slope = alpha.clamp(min=min_alpha) * reducible / n
     h = history.double()
-    c = (h * (1 - h)).sqrt() if credit == "h(1-h)" else h.sqrt()
+    c = h.sqrt() if credit == "h" else (h * (1 - h)).sqrt()
     rho = prior.double() * c * slope
     if not torch.isfinite(rho).all() or rho.sum() <= 0:
         return prior.double() / prior.sum()
@@ -152,9 +158,9 @@ class ADOMixer(Mixer):
                  prior: WeightSpec = "size", gamma: float = 0.9, floor: float = 0.01, window: int = 101,
                  order: int = 3, subsample: int = 10, huber_delta: float = 1e-3, max_alpha: float = 0.8,
                  max_log_beta: float = 6.5, min_log_eps: float = 0.5, n_starts: int = 16, maxiter: int = 200,
-                 credit: str = "h(1-h)", same_step_size: bool = True):
-        if credit not in ("h(1-h)", "h"):
-            raise ValueError(f"ado credit must be 'h(1-h)' or 'h', got {credit!r}")
+                 credit: str = "h", same_step_size: bool = True):
+        if credit not in CREDITS:
+            raise ValueError(f"ado credit must be one of {CREDITS}, got {credit!r}")
         self.start_step, self.update_interval, self.ignore_steps = start_step, update_interval, ignore_steps
         self.prior_spec, self.gamma, self.floor = prior, gamma, floor
         self.window, self.order, self.subsample = window, order, subsample
