@@ -151,10 +151,8 @@ def verify_shards(prefixes, hashes) -> None:
                              "rebuild it (rerun launch/prep.py, or delete the data cache folder)")
         memo[stamp] = want
         try:
-            tmp = f"{memo_path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(memo, f)
-            os.replace(tmp, memo_path)
+            from .data_cache import atomic_json
+            atomic_json(memo_path, memo)
         except OSError:   # a read-only shard folder: verified again next time
             pass
 

@@ -184,10 +184,10 @@ def cached_embeddings(embedder: Embedder, texts: Sequence[str], cache_dir: Optio
     out = dist.all_gather_cat(local if local is not None else torch.zeros(0, dim))
     if path is not None and rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f"{key}.{os.getpid()}.tmp.npy"
-        np.save(tmp, out.numpy().astype(np.float32))
-        (folder / f"{key}.json").write_text(json.dumps({**embedder.describe(), "n": len(texts), "dim": dim}) + "\n")
-        os.replace(tmp, path)                       # atomic: a reader sees a whole file or none
+        from .data_cache import atomic_json, atomic_write
+        atomic_json(str(folder / f"{key}.json"), {**embedder.describe(), "n": len(texts), "dim": dim})
+        arr = out.numpy().astype(np.float32)        # the .npy last: a reader that finds it finds a whole file
+        atomic_write(str(path), lambda f: np.save(f, arr), binary=True)
     return out
 
 
