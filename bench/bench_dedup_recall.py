@@ -1,6 +1,6 @@
 """Near-duplicate recall and precision on planted pairs: dataprep's MinHashDedup next to datatrove's.
 
-    .venv/bin/python bench/bench_dedup_recall.py                 # 2000 pairs, about a minute on one core
+    .venv/bin/python bench/bench_dedup_recall.py                 # 2000 pairs, about 20 s on one core
     .venv/bin/python bench/bench_dedup_recall.py --pairs 200 --out /tmp/x.json
 
 Input: ``--pairs`` pairs (an original of ``--words`` random lowercase words and a copy with words replaced
