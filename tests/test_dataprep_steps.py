@@ -31,7 +31,7 @@ def test_text_reader_paragraphs_and_lines(tmp_path):
 
 
 def test_hf_dataset_reader(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     datasets.Dataset.from_dict({"text": ["a b c", "", "d e f"], "x": [1, 2, 3]}).save_to_disk(str(tmp_path / "hf"))
     srcs = expand_entry(str(tmp_path / "hf"), "k")
     assert srcs == [Source(str(tmp_path / "hf"), "hf")]

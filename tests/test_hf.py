@@ -13,9 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
-
+import peft  # noqa: F401  (required: a broken install fails here, never skips)
 import transformers  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers  # noqa: E402
 

@@ -6,8 +6,6 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-
 import pandas as pd  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 

@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_launch import FAST, ROOT, check_outputs, run  # noqa: E402
 
-pytest.importorskip("megatron.core")
+import megatron.core  # noqa: E402,F401  (required: a broken install fails here, never skips)
 
 from dataflex import dist  # noqa: E402
 from dataflex.loss import LossWrapper, per_sample_loss  # noqa: E402
