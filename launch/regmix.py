@@ -35,8 +35,16 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from dataflex.mixers.regmix import (MIN_SPEARMAN, fit_regression, heldout_spearman, regression_problem,  # noqa: E402
-                                    sample_mixtures, temperature_prior, top_k_mixture, write_mixture)
+from dataflex.mixers.regmix import (  # noqa: E402
+    MIN_SPEARMAN,
+    fit_regression,
+    heldout_spearman,
+    regression_problem,
+    sample_mixtures,
+    temperature_prior,
+    top_k_mixture,
+    write_mixture,
+)
 from dataflex.mixers.static import load_mixture_file  # noqa: E402
 
 PROXY_DEFAULTS = {"backend": "torch", "logger": "none", "trainer.plot": "false"}

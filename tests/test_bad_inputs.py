@@ -325,13 +325,42 @@ def test_extension_lock_of_a_live_build_is_kept(tmp_path):
         proc.wait()
 
 
-def test_a_dataflex_bug_is_not_a_user_error():
-    assert not issubclass(RuntimeError, UserError) and not issubclass(KeyError, UserError)
-
-
 # ------------------------------------------------------------------------ through the launcher
 
 PY, TRAIN = sys.executable, str(ROOT / "launch" / "train.py")
+
+
+BUGGY_MIXER = """
+from dataflex.utils.errors import ConfigError
+from dataflex.events import Event
+from dataflex.mixers import StaticMixer
+
+
+class Buggy(StaticMixer):
+    def apply(self, event, state):
+        super().apply(event, state)
+        if event == Event.BATCH_END:
+            if {kind!r} == "bug":
+                {{}}["a key dataflex forgot"]           # a dataflex bug mid-training
+            raise ConfigError("mixer.weights: the user's to fix")
+"""
+
+
+@pytest.mark.parametrize("kind", ["bug", "user"])
+def test_a_dataflex_bug_is_not_a_user_error(tmp_path, monkeypatch, kind):
+    """The same failure point mid-training: a KeyError (a bug of dataflex's) ends the run with its
+    traceback and exit status 1, never as `train: error:` with status 2, which only a UserError gets."""
+    (tmp_path / "buggy_plugin.py").write_text(BUGGY_MIXER.format(kind=kind))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    proc = run([PY, TRAIN, "backend=torch", "logger=none", "+mixer=static", "mixer._target_=buggy_plugin.Buggy",
+                "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}"], check=False, timeout=300)
+    if kind == "bug":
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert "Traceback" in proc.stderr and "KeyError: 'a key dataflex forgot'" in proc.stderr
+        assert "train: error:" not in proc.stderr
+    else:
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "train: error: mixer.weights: the user's to fix" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("override,message", [

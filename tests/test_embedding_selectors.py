@@ -8,16 +8,25 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import roundtrip, step, tiny_gpt
-from dataflex.session.flex import DataFlex
-from dataflex.grad.interface import TorchInterface
+
 from dataflex.data.domains import MixtureDataset
 from dataflex.data.samples import chunk_documents
+from dataflex.grad.interface import TorchInterface
+from dataflex.selectors import (
+    ClusterLessSelector,
+    NearSelector,
+    TsdsSelector,
+    cluster_scores,
+    kmeans,
+    near_scores,
+    representatives,
+    tsds_probabilities,
+    tsds_sample,
+)
 from dataflex.selectors.embedding import cache_key, cached_embeddings, embed_texts, embedder_path, load_embedder
-from dataflex.selectors import (ClusterLessSelector, NearSelector, TsdsSelector, cluster_scores, kmeans, near_scores,
-                                representatives, tsds_probabilities, tsds_sample)
 from dataflex.selectors.tsds import kde_density, query_neighbourhoods
+from dataflex.session.flex import DataFlex
 from dataprep.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +89,7 @@ def test_tsds_probabilities_hand_computed_with_the_reference_kernel():
 
 def ref_tsds(xq, xb, max_K, kde_K, sigma, alpha, C):
     import heapq
+
     import numpy as np
     M, N = len(xq), len(xb)
     max_K, kde_K = min(max_K, N // 10), min(kde_K, N // 10)

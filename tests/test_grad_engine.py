@@ -276,7 +276,7 @@ def test_bf16_model_accumulates_in_float32():
 
 
 def test_peft_lora_with_dropout():
-    peft = pytest.importorskip("peft")
+    import peft
     base = tiny_gpt()
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=r".*attn\.[qkvo]\.base")
     model = peft.get_peft_model(base, config)
@@ -319,7 +319,6 @@ def test_ghost_dots_match_dattri_grad_dot():
     """External cross-check: dattri's Grad-Dot (TracIn with one checkpoint, weight 1, no
     normalisation, its projection switched off) against ghost inner products with each test
     sample's gradient as one of K targets."""
-    pytest.importorskip("dattri")
     from dattri.algorithm.tracin import TracInAttributor
     from dattri.task import AttributionTask
     from torch.utils.data import DataLoader, TensorDataset
@@ -352,7 +351,6 @@ def test_zero3_engine_runs_ghost_and_factored_paths():
     import os
     import sys
     from pathlib import Path
-    pytest.importorskip("deepspeed")
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     from dataflex.backends import DeepSpeedBackend
     model = tiny_gpt(lora_rank=2)

@@ -9,21 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import peft  # noqa: F401  (required: a broken install fails here, never skips)
 import pytest
 import torch
-
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
-
 import transformers  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 import dataflex  # noqa: E402
-from dataflex.mixers import BanditMixer  # noqa: E402
 from dataflex.data.config import data_config_for  # noqa: E402
+from dataflex.mixers import BanditMixer  # noqa: E402
 from dataflex.models import hf  # noqa: E402
-from dataprep.tokenizer import HFTokenizer  # noqa: E402
 from dataflex.reweighters import LossReweighter  # noqa: E402
+from dataprep.tokenizer import HFTokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, SEQ = 128, 16

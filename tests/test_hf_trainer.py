@@ -3,12 +3,9 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd  # noqa: E402
 import pytest
 import torch
-
-pytest.importorskip("transformers")
-
-import pandas as pd  # noqa: E402
 from test_hf import tiny_model  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 

@@ -525,15 +525,59 @@ def test_aioli_pure_functions():
     torch.testing.assert_close(p, e / e.sum())
 
 
-def test_aioli_identical_domains_stay_uniform_ema_and_prior_stage():
+def test_aioli_identical_domains_stay_uniform_and_prior_stage():
     A = torch.full((3, 3), 0.02, dtype=torch.float64)
     mixer = AioliMixer(lp_rounds=2, lp_steps=2, update_steps=20, prior=[0.7, 0.2, 0.1], prior_steps=5, ema=0.5)
     W, records, _ = run_aioli(mixer, A, 45, noise=0.0)
     torch.testing.assert_close(W[:5], torch.tensor([[0.7, 0.2, 0.1]] * 5, dtype=torch.float64))
     assert records[0]["aioli/phase"] == 0 and records[5]["aioli/phase"] == 1 and records[17]["aioli/phase"] == 2
     torch.testing.assert_close(W[-1], torch.full((3,), 1 / 3, dtype=torch.float64))
-    # EMA: A_bar = (1 - gamma) A + gamma A_bar_prev, p from uniform each round
     assert mixer.rounds == 2
+
+
+class SwitchingSignals(SimSignals):
+    """The domains' interaction matrix changes at step `at`: each Aioli round estimates a different A."""
+
+    def __init__(self, A, A_later, at, L0):
+        super().__init__(A, L0)
+        self.A_later, self.at, self.t = A_later, at, 0
+
+    def step(self, p):
+        if self.t == self.at:
+            self.A = self.A_later
+        self.t += 1
+        super().step(p)
+
+
+def test_aioli_ema_averages_the_rounds_estimates():
+    """Two rounds that estimate different matrices A_1, A_2: after the second, A_bar = (1 - gamma) A_2 +
+    gamma A_1 and p = EG from uniform on A_bar (neither A_2 alone, nor a step from the previous p)."""
+    A1 = torch.tensor([[0.05, 0.01, 0.00], [0.02, 0.08, 0.01], [0.00, 0.03, 0.04]], dtype=torch.float64)
+    A2 = torch.tensor([[0.01, 0.00, 0.06], [0.03, 0.02, 0.00], [0.00, 0.01, 0.09]], dtype=torch.float64)
+    gamma, eta = 0.3, 2.0
+    mixer = AioliMixer(eta=eta, lp_rounds=2, lp_steps=2, update_steps=20, ema=gamma)
+    state = new_state(3)
+    sim = SwitchingSignals(A1, A2, 20, torch.full((3,), 10.0, dtype=torch.float64))
+    state.signals = sim
+    mixer.apply(Event.FIT_START, state)
+    estimates, p_after = [], []
+    for step in range(40):
+        state.step, state.metrics = step, {}
+        mixer.apply(Event.BEFORE_SAMPLE, state)
+        sim.step(state.domain_weights)
+        mixer.apply(Event.BATCH_END, state)
+        if step in (11, 31):                      # the learn phase of each round (K * rounds * steps = 12) ends
+            estimates.append(mixer.A.clone())
+            p_after.append(mixer.p.clone())
+    first, second = estimates
+    assert (first - second).abs().max() > 0.1                              # the rounds saw different domains
+    uniform = torch.full((3,), 1 / 3, dtype=torch.float64)
+    torch.testing.assert_close(p_after[0], aioli_eg_step(uniform, first, eta))
+    A_bar = (1 - gamma) * second + gamma * first
+    torch.testing.assert_close(mixer.A_bar, A_bar)
+    torch.testing.assert_close(p_after[1], aioli_eg_step(uniform, A_bar, eta))
+    assert (p_after[1] - aioli_eg_step(uniform, second, eta)).abs().max() > 1e-3
+    assert (p_after[1] - aioli_eg_step(p_after[0], second, eta)).abs().max() > 1e-3
 
 
 def test_aioli_state_dict_restores_mid_round():
@@ -619,14 +663,16 @@ def test_bandit_apply_loss_estimates_with_the_sampling_distribution():
     P, drawn = simulate_bandit(mixer, [1.0, 2.0, 4.0], 400)
     q = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
     assert P[-1].argmax() == 2 and P[-1][2] > 0.8                     # the policy learns the best arm
-    assert state.domain_loss_weights is None
     counts = torch.bincount(torch.cat(drawn[-100:]), minlength=3).double()
     assert (counts / counts.sum() - 1 / 3).abs().max() < 0.05         # simulate_bandit's sizes are equal: q uniform
     # the estimate divides by q, the distribution the batch came from
     m = BanditMixer(apply="loss", estimator="count", alpha=0.0)
     m.apply(Event.FIT_START, state)
+    assert state.domain_loss_weights is None
     m.apply(Event.BEFORE_SAMPLE, state)
-    torch.testing.assert_close(state.domain_weights, q)
+    torch.testing.assert_close(state.domain_weights, q)                # the batch is drawn from q ...
+    torch.testing.assert_close(m.mixture, m.policy)
+    torch.testing.assert_close(state.domain_loss_weights, m.policy / q)  # ... and its losses scaled by pi / q
     state.batch_domains, state.losses = torch.tensor([0, 0, 1, 2]), torch.tensor([1.0, 1.0, 2.0, 4.0])
     m.apply(Event.BATCH_END, state)
     torch.testing.assert_close(m.reward_hat, torch.tensor([1.0 * 0.5 / 0.6, 2.0 * 0.25 / 0.3, 4.0 * 0.25 / 0.1],

@@ -14,12 +14,25 @@ import pytest
 import torch
 
 from dataflex.core.events import Event
-from dataflex.mixers import StaticMixer
-from dataflex.mixers.regmix import (LinearModel, candidate_mixtures, concentration_grid, deduplicate,
-                                    dirichlet_draws, fit_regression, heldout_spearman, make_model,
-                                    regmix_filter, regression_problem, sample_mixtures, spearman,
-                                    temperature_prior, top_k_mixture, write_mixture)
 from dataflex.core.state import DataState
+from dataflex.mixers import StaticMixer
+from dataflex.mixers.regmix import (
+    LinearModel,
+    candidate_mixtures,
+    concentration_grid,
+    deduplicate,
+    dirichlet_draws,
+    fit_regression,
+    heldout_spearman,
+    make_model,
+    regmix_filter,
+    regression_problem,
+    sample_mixtures,
+    spearman,
+    temperature_prior,
+    top_k_mixture,
+    write_mixture,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 OPT = np.array([0.4, 0.3, 0.1, 0.2])

@@ -10,6 +10,9 @@ split), the tokenizer's sha256 and the inputs' sha256 (memoised by path, size an
     GROUP/.done.json                 the group's shards with hashes; written last (a finished group)
     cache.json                       everything above; written last by atomic rename: the commit point
 
+Every file here is written under a temporary name of its own (pid, thread, random), fsynced and renamed
+(`atomic_write`), and the files a marker names are fsynced before the marker: a reader never sees a part.
+
 Building holds ``ROOT/<key>.lock`` (flock), so two launches build once; other ranks of a launch wait for
 ``cache.json``. A killed build leaves no ``cache.json``: the next launch keeps the finished groups, redoes
 the unfinished one and writes the same bytes (the build is a pure function of the inputs).
@@ -24,10 +27,15 @@ import sys
 import time
 from typing import Optional
 
-from dataflex.utils.files import file_lock
+from dataflex.utils.files import atomic_json, file_lock, fsync_dir
 
 CACHE_VERSION = 1
 MARKER = "cache.json"
+
+
+def fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def default_root() -> str:
@@ -66,10 +74,7 @@ def input_hashes(paths: list[str], root: str) -> list[str]:
     if changed:
         try:
             os.makedirs(root, exist_ok=True)
-            tmp = f"{memo_path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(memo, f)
-            os.replace(tmp, memo_path)
+            atomic_json(memo_path, memo)
         except OSError:
             pass
     return out
@@ -140,10 +145,7 @@ def _build(folder: str, groups: list[dict], tokenizer, progress: bool) -> dict:
         out_groups.append(rec)
     bar.close()
     manifest = {"version": CACHE_VERSION, "tokenizer": tokenizer.describe(), "dtype": dtype, "groups": out_groups}
-    tmp = os.path.join(folder, MARKER + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-    os.replace(tmp, os.path.join(folder, MARKER))
+    atomic_json(os.path.join(folder, MARKER), manifest, indent=1, sort_keys=True)   # the commit point
     return manifest
 
 
@@ -210,12 +212,16 @@ def _build_group(folder: str, g: dict, tokenizer, dtype: str, bar, fault: int, w
             flush()
         if cols["doc_id"]:
             pw.write_table(pa.table(cols, schema=schema))
+    fsync_file(prov_path + ".tmp")
     os.replace(prov_path + ".tmp", prov_path)
+    records = writer.close()
+    for r in records:                   # the shards reach the disk before the marker that names them
+        for ext in (".bin", ".idx"):
+            fsync_file(os.path.join(gdir, r["prefix"] + ext))
+    fsync_dir(os.path.join(gdir, "shards"))
     rec = {"name": g["name"], "split": g["split"], "key": g["key"], "sources": [list(s) for s in g["sources"]],
            "documents": docs, "tokens": tokens, "provenance": os.path.relpath(prov_path, folder),
            "shards": [dict(s, prefix=os.path.relpath(os.path.join(gdir, s["prefix"]), folder))
-                      for s in writer.close()]}
-    with open(os.path.join(gdir, ".done.json.tmp"), "w") as f:
-        json.dump(rec, f, indent=1, sort_keys=True)
-    os.replace(os.path.join(gdir, ".done.json.tmp"), os.path.join(gdir, ".done.json"))
+                      for s in records]}
+    atomic_json(os.path.join(gdir, ".done.json"), rec, indent=1, sort_keys=True)
     return rec

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from dataflex.utils.errors import ShardError
+from dataflex.utils.files import atomic_json, atomic_write
 
 INDEX_VERSION = 1
 
@@ -56,14 +57,31 @@ def index_key(seq_len: int, shard_hashes: Sequence[str]) -> str:
     return f"seq{seq_len}-{h.hexdigest()[:20]}"
 
 
+def _load_index(paths: list, marker: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """The saved index, memory-mapped, only once its completion marker exists and agrees with the
+    arrays' lengths; None otherwise (not written yet, or written by a process that died midway)."""
+    try:
+        with open(marker) as f:
+            lengths = json.load(f)["lengths"]
+        arrays = tuple(np.load(p, mmap_mode="r") for p in paths)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return arrays if [len(a) for a in arrays] == list(lengths) else None
+
+
 def build_or_load_index(datasets: list, seq_len: int, index_dir: Optional[str], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(doc_shard, sample_start): loaded memory-mapped from ``index_dir/key.npz``-like files when present,
-    else built from the shards' sequence lengths (in blocks, so memory stays small) and saved atomically."""
-    paths = None
+    """(doc_shard, sample_start): loaded memory-mapped from ``index_dir/key.*.npy`` once their marker
+    ``key.done.json`` exists, else built from the shards' sequence lengths (in blocks, so memory stays
+    small) and saved: each array under a temporary name of its own, fsynced and renamed, then the marker
+    the same way. Ranks that build together write identical bytes; none reads a part."""
+
+    paths = marker = None
     if index_dir:
         paths = [os.path.join(index_dir, f"{key}.{name}.npy") for name in ("doc_shard", "sample_start")]
-        if all(os.path.isfile(p) for p in paths):
-            return tuple(np.load(p, mmap_mode="r") for p in paths)
+        marker = os.path.join(index_dir, f"{key}.done.json")
+        loaded = _load_index(paths, marker)
+        if loaded is not None:
+            return loaded
     docs = np.array([0] + [len(ds) for ds in datasets], dtype=np.int64).cumsum()
     start = np.empty(int(docs[-1]) + 1, dtype=np.int64)
     start[0], pos, total, block = 0, 1, 0, 1 << 20
@@ -77,11 +95,12 @@ def build_or_load_index(datasets: list, seq_len: int, index_dir: Optional[str], 
         try:
             os.makedirs(index_dir, exist_ok=True)
             for p, arr in zip(paths, (docs, start)):
-                tmp = f"{p}.{os.getpid()}.tmp.npy"
-                np.save(tmp, arr)
-                os.replace(tmp, p)
-            del start
-            return tuple(np.load(p, mmap_mode="r") for p in paths)
+                atomic_write(p, lambda f, arr=arr: np.save(f, arr), binary=True)
+            atomic_json(marker, {"version": INDEX_VERSION, "key": key, "lengths": [len(docs), len(start)],
+                                 "samples": int(start[-1])})
+            loaded = _load_index(paths, marker)
+            if loaded is not None:
+                return loaded
         except OSError:  # a read-only shard folder: keep the index in memory
             pass
     return docs, start
@@ -198,10 +217,7 @@ def verify_shards(prefixes, hashes) -> None:
                              "rebuild it (rerun launch/prep.py, or delete the data cache folder)")
         memo[stamp] = want
         try:
-            tmp = f"{memo_path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(memo, f)
-            os.replace(tmp, memo_path)
+            atomic_json(memo_path, memo)
         except OSError:   # a read-only shard folder: verified again next time
             pass
 

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from dataflex.core.loss import per_sample_loss
-from dataflex.grad.api import per_sample_grads
 from dataflex.grad.params import ParamSpec, PerSampleGrads, eval_mode, select_params
+from dataflex.grad.vmap import vmap_grads
 from dataflex.models.forward import SAMPLE_KEYS, default_forward
 
 FUNCTORCH_ERRORS = ("vmap", "functorch", "torch.func", "autograd.Function", "data-dependent", "setup_context",
@@ -54,8 +54,10 @@ def _warn(what: str) -> None:
 
 def guarded_per_sample_grads(module: nn.Module, batch: dict, params: ParamSpec = "all", projector=None,
                              chunk_size: int = 16, forward: Optional[Callable] = None, train_mode: bool = False,
-                             fast: Callable = per_sample_grads) -> PerSampleGrads:
-    """`fast` (dataflex.grad.params.per_sample_grads) where it can run, else the exact loop."""
+                             fast: Optional[Callable] = None) -> PerSampleGrads:
+    """`fast` (dataflex.grad.api.per_sample_grads, which dispatches on the projector; default: torch.func's
+    vmap, which takes no factored or hooked projector) where it can run, else the exact loop."""
+    fast = fast or _vmap_in_eval_mode
 
     forward = forward or default_forward
     obstacle = vmap_obstacle(module, train_mode)
@@ -69,6 +71,11 @@ def guarded_per_sample_grads(module: nn.Module, batch: dict, params: ParamSpec =
             obstacle = f"{type(module).__name__} ({type(e).__name__}: {first})"
     _warn(obstacle)
     return loop_per_sample_grads(module, batch, params, projector, forward, train_mode)
+
+
+def _vmap_in_eval_mode(module, batch, params, projector, chunk_size, forward, train_mode) -> PerSampleGrads:
+    with eval_mode(module, not train_mode):
+        return vmap_grads(module, batch, params, projector, chunk_size, forward, train_mode)
 
 
 def loop_per_sample_grads(module: nn.Module, batch: dict, params: ParamSpec = "all", projector=None,

@@ -15,6 +15,14 @@ Every chosen parameter's per-sample gradient is then a sum of contributions:
                               forward and backward: rare, reported in `EngineRun.fallback`)
 
 A parameter used by several modules (tied weights, a module called twice) sums their contributions.
+A hooked parameter that is also used outside its modules (a tied head written `F.linear(h, emb.weight)`,
+`emb.weight[ids]`, `mod.forward(x)` called past the hooks) would lose that use: after the forward,
+the autograd graph is walked from the loss, and every edge into a chosen parameter that lies outside
+the subgraph of one of its own module's hooked calls (from the call's output back to its input)
+sends that parameter to the exact path too, reported in `fallback` with a one-time warning. The walk
+sees whatever autograd records (custom Functions, C++ ops); chosen parameters that are frozen
+require grad for the forward so their uses are recorded too. It costs one pass over the graph's
+nodes, no gradient.
 
 Norms (ghost norm, Goodfellow 2015; Li et al. 2021, "Large language models can be strong
 differentially private learners"): for a factor, ||G_i||^2 = sum_{t,s} (r_t . r_s)(c_t . c_s),
@@ -31,6 +39,8 @@ Tensors stay on the module's device; bf16 activations are accumulated in float32
 from __future__ import annotations
 
 import re
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -40,8 +50,8 @@ from torch import nn
 from torch.func import functional_call
 
 from dataflex.core.loss import per_sample_loss
+from dataflex.grad.fallback import guarded_per_sample_grads
 from dataflex.grad.params import ParamSpec, eval_mode, select_params
-from dataflex.grad.vmap import vmap_grads
 from dataflex.models.forward import default_forward
 
 NORMS = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
@@ -182,34 +192,105 @@ def capture(module: nn.Module, batch: dict, params: ParamSpec = "all", forward: 
     def hook(mod, args, out, roles=None):
         if not out.requires_grad:        # frozen up to here: make the output a leaf to read its gradient
             out = out.detach().requires_grad_()
-        records.append((mod, roles, args[0].detach(), out))
+        records.append((mod, roles, args[0].detach(), out, args[0].grad_fn))
         return out
 
     for mod, roles in plan:
         handles.append(mod.register_forward_hook(lambda m, a, o, r=roles: hook(m, a, o, r)))
+    hooked = {n for _, roles in plan for n in roles.values()}
+    frozen = [p for n, p in chosen.items() if n in hooked and not p.requires_grad]
     try:
+        for p in frozen:                 # recorded by autograd, so that every use of it can be seen
+            p.requires_grad_(True)
         with eval_mode(module, not train_mode), torch.enable_grad():
             logits = forward(call or module, batch)
             loss = per_sample_loss(logits, batch["labels"], batch["loss_mask"]).sum()
+            outside = outside_uses(loss, records, {n: p for n, p in chosen.items() if n in hooked})
             outs = [r[3] for r in records]
             grads = torch.autograd.grad(loss, outs, allow_unused=True) if outs else []
     finally:
         for h in handles:
             h.remove()
+        for p in frozen:
+            p.requires_grad_(False)
     contributions = {n: [] for n in chosen}
-    for (mod, roles, x, out), g in zip(records, grads):
+    for (mod, roles, x, out, _), g in zip(records, grads):
         g = torch.zeros_like(out) if g is None else g.detach()
         for name, c in _contributions(mod, roles, x, g, B):
             contributions[name].append(c)
     del records, grads, loss, logits
-    if leftover:
-        with eval_mode(module, not train_mode):
-            exact = vmap_grads(module, batch, [f"^{re.escape(n)}$" for n in leftover], None, 16, forward,
-                               train_mode)
-        for n in leftover:
-            contributions[n].append(exact.grads[n].flatten(1).float())
-    return EngineRun(contributions, {n: _shape(p) for n, p in chosen.items()}, B, leftover,
+    if outside:
+        _warn_outside(module, outside)
+    exact_names = [n for n in chosen if n in outside or n in leftover]
+    if exact_names:
+        exact = guarded_per_sample_grads(module, batch, [f"^{re.escape(n)}$" for n in exact_names],
+                                         forward=forward, train_mode=train_mode)
+        for n in exact_names:                # the exact gradient holds the hooked uses too: it replaces them
+            contributions[n] = [exact.grads[n].flatten(1).float()]
+    return EngineRun(contributions, {n: _shape(p) for n, p in chosen.items()}, B, exact_names,
                      batch["input_ids"].device)
+
+
+def _accumulators(node) -> Optional[int]:
+    """id of the leaf tensor an AccumulateGrad node feeds, else None."""
+    variable = getattr(node, "variable", None)
+    return id(variable) if variable is not None else None
+
+
+def outside_uses(loss: torch.Tensor, records: list, chosen: dict) -> set:
+    """Names of chosen parameters that reach `loss` through an autograd edge that no hooked call
+    accounts for. A call's own edges are those into the call's own parameters found walking back
+    from its output, stopping at the node of its input; every other edge into a chosen parameter
+    (found walking back from the loss) is a use the hooks never see."""
+    if loss.grad_fn is None:
+        return set()
+    wanted = {id(p): n for n, p in chosen.items()}
+    keep, own_edges = [], set()                    # keep: nodes alive while their ids are compared
+    for mod, roles, _, out, input_node in records:
+        own = {id(mod._parameters[r]) for r in roles}
+        stack, seen = [out.grad_fn] if out.grad_fn is not None else [], set()
+        while stack:
+            node = stack.pop()
+            if id(node) in seen or node is input_node:
+                continue
+            seen.add(id(node))
+            keep.append(node)
+            for k, (child, _) in enumerate(node.next_functions):
+                if child is None:
+                    continue
+                if _accumulators(child) in own:
+                    own_edges.add((id(node), k))
+                else:
+                    stack.append(child)
+    found, stack, seen = set(), [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        keep.append(node)
+        for k, (child, _) in enumerate(node.next_functions):
+            if child is None:
+                continue
+            leaf = _accumulators(child)
+            if leaf is None:
+                stack.append(child)
+            elif leaf in wanted and (id(node), k) not in own_edges:
+                found.add(wanted[leaf])
+    return found
+
+
+_warned: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+
+
+def _warn_outside(module: nn.Module, names: set) -> None:
+    """Once per module and set of names."""
+    key, seen = tuple(sorted(names)), _warned.setdefault(module, set())
+    if key not in seen:
+        seen.add(key)
+        warnings.warn(f"gradient engine: {sorted(names)[:4]} of {type(module).__name__} are also used outside their "
+                      "modules (a tied head written F.linear(h, emb.weight), emb.weight[ids], ...): their per-sample "
+                      "gradients come from the exact path (torch.func), which materialises them", stacklevel=3)
 
 
 def chunks(batch: dict, chunk_size: Optional[int]):

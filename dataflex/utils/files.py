@@ -1,2 +1,50 @@
-"""File helpers shared by every layer (dataprep's, re-exported): an exclusive lock across processes."""
+"""File helpers shared by every layer: an exclusive lock across processes (dataprep's), and atomic writes
+(temporary name, fsync, rename, fsync of the folder) for every file that other ranks read."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from typing import Callable
+
 from dataprep.writer import file_lock, sha256_file  # noqa: F401
+
+
+def atomic_write(path: str, write: Callable, binary: bool = False) -> None:
+    """`write(f)` into a temporary file beside `path` whose name no other process or thread uses
+    (pid, thread, random), flushed and fsynced, renamed over `path`, the folder fsynced: a reader sees
+    the previous file or the whole new one, never a part, even after a crash."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "xb" if binary else "x") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(folder)
+
+
+def atomic_json(path: str, content, **kw) -> None:
+    atomic_write(path, lambda f: json.dump(content, f, **kw))
+
+
+def fsync_dir(folder: str) -> None:
+    """Make the folder's entries (a rename, a new file) durable; a no-op where a folder cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
