@@ -54,7 +54,7 @@ __all__ = sorted(_PUBLIC) + ["mixers", "reweighters", "selectors"]
 def __getattr__(name: str):
     if name in _PUBLIC:
         value = getattr(importlib.import_module(_PUBLIC[name]), name)
-    elif name in _SUBPACKAGES:
+    elif name in _SUBPACKAGES or f"dataflex.{name}" in _moved.MOVED:    # old module paths: a warning
         value = importlib.import_module(f"dataflex.{name}")
     else:
         raise AttributeError(f"module 'dataflex' has no attribute {name!r}")
