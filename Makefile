@@ -12,7 +12,7 @@ DEMO_ARGS ?=
 
 .PHONY: demo test test-slow setup bench clean
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0

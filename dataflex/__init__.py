@@ -27,7 +27,7 @@ from dataflex import _moved
 
 _moved.install()
 
-__version__ = "0.2.0"
+from dataflex.utils.version import __version__  # noqa: E402,F401
 
 _PUBLIC = {
     "DataAwareSampler": "dataflex.core.sampler", "DataState": "dataflex.core.state", "Event": "dataflex.core.events",

@@ -9,8 +9,16 @@ from typing import Optional
 from tokenizers import Tokenizer as _HFTokenizer
 
 EOS_TOKEN = "<|endoftext|>"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TOKENIZER = "data/default/tokenizer.json"   # the embedded corpus's byte-level BPE, relative to the checkout
+DEFAULT_TOKENIZER = "data/default/tokenizer.json"   # the embedded corpus's byte-level BPE, relative to share_root()
+
+
+def share_root() -> Path:
+    """Where `configs/` and `data/default/` are: a clone's root, or an installed wheel's `dataflex/_share/`."""
+    here = Path(__file__).resolve().parents[1]
+    return here if (here / DEFAULT_TOKENIZER).is_file() else here / "dataflex" / "_share"
+
+
+REPO_ROOT = share_root()      # relative data paths of the shipped configs are taken from here
 
 
 def default_tokenizer_path() -> str:

@@ -25,6 +25,9 @@ BELOW = {
     "run": {"utils", "core", "models", "grad", "data", "session", "backends"} | PLUGINS,
     "integrations": {"utils", "core", "models", "grad", "data", "session", "backends", "run"} | PLUGINS,
     "report": {"utils", "run"},
+    "recipes": {"utils", "core", "models", "grad", "data", "session", "backends", "run", "integrations", "report"}
+    | PLUGINS,
+    "__main__": {"recipes"},
 }
 NO_HYDRA = {"utils", "core", "models", "grad", "data", "session", "backends"} | PLUGINS
 

@@ -269,10 +269,9 @@ def test_mixture_file_loads_into_the_static_mixer(tmp_path, suffix):
 
 
 def load_launch():
-    spec = importlib.util.spec_from_file_location("regmix_launch", ROOT / "launch" / "regmix.py")
-    regmix = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(regmix)
-    return regmix
+    """The regmix recipe (launch/regmix.py runs it), fresh, so monkeypatching stays inside one test."""
+    import dataflex.recipes.regmix as recipe
+    return importlib.reload(recipe)
 
 
 def fake_pile_launch(monkeypatch, regmix, loss_of):

@@ -188,8 +188,9 @@ def run_dataprep(data: dict, output_dir: Path, workers: int) -> str:
     from omegaconf import OmegaConf
 
     from dataprep.run import prepare
+    from dataprep.tokenizer import share_root
 
-    prep = OmegaConf.load(Path(__file__).resolve().parents[3] / "configs" / "prep" / "default.yaml")
+    prep = OmegaConf.load(share_root() / "configs" / "prep" / "default.yaml")
     prep.output_dir = str(output_dir)
     prep.execution.workers = workers
     cfg = OmegaConf.to_container(OmegaConf.create({"data": data, "prep": prep}), resolve=True)
