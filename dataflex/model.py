@@ -85,11 +85,16 @@ class TinyGPT(nn.Module):
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
 
-    def forward(self, input_ids, position_ids=None):
+    def forward(self, input_ids, position_ids=None, lean: bool = False):
+        """Logits [B, T, V]; `lean=True`: the last hidden states and the head instead
+        (`dataflex.lean_loss.LeanOutput`), for the loss without logits."""
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.tok_emb(input_ids) + self.pos_emb(position_ids)
         for block in self.blocks:
             x = block(x)
+        if lean:
+            from .lean_loss import LeanOutput
+            return LeanOutput(self.ln_f(x), self.head)
         return self.head(self.ln_f(x))

@@ -47,8 +47,15 @@ class Backend:
     def to_device(self, batch):
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def forward(self, batch):
+    def forward(self, batch, lean: bool = False):
+        """Logits, or with `lean=True` the model's hidden states and head (`dataflex.lean_loss.LeanOutput`)
+        where it offers them (the logits otherwise)."""
         forward = getattr(getattr(self, "interface", None), "forward", default_forward)   # HF models: dataflex.hf
+        if lean:
+            from ..lean_loss import lean_forward
+            out = lean_forward(forward, self.model, batch)
+            if out is not None:
+                return out
         return forward(self.model, batch)
 
 
