@@ -281,3 +281,29 @@ def test_backend_forward_lean_for_tinygpt():
     assert isinstance(out, LeanOutput) and out.head is backend.model.head
     torch.testing.assert_close(per_token_loss(out, batch["labels"]),
                                per_token_loss(backend.forward(batch), batch["labels"]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_deepspeed_engine_lean_equals_plain_logits(stage):
+    """ZeRO-0: the engine's lean forward gives the plain module's logits-path scalar and gradients.
+    ZeRO-3 partitions the head outside the engine's forward: the lean request falls back to logits."""
+    import copy
+    import os
+    import sys
+    from pathlib import Path
+    pytest.importorskip("deepspeed")
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"   # DeepSpeed's ninja
+    from dataflex.backends import DeepSpeedBackend
+    batch = build_batch()
+    model = tiny_gpt()
+    reference = copy.deepcopy(model)
+    ref_loss = LossWrapper(weigh=weigh_fn(batch))(reference(batch["input_ids"], batch["position_ids"]), batch)
+    ref_loss.backward()
+    backend = DeepSpeedBackend(model, micro_batch_size=len(batch["labels"]), zero_stage=stage, lr=1e-3)
+    out = backend.forward(batch, lean=True)
+    assert isinstance(out, LeanOutput) == (stage == 0)
+    loss = LossWrapper(weigh=weigh_fn(batch))(out, batch)
+    torch.testing.assert_close(loss.detach(), ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    if stage == 0:
+        backend.engine.backward(loss)
+        assert_grads_close(grads(backend.module), grads(reference))
