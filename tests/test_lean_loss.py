@@ -307,3 +307,32 @@ def test_deepspeed_engine_lean_equals_plain_logits(stage):
     if stage == 0:
         backend.engine.backward(loss)
         assert_grads_close(grads(backend.module), grads(reference))
+
+
+def test_hf_trainer_lean_equals_logits(tmp_path, domains_builder, monkeypatch):
+    """DataFlexTrainer(lean_loss=True) trains a Llama to the same per-step losses and parameters as
+    lean_loss=False, and its compute_loss really took the lean path."""
+    import json
+
+    import dataflex
+    import dataflex.lean_loss as lean_module
+    from dataflex.integrations.hf import DataFlexTrainer
+    from dataflex.reweighters import LossReweighter
+    seen = []
+    real = lean_module.lean_forward
+    monkeypatch.setattr(lean_module, "lean_forward", lambda *a: seen.append(real(*a)) or seen[-1])
+    runs = []
+    for lean in (False, True):
+        model = tiny_llama(vocab=64)
+        flex = dataflex.DataFlex(domains_builder(16), global_batch_size=8, plugins=[LossReweighter(burnout_steps=0)],
+                                 seed=0)
+        out = tmp_path / str(lean)
+        args = transformers.TrainingArguments(output_dir=str(out), max_steps=3, learning_rate=1e-3, logging_steps=1,
+                                              report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                                              seed=0)
+        DataFlexTrainer(model=model, args=args, flex=flex, lean_loss=lean).train()
+        losses = [json.loads(x)["train_loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs.append((torch.tensor(losses), {n: p.detach().clone() for n, p in model.named_parameters()}))
+    assert len(seen) == 3 and all(isinstance(x, LeanOutput) for x in seen)
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-6)
+    assert_grads_close(runs[1][1], runs[0][1], rtol=1e-4, atol=1e-5)
