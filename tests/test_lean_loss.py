@@ -44,8 +44,8 @@ def weigh_fn(batch, seed=0, tokens=True):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("frozen", [False, True])
-@pytest.mark.parametrize("chunk", [1, 7, 64, None])
-def test_per_token_loss_and_gradients_equal_cross_entropy(bias, frozen, chunk):
+@pytest.mark.parametrize("chunk,vocab_chunk", [(1, None), (7, None), (64, None), (None, None), (7, 16), (64, 7), (1, 1)])
+def test_per_token_loss_and_gradients_equal_cross_entropy(bias, frozen, chunk, vocab_chunk):
     torch.manual_seed(0)
     N, H, V = 37, 16, 50
     hidden = torch.randn(N, H, requires_grad=True)
@@ -59,7 +59,7 @@ def test_per_token_loss_and_gradients_equal_cross_entropy(bias, frozen, chunk):
     ref_g = {"hidden": hidden.grad.clone(), **grads(head)}
     hidden.grad = None
     head.zero_grad(set_to_none=True)
-    got = linear_cross_entropy(hidden, head, labels, chunk_size=chunk)
+    got = linear_cross_entropy(hidden, head, labels, chunk_size=chunk, vocab_chunk=vocab_chunk)
     assert got.dtype == torch.float32 and got.shape == (N,)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert got[3] == 0 and got[20] == 0
@@ -114,9 +114,15 @@ def tied_gpt():
     return model
 
 
+CHUNKINGS = [None, "5x16"]     # default (one chunk here), and token blocks of 5 x vocabulary chunks of 16
+
+
+@pytest.mark.parametrize("chunking", CHUNKINGS)
 @pytest.mark.parametrize("reduction", ["token", "sample"])
 @pytest.mark.parametrize("make", [tiny_gpt, tied_gpt], ids=["untied", "tied"])
-def test_tinygpt_lean_equals_logits_weighted(reduction, make):
+def test_tinygpt_lean_equals_logits_weighted(reduction, make, chunking, monkeypatch):
+    if chunking:
+        monkeypatch.setenv("DATAFLEX_LEAN_CHUNK", chunking)
     batch = build_batch()
     scalars, all_grads, last = [], [], []
     for lean in (False, True):
@@ -146,7 +152,10 @@ def test_wrapper_keywords_equal_lean_output():
     assert a.item() == b.item()
 
 
-def test_bf16_lean_equals_logits_within_bf16_precision():
+@pytest.mark.parametrize("chunking", CHUNKINGS)
+def test_bf16_lean_equals_logits_within_bf16_precision(chunking, monkeypatch):
+    if chunking:
+        monkeypatch.setenv("DATAFLEX_LEAN_CHUNK", chunking)
     batch = build_batch()
     results = []
     for lean in (False, True):
@@ -161,18 +170,24 @@ def test_bf16_lean_equals_logits_within_bf16_precision():
     (tok0, loss0, g0), (tok1, loss1, g1) = results
     torch.testing.assert_close(tok1, tok0, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(loss1, loss0, rtol=1e-2, atol=1e-3)
+    # relative to the parameter's gradient, or to 1% of the largest one for gradients that are ~0 in
+    # exact arithmetic (the attention keys' bias: softmax is shift-invariant), where bf16 noise is all there is
+    scale = max(float(g.float().norm()) for g in g0.values())
     for name in g0:
         assert g1[name].dtype == torch.bfloat16
-        err = (g1[name].float() - g0[name].float()).norm() / g0[name].float().norm().clamp(min=1e-12)
+        err = (g1[name].float() - g0[name].float()).norm() / max(float(g0[name].float().norm()), 1e-2 * scale)
         assert err < 2e-2, (name, float(err))
 
 
+@pytest.mark.parametrize("chunking", CHUNKINGS)
 @pytest.mark.parametrize("reduction", ["token", "sample"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_tokens_weigh_zero_with_exact_zero_gradient(reduction, bad):
+def test_non_finite_tokens_weigh_zero_with_exact_zero_gradient(reduction, bad, chunking, monkeypatch):
     """Tokens whose hidden state is NaN/inf: NaN/inf losses as on the logits path, the same weighted
     scalar, and gradients equal to the logits path's with those tokens masked out (finite, where the
     logits path's cross-entropy backward spreads NaN into the head's gradient)."""
+    if chunking:
+        monkeypatch.setenv("DATAFLEX_LEAN_CHUNK", chunking)
     torch.manual_seed(0)
     batch = build_batch()
     B, T = batch["labels"].shape
