@@ -351,3 +351,16 @@ def test_hf_trainer_lean_equals_logits(tmp_path, domains_builder, monkeypatch):
     assert len(seen) == 3 and all(isinstance(x, LeanOutput) for x in seen)
     torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-6)
     assert_grads_close(runs[1][1], runs[0][1], rtol=1e-4, atol=1e-5)
+
+
+def test_trainer_lean_loss_is_a_checked_boolean_defaulting_to_true():
+    from omegaconf import OmegaConf
+
+    from pathlib import Path
+
+    from dataflex.checks import ConfigError, check_value
+    default = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/trainer/default.yaml")
+    assert default.lean_loss is True
+    check_value("trainer.lean_loss", False)
+    with pytest.raises(ConfigError, match="trainer.lean_loss='yes': expected true or false"):
+        check_value("trainer.lean_loss", "yes")
