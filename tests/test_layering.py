@@ -14,7 +14,7 @@ PLUGINS = {"mixers", "selectors", "reweighters"}
 BELOW = {
     "utils": set(),
     "core": {"utils"},
-    "models": {"utils"},
+    "models": {"utils", "core"},
     "grad": {"utils", "core", "models"},
     "data": {"utils", "core"},
     "session": {"utils", "core", "models", "grad", "data"},

@@ -7,6 +7,7 @@ import os
 import torch
 
 from dataflex.models.forward import default_forward
+from dataflex.models.lean import lean_forward
 from dataflex.utils.dist import free_port
 
 
@@ -46,8 +47,14 @@ class Backend:
     def to_device(self, batch):
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def forward(self, batch):
+    def forward(self, batch, lean: bool = False):
+        """Logits, or with `lean=True` the model's hidden states and head (`dataflex.core.lean_loss.LeanOutput`)
+        where it offers them (the logits otherwise)."""
         forward = getattr(getattr(self, "interface", None), "forward", default_forward)   # HF models: dataflex.models.hf
+        if lean:
+            out = lean_forward(forward, self.model, batch)
+            if out is not None:
+                return out
         return forward(self.model, batch)
 
 

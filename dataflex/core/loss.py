@@ -15,6 +15,9 @@ Megatron and a plain `F.cross_entropy(..., ignore_index)` loop compute, and `sam
 per-sample means (Sow et al.'s README form). Both normalise by the weights' own total, so scaling
 every weight by a constant changes nothing.
 
+The loss starts from the logits, or from the last hidden states and the output head (the lean path,
+`dataflex.core.lean_loss`: no [B, T, V] tensor); everything after the per-token loss is the same.
+
 Under data parallelism the denominator is the global one: each rank returns its numerator over
 (global denominator / world size), so the usual average of gradients over ranks is the gradient
 of the global loss. Non-finite token losses (NaN, inf) get weight 0 in every reduction and
@@ -27,11 +30,22 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from dataflex.core.lean_loss import LeanOutput, linear_cross_entropy
+
 REDUCTIONS = ("token", "sample")
 
 
-def per_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of every position, [B, T]."""
+def per_token_loss(logits: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, *,
+                   hidden: Optional[torch.Tensor] = None, head=None, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Cross-entropy of every position, [B, T], float32. From the logits [B, T, V], or (the lean
+    path) from the last hidden states and the output head, `hidden=`/`head=` or a `LeanOutput` in
+    place of the logits: chunk by chunk, no [B, T, V] tensor (dataflex.core.lean_loss), same values."""
+    if isinstance(logits, LeanOutput):
+        hidden, head = logits
+    if hidden is not None:
+        if head is None:
+            raise ValueError("per_token_loss(hidden=...) needs the output head (head=module, weight or (weight, bias))")
+        return linear_cross_entropy(hidden, head, labels, chunk_size=chunk_size)
     logits = getattr(logits, "logits", logits)      # HF ModelOutput
     B, T, V = logits.shape
     return F.cross_entropy(logits.reshape(B * T, V).float(), labels.reshape(B * T), reduction="none").view(B, T)
@@ -103,8 +117,13 @@ class LossWrapper:
         self.reduction = reduction
         self.last: dict = {}
 
-    def __call__(self, logits, batch: dict) -> torch.Tensor:
-        return self.from_token_loss(per_token_loss(logits, batch["labels"]), batch)
+    def __call__(self, logits=None, batch: Optional[dict] = None, *, hidden: Optional[torch.Tensor] = None,
+                 head=None) -> torch.Tensor:
+        """`logits` [B, T, V] (or an HF output), or the lean path: `hidden=` [B, T, H] and `head=`
+        (or a `dataflex.core.lean_loss.LeanOutput` as `logits`); the same scalar and gradients either way."""
+        if batch is None:
+            raise TypeError("flex.loss(outputs, batch): the batch is missing")
+        return self.from_token_loss(per_token_loss(logits, batch["labels"], hidden=hidden, head=head), batch)
 
     def from_token_loss(self, token_loss: torch.Tensor, batch: dict) -> torch.Tensor:
         """Entry point for Megatron-core's `loss_func`, whose output tensor is the per-token loss."""

@@ -10,7 +10,8 @@ What changes against a plain Trainer, and nothing else:
   moment the step starts (current domain weights and keep masks; this rank's slice of the global
   batch, so Accelerate does not shard it again);
 - `compute_loss` runs the model without `labels=` (dataflex.models.hf.hf_forward) and returns
-  `flex.loss(logits, batch)`, the plugins' weighted token mean with the global denominator (already
+  `flex.loss(logits, batch)` (with `lean_loss=True`, the default, from the hidden states and
+  `lm_head` instead of the logits: dataflex.core.lean_loss), the plugins' weighted token mean with the global denominator (already
   averaged over ranks, not rescaled by Trainer);
 - `DataFlexCallback.on_step_end` calls `flex.end_step()` (mixers learn) and writes the record:
   metrics.jsonl, ledger/, samples.parquet and summary.json under `run_dir` (default args.output_dir);
@@ -32,6 +33,7 @@ from transformers import Trainer, TrainerCallback
 from dataflex.data.provenance import sample_table
 from dataflex.grad.interface import TorchInterface
 from dataflex.models.hf import forward_for
+from dataflex.models.lean import lean_forward
 from dataflex.run.outputs import RunOutputs
 from dataflex.utils import dist
 
@@ -88,8 +90,9 @@ class DataFlexTrainerMixin:
 
     loss_is_scaled_for_ga = True        # flex.loss is the final scalar: Trainer must not rescale it
 
-    def __init__(self, *args, flex, run_dir: Optional[str] = None, **kwargs):
+    def __init__(self, *args, flex, run_dir: Optional[str] = None, lean_loss: bool = True, **kwargs):
         self.flex = flex
+        self.flex_lean_loss = lean_loss     # the loss from hidden states + lm_head, no logits (dataflex.core.lean_loss)
         super().__init__(*args, **kwargs)
         if self.args.gradient_accumulation_steps != 1:
             raise ValueError("DataFlexTrainer: gradient_accumulation_steps must be 1 (one dataflex step per "
@@ -116,7 +119,11 @@ class DataFlexTrainerMixin:
         if "loss_mask" not in inputs or not model.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        logits = self._flex_forward(model, inputs)
+        logits = None
+        if getattr(self, "flex_lean_loss", False) and not return_outputs:
+            logits = lean_forward(self._flex_forward, model, inputs)     # None: the model cannot, logits below
+        if logits is None:
+            logits = self._flex_forward(model, inputs)
         loss = self.flex.loss(logits, inputs)
         return (loss, {"logits": logits}) if return_outputs else loss
 

@@ -12,3 +12,5 @@ def default_forward(call: Callable, batch: dict) -> torch.Tensor:
     """Run a causal LM on a batch and return logits (HF-style outputs with `.logits` work too)."""
     out = call(batch["input_ids"], position_ids=batch["position_ids"])
     return getattr(out, "logits", out)
+
+

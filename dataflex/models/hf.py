@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
+from dataflex.core.lean_loss import LeanOutput, head_params
 from dataprep.tokenizer import has_tokenizer
 
 # ------------------------------------------------------------------------------------------ models
@@ -57,14 +58,20 @@ def causal_mask_4d(position_ids: torch.Tensor, attention_mask: Optional[torch.Te
     return torch.where(keep, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=position_ids.device))
 
 
-def hf_forward(call: Callable, batch: dict, mask_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def hf_forward(call: Callable, batch: dict, mask_dtype: Optional[torch.dtype] = None, lean: bool = False):
     """Logits of an HF causal LM (or peft model, DDP, DeepSpeed engine around one) on a dataflex batch.
 
     `use_cache=False` always; `position_ids` as given; `attention_mask` when the batch holds one
     (right padding needs none: a label token never attends to the padding after it). Inside
     torch.func transforms (per-sample gradients) transformers' own mask construction branches on
     tensor values (packed-sequence detection, SDPA's causal skip), so a ready 4D mask is passed
-    instead, equal to what it would build."""
+    instead, equal to what it would build.
+
+    `lean=True`: a `dataflex.core.lean_loss.LeanOutput` (the decoder's last hidden states and `lm_head`)
+    instead of the logits, the head run on one position only (`logits_to_keep=1`); None where the
+    model cannot (no `logits_to_keep`, an adapter on the head): the caller takes the logits path."""
+    if lean:
+        return _lean_hf_forward(call, batch, mask_dtype)
     ids = batch["input_ids"]
     pos = batch.get("position_ids")
     mask = batch.get("attention_mask")
@@ -79,6 +86,34 @@ def hf_forward(call: Callable, batch: dict, mask_dtype: Optional[torch.dtype] = 
         kwargs["attention_mask"] = mask
     out = call(input_ids=ids, **kwargs)
     return getattr(out, "logits", out)
+
+
+def _lean_hf_forward(call: Callable, batch: dict, mask_dtype: Optional[torch.dtype]):
+    import inspect
+
+    base = call
+    while hasattr(base, "module") and isinstance(getattr(base, "module"), torch.nn.Module):   # DDP, DeepSpeed
+        base = base.module
+    if hasattr(base, "get_base_model"):                     # peft
+        base = base.get_base_model()
+    head, decoder = base.get_output_embeddings(), getattr(base, "base_model", None)   # e.g. LlamaModel
+    if head is None or not isinstance(decoder, torch.nn.Module) or decoder is base \
+            or _under_functorch(batch["input_ids"]) \
+            or "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return None
+    try:
+        head_params(head)
+    except ValueError:
+        return None
+    captured = []
+    hook = decoder.register_forward_hook(lambda _m, _a, out: captured.append(out))
+    try:
+        hf_forward(partial(call, logits_to_keep=1), batch, mask_dtype)
+    finally:
+        hook.remove()
+    out = captured[-1]
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return LeanOutput(hidden, head)
 
 
 def _base_config(module):

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dataflex.core.lean_loss import LeanOutput
+
 
 class LoRALinear(nn.Module):
     """y = W x + (alpha / r) B A x, with W frozen when adapters are trained alone."""
@@ -85,11 +87,15 @@ class TinyGPT(nn.Module):
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
 
-    def forward(self, input_ids, position_ids=None):
+    def forward(self, input_ids, position_ids=None, lean: bool = False):
+        """Logits [B, T, V]; `lean=True`: the last hidden states and the head instead
+        (`dataflex.core.lean_loss.LeanOutput`), for the loss without logits."""
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.tok_emb(input_ids) + self.pos_emb(position_ids)
         for block in self.blocks:
             x = block(x)
+        if lean:
+            return LeanOutput(self.ln_f(x), self.head)
         return self.head(self.ln_f(x))

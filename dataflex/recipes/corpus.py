@@ -12,7 +12,6 @@ import argparse
 import sys
 
 
-
 def main() -> None:
     from dataflex.utils.console import quiet_third_party
     from dataprep.corpora.bench import build, default_root

@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 import sys
 
-
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
 from dataflex.utils.paths import configs_dir
 
 

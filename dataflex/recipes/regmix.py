@@ -44,8 +44,7 @@ from dataflex.mixers.regmix import (  # noqa: E402
     write_mixture,
 )
 from dataflex.mixers.static import load_mixture_file  # noqa: E402
-from dataflex.utils.paths import configs_dir
-from dataflex.utils.paths import share_root
+from dataflex.utils.paths import configs_dir, share_root
 
 PROXY_DEFAULTS = {"backend": "torch", "logger": "none", "trainer.plot": "false"}
 

@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 
-
 def load_checkpoint(path: Path) -> tuple[dict, dict]:
     """(model state dict, optimizer state dict) of a torch-backend or DeepSpeed ZeRO-0 checkpoint."""
     import torch

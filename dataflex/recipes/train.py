@@ -194,7 +194,7 @@ def train(cfg, hc, ckpt):
         if hasattr(backend, "forward_backward"):   # Megatron: its schedule runs both, flex.loss inside its loss_func
             loss = backend.forward_backward(batch, flex.loss)
         else:
-            loss = flex.loss(backend.forward(batch), batch)
+            loss = flex.loss(backend.forward(batch, lean=tr.get("lean_loss", True)), batch)
         if not flex.skip_step:          # trainer.nonfinite=skip: a step with a NaN/inf loss is dropped
             backend.step(loss)
         record = flex.end_step()

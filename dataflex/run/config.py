@@ -47,6 +47,7 @@ SCHEMA = {
     "trainer.ledger_flush_every": ("int", lambda v: v > 0, "an integer > 0"),
     "trainer.plot": ("bool", None, "true or false"),
     "trainer.overwrite": ("bool", None, "true or false"),
+    "trainer.lean_loss": ("bool", None, "true or false"),
     "model.seq_len": ("int", lambda v: v > 1, "an integer > 1"),
     "model.vocab_size": ("int?", lambda v: v > 0, "null or an integer > 0"),
     "model.d_model": ("int", lambda v: v > 0, "an integer > 0"),

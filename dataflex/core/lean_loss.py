@@ -1,0 +1,254 @@
+"""Per-token cross-entropy from the last hidden states and the output head, chunk by chunk.
+
+    token_loss = linear_cross_entropy(hidden, head, labels)      # [B, T] float32, like per_token_loss
+
+`hidden` is [B, T, H] (or [N, H]), `head` an `nn.Linear`-like module (`weight` [V, H], optional
+`bias`), a weight tensor, or a `(weight, bias)` pair; labels equal to `ignore_index` (-100) give
+loss 0 and no gradient, as `F.cross_entropy` does. The result equals
+`F.cross_entropy(head(hidden).float(), labels, reduction="none")`, but no `[B, T, V]` tensor (and
+no `[N, V]` float32 copy) ever exists: the logits are computed in [tokens, vocabulary] chunks; the
+forward keeps only each token's log-sum-exp ([N] floats, an online log-sum-exp over vocabulary
+chunks), and the backward recomputes each chunk's logits to form `g_i (softmax_i - onehot_i)`
+and writes its slice of the weight's gradient. The upstream gradient `g` is per token, so sample
+weights, token weights and any reduction are applied on the per-token output
+(`dataflex.core.loss.reduce_loss`), and the gradient reaches the hidden states and the head's weight
+and bias (tied or untied).
+
+Memory: one chunk buffer (64 MiB of float32 on CPU, 256 MiB on CUDA, plus its copy in the model's
+dtype when that is not float32) and, in the backward, the weight's gradient. Compute: one extra
+logits matmul in the backward (4 head-sized matmuls instead of 3), each with a large dimension
+(up to 4096 tokens per chunk). When the head is frozen (LoRA) and the hidden states need a
+gradient, the forward forms `(softmax - onehot) W` per token already ([N, H] floats) and the
+backward only scales it: 2 matmuls, no recomputation.
+
+Non-finite tokens: a token whose logits hold NaN or inf has a NaN or inf loss, as on the logits
+path, and `reduce_loss` gives it weight 0; its gradient here is exactly 0 (its row of
+`softmax - onehot` and its hidden row are zeroed), where the logits path's cross-entropy backward
+multiplies NaN by 0 and spreads NaN into the head's gradient.
+
+Fused CUDA kernels: Liger-Kernel's `LigerFusedLinearCrossEntropyFunction(reduction="none")`
+forms the weight's gradient in the forward and scales it by the upstream gradient as by a scalar
+in the backward, so its gradients are wrong for any non-uniform per-token weight; it is not used.
+This chunked implementation runs on every device (CUDA included).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple, Optional
+
+import torch
+
+IGNORE_INDEX = -100
+# bytes of one [chunk, V] float32 buffer (allocated once per forward and once per backward)
+CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
+
+
+class LeanOutput(NamedTuple):
+    """What a model's forward returns for the lean loss: the last hidden states (after the final
+    norm, [B, T, H]) and the output head (module, weight or (weight, bias)). `flex.loss` and
+    `per_token_loss` accept it wherever they accept logits."""
+    hidden: torch.Tensor
+    head: Any
+
+
+def head_params(head) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(weight [V, H], bias [V] or None) of an output head: a tensor, a (weight, bias) pair, or a
+    module whose `weight` is what its forward multiplies by. A peft adapter on the head itself
+    (LoRA on lm_head) changes the weight its forward uses: refused, use the logits path."""
+    if isinstance(head, torch.Tensor):
+        return head, None
+    if isinstance(head, (tuple, list)):
+        weight, bias = (tuple(head) + (None,))[:2]
+        return weight, bias
+    if hasattr(head, "base_layer") or hasattr(head, "lora_A") or hasattr(head, "modules_to_save"):
+        raise ValueError(f"the lean loss needs a plain linear output head; {type(head).__name__} wraps it "
+                         "(a peft adapter on the head): use the logits path (trainer.lean_loss=false)")
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"the lean loss needs an output head with a [V, H] weight, got {type(head).__name__}")
+    return weight, getattr(head, "bias", None)
+
+
+def chunk_shape(n_tokens: int, vocab: int, device: torch.device, rows: Optional[int] = None,
+                cols: Optional[int] = None) -> tuple[int, int]:
+    """(tokens, vocabulary entries) of one logits chunk: a [rows, cols] float32 buffer within the
+    device's budget, tokens first (up to 4096), so that every matmul keeps one large dimension.
+    DATAFLEX_LEAN_CHUNK=ROWSxCOLS overrides."""
+    env = os.environ.get("DATAFLEX_LEAN_CHUNK")
+    if env and rows is None and cols is None:
+        r, _, c = env.partition("x")
+        rows, cols = int(r), int(c) if c else None
+    budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"]) // 4
+    rows = rows or max(1, budget // min(vocab, 4096))
+    rows = max(1, min(n_tokens, rows))
+    cols = max(1, min(vocab, cols or budget // rows))
+    return rows, cols
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out32: torch.Tensor,
+            low: Optional[torch.Tensor]) -> torch.Tensor:
+    """out32 <- float32(h W^T + b), computed in the model's dtype as `nn.Linear` would, then upcast
+    as `per_token_loss` does."""
+    target = out32 if low is None else low
+    if bias is None:
+        torch.mm(h, weight.t(), out=target)
+    else:
+        torch.addmm(bias, h, weight.t(), out=target)
+    if low is not None:
+        out32.copy_(low)
+    return out32
+
+
+def _views(flat32: torch.Tensor, flat_low: Optional[torch.Tensor], n: int, c: int):
+    return flat32[:n * c].view(n, c), None if flat_low is None else flat_low[:n * c].view(n, c)
+
+
+def _label_in(labels: torch.Tensor, v0: int, v1: int):
+    """(rows whose label falls in [v0, v1), their column inside the chunk)."""
+    rows = torch.nonzero((labels >= v0) & (labels < v1)).squeeze(1)
+    return rows, labels[rows] - v0
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of `hidden @ weight.T + bias` ([N, H] hidden, [N] labels), in
+    [rows, cols] chunks of the logits: an online log-sum-exp over vocabulary chunks in the forward;
+    the backward recomputes each chunk and writes its slice of the weight's gradient once."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, rows: int, cols: int, ignore_index: int, grad_enabled: bool):
+        N, H = hidden.shape
+        V = weight.shape[0]
+        device = hidden.device
+        zero = torch.zeros((), device=device)
+        valid = labels != ignore_index
+        safe = torch.where(valid, labels, torch.zeros((), dtype=labels.dtype, device=device))
+        lse = torch.empty(N, dtype=torch.float32, device=device)
+        target = torch.zeros(N, dtype=torch.float32, device=device)
+        # a frozen head (LoRA): whole-vocabulary chunks, d loss_i / d hidden_i formed now, no recomputation
+        early = grad_enabled and hidden.requires_grad and not weight.requires_grad \
+            and not (bias is not None and bias.requires_grad)
+        if early:
+            rows, cols = max(1, min(N, rows * cols // V)), V
+        flat = torch.empty(rows * cols, dtype=torch.float32, device=device)
+        flat_low = None if hidden.dtype == torch.float32 else torch.empty(rows * cols, dtype=hidden.dtype,
+                                                                          device=device)
+        grad_dir = torch.empty(N, H, dtype=torch.float32, device=device) if early else None
+        for s in range(0, N, rows):
+            e = min(N, s + rows)
+            n, h, lab = e - s, hidden[s:e], safe[s:e]
+            m = torch.full((n,), float("-inf"), device=device)
+            total = torch.zeros(n, device=device)
+            for v0 in range(0, V, cols):
+                v1 = min(V, v0 + cols)
+                out32, low = _views(flat, flat_low, n, v1 - v0)
+                logits = _logits(h, weight[v0:v1], None if bias is None else bias[v0:v1], out32, low)
+                r, c = _label_in(lab, v0, v1)
+                target[s + r] = logits[r, c]
+                new = torch.maximum(m, logits.amax(1))
+                shift = torch.where(torch.isfinite(new), new, zero)   # +-inf / NaN rows end non-finite, as log_softmax
+                total = total * torch.exp(m - shift) + logits.sub_(shift.unsqueeze(1)).exp_().sum(1)
+                m = new
+            shift = torch.where(torch.isfinite(m), m, zero)
+            lse[s:e] = shift + total.log()
+            if early:                                   # one vocabulary chunk: `logits` holds exp(l - shift)
+                logits.div_(total.unsqueeze(1))
+                logits[torch.arange(n, device=device), lab] -= 1.0
+                dead = ~(valid[s:e] & torch.isfinite(lse[s:e]))
+                if bool(dead.any()):
+                    logits[dead] = 0.0
+                d = logits if low is None else low.copy_(logits)
+                grad_dir[s:e] = torch.mm(d, weight)
+        loss = torch.where(valid, lse - target, zero)
+        ctx.rows, ctx.cols, ctx.early, ctx.hidden_dtype = rows, cols, early, hidden.dtype
+        if early:
+            ctx.save_for_backward(grad_dir, valid, lse)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, safe, valid, lse)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        none = (None,) * 5
+        if ctx.early:
+            grad_dir, valid, lse = ctx.saved_tensors
+            g = torch.where(valid & torch.isfinite(lse), grad_loss.float(), torch.zeros((), device=grad_loss.device))
+            return ((grad_dir * g.unsqueeze(1)).to(ctx.hidden_dtype), None, None) + none
+        hidden, weight, bias, safe, valid, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        N, H = hidden.shape
+        V = weight.shape[0]
+        device = hidden.device
+        rows, cols = ctx.rows, ctx.cols
+        finite = torch.isfinite(lse)
+        g = torch.where(valid & finite, grad_loss.float(), torch.zeros((), device=device))
+        flat = torch.empty(rows * cols, dtype=torch.float32, device=device)
+        lowp = hidden.dtype != torch.float32
+        flat_low = torch.empty(rows * cols, dtype=hidden.dtype, device=device) if lowp else None
+        one_block = rows >= N
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = None
+        if need_w:   # one token block: each slice written once, in the weight's dtype, as the logits path's matmul
+            grad_w = torch.empty_like(weight) if one_block else torch.zeros(V, H, dtype=torch.float32, device=device)
+        grad_b = torch.zeros(V, dtype=torch.float32, device=device) if need_b and bias is not None else None
+        for s in range(0, N, rows):
+            e = min(N, s + rows)
+            n, h, lab = e - s, hidden[s:e], safe[s:e]
+            dead = ~finite[s:e]
+            any_dead = bool(dead.any())
+            if any_dead and need_w:                     # a NaN hidden row times a zero row is NaN
+                h = torch.where(dead.unsqueeze(1), torch.zeros((), dtype=h.dtype, device=device), h)
+            gh = torch.zeros(n, H, dtype=torch.float32, device=device) if need_h else None
+            for v0 in range(0, V, cols):
+                v1 = min(V, v0 + cols)
+                out32, low = _views(flat, flat_low, n, v1 - v0)
+                w = weight[v0:v1]
+                d32 = _logits(h, w, None if bias is None else bias[v0:v1], out32, low)
+                d32.sub_(lse[s:e].unsqueeze(1)).exp_()
+                r, c = _label_in(lab, v0, v1)
+                d32[r, c] -= 1.0
+                d32.mul_(g[s:e].unsqueeze(1))
+                if any_dead:
+                    d32[dead] = 0.0
+                d = d32 if low is None else low.copy_(d32)
+                if need_h:
+                    if lowp:
+                        gh.add_(torch.mm(d, w))
+                    else:
+                        gh.addmm_(d, w)
+                if need_w:
+                    if one_block:
+                        torch.mm(d.t(), h, out=grad_w[v0:v1])
+                    elif lowp:
+                        grad_w[v0:v1].add_(torch.mm(d.t(), h))
+                    else:
+                        grad_w[v0:v1].addmm_(d.t(), h)
+                if grad_b is not None:
+                    grad_b[v0:v1].add_(d32.sum(0))
+            if need_h:
+                grad_h[s:e] = gh
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return (grad_h, grad_w, grad_b) + none
+
+
+def linear_cross_entropy(hidden: torch.Tensor, head, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                         chunk_size: Optional[int] = None, vocab_chunk: Optional[int] = None) -> torch.Tensor:
+    """Per-token cross-entropy, float32, shaped like `labels` (see the module docstring).
+    `chunk_size` tokens x `vocab_chunk` vocabulary entries per logits chunk (default: `chunk_shape`)."""
+    weight, bias = head_params(head)
+    H = hidden.shape[-1]
+    if weight.shape[-1] != H:
+        raise ValueError(f"hidden size {H} does not match the head's weight {tuple(weight.shape)}")
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden states {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree")
+    flat = hidden.reshape(-1, H)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    if weight.dtype != flat.dtype:                 # autocast-free mixed dtypes: compute in the weight's dtype
+        flat = flat.to(weight.dtype)
+    rows, cols = chunk_shape(flat.shape[0], weight.shape[0], flat.device, chunk_size, vocab_chunk)
+    loss = ChunkedLinearCrossEntropy.apply(flat, weight, bias, labels.reshape(-1), rows, cols, int(ignore_index),
+                                           torch.is_grad_enabled())
+    return loss.view(labels.shape)
+
+

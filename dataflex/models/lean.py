@@ -1,0 +1,30 @@
+"""The lean forward: a model's last hidden states and its output head instead of its logits, where it offers them."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from dataflex.core.lean_loss import LeanOutput
+from dataflex.models.hf import hf_forward, is_hf_model
+
+
+def lean_forward(forward, call, batch: dict) -> Optional[LeanOutput]:
+    """The training forward's `LeanOutput` (hidden states and head) where the model offers one:
+    HF and peft causal LMs (`dataflex.models.hf.hf_forward(lean=True)`) and modules whose forward takes
+    `lean=` (TinyGPT); None otherwise (the caller takes the logits path). Under DeepSpeed ZeRO-3
+    the head's weight is partitioned outside the engine's forward: None there too."""
+    stage = getattr(call, "zero_optimization_stage", None)
+    if callable(stage) and stage() == 3:
+        return None
+    module = call
+    while hasattr(module, "module") and isinstance(getattr(module, "module"), torch.nn.Module):
+        module = module.module
+    if is_hf_model(module):
+        keywords = dict(getattr(forward, "keywords", None) or {})
+        keywords.pop("lean", None)
+        return hf_forward(call, batch, lean=True, **keywords)
+    import inspect
+    if "lean" in inspect.signature(module.forward).parameters:
+        return call(batch["input_ids"], position_ids=batch.get("position_ids"), lean=True)
+    return None
