@@ -331,7 +331,7 @@ def test_hf_trainer_lean_equals_logits(tmp_path, domains_builder, monkeypatch):
     import json
 
     import dataflex
-    import dataflex.integrations.hf_trainer as lean_module      # where compute_loss finds lean_forward
+    import dataflex.integrations.hf_trainer as lean_module  # where compute_loss finds lean_forward
     from dataflex.integrations.hf_trainer import DataFlexTrainer
     from dataflex.reweighters import LossReweighter
     seen = []

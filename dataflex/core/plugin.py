@@ -70,6 +70,8 @@ class Mixer(Plugin):
     The mixture the mixer chose is `self.mixture` and, under `loss`, logged as `mixer/weight/<domain>`
     (the run's `domain_weights` is then q).
     """
+    SETTINGS = {"apply": ("sample", "loss")}
+    EXTRA_PARAMETERS = {"apply": ("str", "sample")}     # added to every subclass's __init__ below
     family = "mixer"
     events = (Event.FIT_START, Event.BEFORE_SAMPLE, Event.BATCH_END, Event.EVAL_END)
     apply_to: str = "sample"

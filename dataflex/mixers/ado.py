@@ -154,6 +154,11 @@ def ado_smooth(p_avg: torch.Tensor, rho: torch.Tensor, t: int) -> tuple[torch.Te
 
 
 class ADOMixer(Mixer):
+    # checked before any data is read (dataflex.core.settings)
+    SETTINGS = {"start_step": "[0, inf)", "update_interval": "[1, inf)", "ignore_steps": "[0, inf)",
+                "gamma": "[0, 1)", "floor": "[0, 1)", "window": "[3, inf)", "order": "[0, inf)",
+                "subsample": "[1, inf)", "huber_delta": "(0, inf)", "max_alpha": "(0, inf)",
+                "n_starts": "[1, inf)", "maxiter": "[1, inf)", "credit": ('h', 'h(1-h)')}
     def __init__(self, start_step: int = 500, update_interval: int = 1000, ignore_steps: int = 0,
                  prior: WeightSpec = "size", gamma: float = 0.9, floor: float = 0.01, window: int = 101,
                  order: int = 3, subsample: int = 10, huber_delta: float = 1e-3, max_alpha: float = 0.8,

@@ -64,6 +64,9 @@ def aioli_eg_step(p_prev: torch.Tensor, A: torch.Tensor, eta: float) -> torch.Te
 
 
 class AioliMixer(Mixer):
+    # checked before any data is read (dataflex.core.settings)
+    SETTINGS = {"eta": "(0, inf)", "lp_rounds": "[1, inf)", "lp_steps": "[1, inf)", "one_hot_factor": "(0, 1]",
+                "update_steps": "[1, inf)", "ema": "[0, 1)", "prior_steps": "[0, inf)", "val_samples": "[1, inf)"}
     def __init__(self, eta: float = 0.5, lp_rounds: int = 2, lp_steps: int = 4, one_hot_factor: float = 0.75,
                  update_steps: int = 100, ema: Optional[float] = 0.1, prior: Optional[WeightSpec] = None,
                  prior_steps: int = 0, normalize: bool = True, val_samples: Optional[int] = None, seed: int = 0):

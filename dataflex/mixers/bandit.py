@@ -96,6 +96,10 @@ def exp3_update(reward_hat: torch.Tensor, estimate: torch.Tensor, mask: torch.Te
 
 
 class BanditMixer(Mixer):
+    # checked before any data is read (dataflex.core.settings)
+    SETTINGS = {"alpha": "(0, 1]", "reward_scale": "(0, inf)", "warmup_steps": "[0, inf)",
+                "variant": ('paper', 'cumulative'), "estimator": ('count', 'paper'), "draw": ('sample', 'step'),
+                "prob_floor": "[0, 1)", "explore_floor": "[0, 1]", "min_prob": "[0, 1)"}
     def __init__(self, alpha: float = 0.9, reward_scale: float = 1.0, warmup_steps: int = 0,
                  variant: str = "paper", estimator: Optional[str] = None, draw: str = "sample",
                  prob_floor: float = 0.0, explore_floor: float = 0.0, initial_weights: WeightSpec = "uniform",

@@ -49,6 +49,8 @@ def doremi_update(alpha: torch.Tensor, excess: torch.Tensor, eta: float = 1.0, s
 
 
 class DoReMiMixer(Mixer):
+    # checked before any data is read (dataflex.core.settings)
+    SETTINGS = {"eta": "(0, inf)", "smoothing": "[0, 1]", "apply": ('sample', 'loss')}
     needs_token_losses = True
 
     def __init__(self, reference=None, reference_weights: WeightSpec = "uniform", eta: float = 1.0,

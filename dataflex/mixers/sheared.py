@@ -61,6 +61,8 @@ def read_reference(reference, domains: Sequence[str]) -> torch.Tensor:
 
 
 class ShearedMixer(Mixer):
+    # checked before any data is read (dataflex.core.settings)
+    SETTINGS = {"smoothing": "[0, 1)", "update_every": "[1, inf)", "val_samples": "[1, inf)"}
     def __init__(self, reference_loss: Optional[Mapping[str, float]] = None, reference: Optional[str] = None,
                  clip: bool = True, smoothing: float = 1e-4, initial_weights: WeightSpec = "size",
                  update_every: Optional[int] = None, val_samples: Optional[int] = None):

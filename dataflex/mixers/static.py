@@ -80,6 +80,7 @@ def resolve_weights(spec: WeightSpec, domains: Sequence[str], sizes: Sequence[in
 
 
 class StaticMixer(Mixer):
+    SETTINGS = {"temperature": "(0, inf)"}   # checked before any data is read (dataflex.core.settings)
     def __init__(self, weights: WeightSpec = "uniform", temperature: float = 1.0):
         self.spec, self.temperature = weights, temperature
         self._weights = None

@@ -25,9 +25,11 @@ from dataflex.run.checkpoints import (  # noqa: E402
     resolve_resume,
 )
 from dataflex.run.config import (  # noqa: E402
+    PLUGIN_GROUPS,
     check_config,
     check_known_keys,
     check_override_typos,
+    check_plugin_settings,
     reference_keys,
 )
 from dataflex.run.faults import fault  # noqa: E402
@@ -67,8 +69,6 @@ from dataflex.run.outputs import RunOutputs, print_comparison, start_wandb  # no
 from dataflex.session import DataFlex  # noqa: E402
 from dataflex.utils import dist  # noqa: E402
 from dataflex.utils.errors import DataConfigError  # noqa: E402
-
-PLUGIN_GROUPS = ("mixer", "selector", "reweighter")
 
 
 def rank_script() -> str:
@@ -120,6 +120,7 @@ def settle(cfg, hc, run_dir: Path, writer: bool):
     if backend_keys is not None:
         check_known_keys(cfg, "backend", backend_keys)
     check_config(cfg)                       # types and ranges, before any data is read
+    check_plugin_settings(cfg)              # every mixer, selector and reweighter setting too
     if writer and not needs_launch(cfg.trainer.nprocs):
         folder = checkpoint_run_folder(ckpt) if ckpt is not None else None
         own = folder is not None and folder.resolve() == run_dir.resolve()

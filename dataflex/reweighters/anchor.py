@@ -37,6 +37,9 @@ def anchor_weights(embeddings: torch.Tensor, anchors: torch.Tensor, temperature:
 
 
 class AnchorReweighter(Reweighter):
+    # checked before any data is read (dataflex.core.settings)
+    SETTINGS = {"anchor_samples": "[1, inf)", "temperature": "(0, inf)", "refresh_every": "[1, inf)",
+                "burnout_steps": "[0, inf)"}
     def __init__(self, anchor: str = "target", anchor_samples: int = 64, temperature: float = 0.1,
                  refresh_every: int = 50, burnout_steps: int = 0):
         if temperature <= 0:

@@ -25,6 +25,8 @@ def focal_weights(token_losses: torch.Tensor, gamma: float = 2.0) -> torch.Tenso
 
 
 class FocalReweighter(Reweighter):
+    # checked before any data is read (dataflex.core.settings)
+    SETTINGS = {"gamma": "[0, inf)", "burnout_steps": "[0, inf)"}
     needs_token_losses = True
 
     def __init__(self, gamma: float = 2.0, burnout_steps: int = 0):

@@ -58,6 +58,9 @@ def annealed_temperature(step: int, start: int, temperature: float, initial: flo
 
 
 class LossReweighter(Reweighter):
+    # checked before any data is read (dataflex.core.settings)
+    SETTINGS = {"temperature": "(0, inf)", "burnout_steps": "[0, inf)", "initial_temperature": "(0, inf)",
+                "anneal_steps": "[0, inf)"}
     def __init__(self, strategy: str = "linupper", temperature: float = 0.4, burnout_steps: int = 1000,
                  initial_temperature: Optional[float] = None, anneal_steps: int = 0):
         if strategy not in STRATEGIES:

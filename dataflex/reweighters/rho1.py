@@ -41,6 +41,8 @@ def rho1_token_weights(token_losses: torch.Tensor, reference_losses: torch.Tenso
 
 
 class Rho1Reweighter(Reweighter):
+    # checked before any data is read (dataflex.core.settings)
+    SETTINGS = {"keep_fraction": "(0, 1]", "burnout_steps": "[0, inf)"}
     needs_token_losses = True
 
     def __init__(self, reference=None, keep_fraction: float = 0.6, burnout_steps: int = 0):

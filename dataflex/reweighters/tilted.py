@@ -24,6 +24,7 @@ def tilted_weights(losses: torch.Tensor, t: float) -> torch.Tensor:
 
 
 class TiltedReweighter(Reweighter):
+    SETTINGS = {"burnout_steps": "[0, inf)"}   # checked before any data is read (dataflex.core.settings)
     def __init__(self, t: float = 1.0, burnout_steps: int = 0):
         self.t, self.burnout_steps = float(t), burnout_steps
 

@@ -12,9 +12,11 @@ Every user error here is a `UserError`: launch/train.py prints `train: error: ..
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
+from dataflex.core.settings import check_settings
 from dataflex.utils.errors import ConfigError, RunError
 
 # ------------------------------------------------------------------------------------------- config
@@ -139,3 +141,52 @@ def check_override_typos(argv: list[str], config_dir: str) -> None:
             print(f"train: error: {key}: unknown trainer setting ({advice}known: {', '.join(reference)})",
                   file=sys.stderr)
             sys.exit(2)
+
+
+PLUGIN_GROUPS = ("mixer", "selector", "reweighter")
+
+
+def plugin_class(group: str, target: str):
+    """The class a plugin group's `_target_` names (a dotted path; a name, never code)."""
+    module, _, name = str(target).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        cls = None
+    if not isinstance(cls, type):
+        raise ConfigError(f"{group}._target_={target}: not a plugin class (module.Class)")
+    return cls
+
+
+def _resolved(node) -> dict:
+    """The group's keys with interpolations resolved; a key whose interpolation needs a running Hydra job
+    (`${hydra:runtime.output_dir}`) when there is none is left out: it is a path the config made, not a typo."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+    out = {}
+    for key in node:
+        if OmegaConf.is_missing(node, key):
+            raise ConfigError(f"{node._get_full_key(key)}: missing (??? in its config); give it on the command line: "
+                              f"{node._get_full_key(key)}=VALUE")
+        try:
+            value = node[key]
+            out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        except (InterpolationResolutionError, MissingMandatoryValue):
+            continue
+    return out
+
+
+def check_plugin_settings(cfg, groups=PLUGIN_GROUPS) -> None:
+    """Every setting of the mixer, selector and reweighter in `cfg` by type and range (dataflex.core.settings),
+    before any data is read: one `train: error:` line for the first wrong one."""
+    from omegaconf import OmegaConf
+
+    for group in groups:
+        node = cfg.get(group) if hasattr(cfg, "get") else None
+        if not node:
+            continue
+        given = _resolved(node) if OmegaConf.is_config(node) else dict(node)
+        if "_target_" not in given:
+            raise ConfigError(f"{group}: no _target_ (a plugin class, e.g. +{group}=NAME)")
+        check_settings(plugin_class(group, given["_target_"]), given, group)

@@ -1,9 +1,9 @@
 """Selectors output a keep mask over candidate samples."""
+from dataflex.core.loss import el2n
 from dataflex.core.registry import Registry
 from dataflex.selectors.cluster_less import ClusterLessSelector, cluster_scores, kmeans, representatives
 from dataflex.selectors.delta_loss import DeltaLossSelector, delta_scores
 from dataflex.selectors.gradnorm import GradNormSelector
-from dataflex.core.loss import el2n
 from dataflex.selectors.less import LessSelector, adam_feature, less_scores
 from dataflex.selectors.loss import LossSelector, select_top_loss
 from dataflex.selectors.near import NearSelector, near_scores

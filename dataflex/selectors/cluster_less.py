@@ -91,6 +91,9 @@ def cluster_scores(rep_scores: torch.Tensor, rep_labels: torch.Tensor, labels: t
 
 
 class ClusterLessSelector(LessSelector):
+    # checked before any data is read (dataflex.core.settings)
+    SETTINGS = {"clusters": "[1, inf)", "representatives": "[1, inf)", "kmeans_iters": "[1, inf)",
+                "embed_batch_size": "[1, inf)", "keep_fraction": "(0, 1]"}
     def __init__(self, clusters: int = 64, representatives: int = 4, kmeans_iters: int = 50, embedder: str = "minilm",
                  tokenizer: Optional[str] = None, cache_dir: Optional[str] = None, embed_batch_size: int = 64,
                  device: str = "auto", keep_fraction: float = 0.1, **kw):

@@ -34,6 +34,8 @@ def delta_scores(baseline: torch.Tensor, current: torch.Tensor, prefer: str = "d
 
 
 class DeltaLossSelector(Selector):
+    # checked before any data is read (dataflex.core.settings)
+    SETTINGS = {"keep_fraction": "(0, 1]", "prefer": ('drop', 'stuck'), "baseline": ('pool', 'first_probe')}
     def __init__(self, keep_fraction: float = 0.5, prefer: str = "drop", baseline: str = "pool"):
         if not 0 < keep_fraction <= 1:
             raise ValueError(f"selector.keep_fraction must be in (0, 1], got {keep_fraction}")

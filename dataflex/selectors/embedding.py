@@ -201,6 +201,8 @@ class EmbeddingSelector(Selector):
     several `target` specs, dataflex.core.targets), and keeps the choice through the pool masks. With no
     mixer the session draws domains in proportion to what each kept. Subclasses implement
     `choose(pool [N, d], target [M, d]) -> (keep [N] bool, scores [N] float64)`."""
+    # checked before any data is read (dataflex.core.settings)
+    SETTINGS = {"keep_fraction": "(0, 1]", "batch_size": "[1, inf)", "target_samples": "[1, inf)"}
     events = (Event.BEFORE_SAMPLE, Event.AFTER_CANDIDATES)
     export_name = "selection.json"
 

@@ -19,6 +19,8 @@ from dataflex.selectors.loss import select_top_loss
 
 
 class GradNormSelector(Selector):
+    # checked before any data is read (dataflex.core.settings)
+    SETTINGS = {"keep_fraction": "(0, 1]", "score": ('grand', 'el2n')}
     def __init__(self, keep_fraction: float = 0.5, score: str = "grand", params="all"):
         if not 0 < keep_fraction <= 1:
             raise ValueError(f"selector.keep_fraction must be in (0, 1], got {keep_fraction}")

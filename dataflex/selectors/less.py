@@ -75,6 +75,11 @@ from dataflex.utils import dist
 
 
 class LessSelector(Selector):
+    # checked before any data is read (dataflex.core.settings)
+    SETTINGS = {"warmup_fraction": "(0, 1]", "warmup_epochs": "(0, inf)", "warmup_steps": "[1, inf)",
+                "num_checkpoints": "[1, inf)", "keep_fraction": "(0, 1]", "dim": "[1, inf)",
+                "projector": ('sparse', 'rademacher', 'none'), "target_samples": "[1, inf)",
+                "chunk_size": "[1, inf)", "feature": ('adam', 'sgd'), "rescore_every": "[1, inf)"}
     candidate_factor = 1.0
     events = (Event.BEFORE_SAMPLE, Event.AFTER_CANDIDATES)
 

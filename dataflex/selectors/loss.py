@@ -23,6 +23,7 @@ def select_top_loss(losses: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class LossSelector(Selector):
+    SETTINGS = {"keep_fraction": "(0, 1]"}   # checked before any data is read (dataflex.core.settings)
     def __init__(self, keep_fraction: float = 0.5):
         if not 0 < keep_fraction <= 1:
             raise ValueError(f"selector.keep_fraction must be in (0, 1], got {keep_fraction}")

@@ -30,6 +30,7 @@ def near_scores(pool: torch.Tensor, target: torch.Tensor, top_k: int = 1, chunk:
 
 
 class NearSelector(EmbeddingSelector):
+    SETTINGS = {"top_k": "[1, inf)"}   # checked before any data is read (dataflex.core.settings)
     export_name = "near_selection.json"
 
     def __init__(self, top_k: int = 1, **kw):

@@ -36,6 +36,8 @@ def random_pool(n: int, keep_fraction: float, seed: int) -> torch.Tensor:
 
 
 class RandomSelector(Selector):
+    # checked before any data is read (dataflex.core.settings)
+    SETTINGS = {"keep_fraction": "(0, 1]", "scope": ('batch', 'pool')}
     def __init__(self, keep_fraction: float = 0.5, seed: int = 0, scope: str = "batch"):
         if not 0 < keep_fraction <= 1:
             raise ValueError(f"selector.keep_fraction must be in (0, 1], got {keep_fraction}")

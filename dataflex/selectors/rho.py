@@ -26,6 +26,7 @@ def rho_scores(losses: torch.Tensor, irreducible: torch.Tensor) -> torch.Tensor:
 
 
 class RhoLossSelector(Selector):
+    SETTINGS = {"keep_fraction": "(0, 1]"}   # checked before any data is read (dataflex.core.settings)
     def __init__(self, reference=None, keep_fraction: float = 0.1):
         if not 0 < keep_fraction <= 1:
             raise ValueError(f"selector.keep_fraction must be in (0, 1], got {keep_fraction}")

@@ -32,6 +32,8 @@ def tracin_scores(dots: torch.Tensor, norms: Optional[torch.Tensor] = None) -> t
 
 
 class TracInSelector(Selector):
+    # checked before any data is read (dataflex.core.settings)
+    SETTINGS = {"keep_fraction": "(0, 1]", "target_samples": "[1, inf)", "refresh_every": "[1, inf)"}
     def __init__(self, target: str = "target", keep_fraction: float = 0.5, params="all", target_samples: int = 64,
                  refresh_every: int = 10, normalize: bool = False):
         if not 0 < keep_fraction <= 1:

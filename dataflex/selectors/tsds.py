@@ -116,6 +116,9 @@ def tsds_sample(p: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 
 class TsdsSelector(EmbeddingSelector):
+    # checked before any data is read (dataflex.core.settings)
+    SETTINGS = {"neighbors": "(0, inf)", "sigma": "(0, inf)", "max_neighbors": "[1, inf)",
+                "kde_neighbors": "[1, inf)"}
     export_name = "tsds_selection.json"
 
     def __init__(self, neighbors: Optional[float] = None, sigma: float = 0.75, max_neighbors: int = 5000,

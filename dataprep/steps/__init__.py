@@ -2,4 +2,4 @@
 
 Each step lives in its own module; configure them in ``configs/prep/*.yaml`` with ``_target_``.
 """
-from dataprep.steps.base import Step, FilterStep, DedupStep  # noqa: F401
+from dataprep.steps.base import DedupStep, FilterStep, Step  # noqa: F401
