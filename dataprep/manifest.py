@@ -36,7 +36,8 @@ def provenance_table(manifest_path: str, columns: list[str] | None = None):
 
 
 def load_prepared(manifest_path: str) -> dict[str, dict[str, list[tuple[str, np.ndarray]]]]:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from dataprep.megatron_io import indexed_dataset
+    IndexedDataset = indexed_dataset()[0]
 
     m = read_manifest(manifest_path)
     base = os.path.dirname(os.path.abspath(manifest_path))

@@ -38,7 +38,8 @@ class ShardWriter:
         self._k = 0
 
     def _open(self) -> None:
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+        from dataprep.megatron_io import indexed_dataset
+        IndexedDatasetBuilder = indexed_dataset()[1]
 
         self._prefix = os.path.join(self.shard_dir, f"{self.name}_{self._k:05d}")
         self._builder = IndexedDatasetBuilder(self._prefix + ".bin.tmp", dtype=self.dtype.type)

@@ -152,3 +152,31 @@ def test_the_checker_sees_a_violation(low, high, tmp_path, monkeypatch):
     monkeypatch.setattr(__import__(__name__), "GRAPH", planted)
     with pytest.raises(AssertionError, match="imports"):
         test_packages_import_only_what_lies_below_them()
+
+
+QUIET = """
+import warnings, sys
+import dataflex
+from dataflex.data import load_domains
+domains = load_domains({"domains": {"a": {"train": sys.argv[1]}}}, 16, progress=False)
+assert len(domains.train["a"]) > 0
+"""
+
+
+def test_import_and_first_load_domains_print_no_third_party_warning(tmp_path):
+    """`python -X importtime -c 'import dataflex'` and the first load_domains (which opens megatron-core's
+    IndexedDataset) print nothing but the import timings."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "a.jsonl"
+    data.write_text("".join(f'{{"text": "document number {i} with a few words"}}\n' for i in range(20)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    env["DATAFLEX_CACHE"] = str(tmp_path / "cache")
+    imp = subprocess.run([sys.executable, "-X", "importtime", "-c", "import dataflex"], capture_output=True, text=True,
+                         env=env, check=True)
+    assert [x for x in imp.stderr.splitlines() if not x.startswith("import time:")] == []
+    first = subprocess.run([sys.executable, "-c", QUIET, str(data)], capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "Warning" not in first.stderr and "warn" not in first.stderr, first.stderr

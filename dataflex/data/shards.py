@@ -25,6 +25,7 @@ import torch
 
 from dataflex.utils.errors import ShardError
 from dataflex.utils.files import atomic_json, atomic_write
+from dataprep.megatron_io import indexed_dataset
 
 INDEX_VERSION = 1
 
@@ -33,7 +34,7 @@ def open_indexed(prefix: str):
     """megatron-core's IndexedDataset, memory-mapped. Training reads samples in random order, so the
     maps are advised MADV_RANDOM: the kernel's read-around (often MBs a fault) would otherwise pull
     pages no sample needs into the process's resident set."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    IndexedDataset = indexed_dataset()[0]
 
     ds = IndexedDataset(prefix, mmap=True)
     for holder in (getattr(ds, "bin_reader", None), getattr(ds, "index", None)):
