@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Iterable, Optional
 
 import torch
@@ -22,7 +21,9 @@ from dataflex.core.sampler import DataAwareSampler
 from dataflex.core.state import DataState, per_domain_mean
 from dataflex.core.targets import evenly_spaced
 from dataflex.data.domains import MixtureDataset
+from dataflex.session.rank_check import check_ranks_agree, compare_digests, decision_digest, digest
 from dataflex.session.signals import Signals, as_mixture
+from dataflex.session.weighting import checked_token_weights, compose_sample_weights, lr_note
 from dataflex.utils import dist
 
 NONFINITE = ("drop", "stop", "skip")   # a NaN/inf loss: weight 0 and train on | stop the run | skip the step
@@ -108,20 +109,20 @@ class DataFlex:
         s = self.state
         label_tokens = batch["loss_mask"].sum(-1).float().cpu()
         n = len(label_tokens)
-        digest = torch.tensor(self._decision_digest(), dtype=torch.float32).expand(n, 4)
+        decisions = torch.tensor(decision_digest(s, self._last_weights_digest), dtype=torch.float32).expand(n, 4)
         local = torch.cat([torch.stack([signal["loss"].float().cpu(), signal["tokens"].float().cpu(), label_tokens], 1),
-                           digest], 1)
+                           decisions], 1)
         gathered = dist.all_gather_cat(local)
         losses, tokens, labels = gathered[:, 0], gathered[:, 1], gathered[:, 2]
         if self.world_size > 1:
-            self._compare_digests(gathered, n)
+            compare_digests(gathered, n, self.step)
         finite = torch.isfinite(losses)
         bad = ~finite | (labels > tokens)
         self.skip_step = False
         if bad.any() and self.nonfinite == "stop":
             raise FloatingPointError(
                 f"step {self.step}: the training loss is NaN or infinite on samples "
-                f"{s.batch_ids[bad].tolist()[:16]} ({int((labels - tokens).sum())} label tokens){self._lr_note()}; "
+                f"{s.batch_ids[bad].tolist()[:16]} ({int((labels - tokens).sum())} label tokens){lr_note(self.optimizer)}; "
                 "trainer.nonfinite=drop trains on with weight 0 for them, skip drops the step")
         if bad.any() and self.nonfinite == "skip":
             self.skip_step = True
@@ -131,7 +132,7 @@ class DataFlex:
             raise FloatingPointError(
                 f"step {self.step}: every per-sample loss of the global batch is NaN or infinite "
                 f"(samples {s.batch_ids.tolist()[:16]}{' ...' if len(s.batch_ids) > 16 else ''}); "
-                f"the model diverged or the data is broken{self._lr_note()}: lower trainer.lr, check these "
+                f"the model diverged or the data is broken{lr_note(self.optimizer)}: lower trainer.lr, check these "
                 "samples with launch/where.py, or resume from an earlier checkpoint")
         s.loss_finite = finite
         stand_in = losses[finite].mean() if finite.any() else torch.tensor(0.0)
@@ -144,30 +145,20 @@ class DataFlex:
         self._tokens = tokens
         if self.skip_step:        # the loop does not step; the scalar is an exact 0 with zero gradients
             self._weights = torch.zeros(len(losses), dtype=torch.float64)
-            self._last_weights_digest = self._digest(self._weights)
+            self._last_weights_digest = digest(self._weights)
             device = signal["loss"].device
             return {"sample_weights": self.sampler.rank_slice(self._weights).to(device),
                     "denominator": torch.ones((), device=device)}
         self.engine.fire(Event.AFTER_LOSS)
-        weights = self._compose(finite)
-        token_weights = None
-        if s.token_weights is not None:
-            token_weights = s.token_weights.double()
-            if s.token_mask is None or token_weights.shape != s.token_mask.shape \
-                    or not torch.isfinite(token_weights).all() or (token_weights < 0).any():
-                raise ValueError("state.token_weights must be finite, non-negative and shaped like "
-                                 "state.token_losses (set needs_token_losses = True on the plugin); got shape "
-                                 f"{tuple(token_weights.shape)}")
-            token_weights = token_weights * s.token_mask.double()
-            per_sample_tokens = token_weights.sum(-1)
-        else:
-            per_sample_tokens = tokens.double()
+        weights = compose_sample_weights(s, finite)
+        token_weights = checked_token_weights(s)
+        per_sample_tokens = token_weights.sum(-1) if token_weights is not None else tokens.double()
         total = (weights * per_sample_tokens).sum() if self.loss.reduction == "token" else weights.sum()
         if total <= 0:
             raise FloatingPointError(f"step {self.step}: the plugins' weights give every label token of the "
                                      "global batch weight 0, so there is nothing to train on")
         self._weights = weights * len(weights) / weights.sum() if weights.sum() > 0 else weights
-        self._last_weights_digest = self._digest(self._weights, token_weights)
+        self._last_weights_digest = digest(self._weights, token_weights)
         device = signal["loss"].device
         answer = {"sample_weights": self.sampler.rank_slice(weights).to(device),
                   "denominator": (total / self.world_size).to(device)}
@@ -175,57 +166,11 @@ class DataFlex:
             answer["token_weights"] = self.sampler.rank_slice(token_weights).to(device)
         return answer
 
-    def _lr_note(self) -> str:
-        opt = getattr(self, "optimizer", None)
-        try:
-            return f" at learning rate {opt.param_groups[0]['lr']:.3g}" if opt is not None else ""
-        except (AttributeError, IndexError, KeyError, TypeError):
-            return ""
-
-    @staticmethod
-    def _digest(*tensors) -> bytes:
-        h = hashlib.sha256()
-        for t in tensors:
-            if t is not None:
-                h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        return h.digest()
-
-    def _decision_digest(self) -> list:
-        """48 bits of a hash of this step's data decisions (weights, drawn and kept ids, domain loss
-        weights) and 48 of the previous step's final sample weights, as four floats exact in float32:
-        they travel in the per-step loss gather, so ranks are compared every step at no extra collective."""
-        s = self.state
-        cur = self._digest(s.domain_weights, s.candidate_ids, s.keep_mask, s.domain_loss_weights)
-        prev = hashlib.sha256(self._last_weights_digest).digest()
-        return [float(int.from_bytes(d[i:i + 3], "little")) for d in (cur, prev) for i in (0, 3)]
-
-    def _compare_digests(self, gathered: torch.Tensor, per_rank: int) -> None:
-        for cols, what, step in (((3, 4), "data", self.step), ((5, 6), "sample weights", self.step - 1)):
-            part = gathered[:, list(cols)]
-            bad = (part != part[:1]).any(1)
-            if bad.any():
-                ranks = sorted({i // per_rank for i in torch.nonzero(bad).flatten().tolist()})
-                raise RuntimeError(f"ranks disagree on the {what} of step {step} (rank(s) {ranks} differ from "
-                                   "rank 0): every plugin must decide from gathered signals and seeded RNGs")
-
     def check_ranks(self) -> None:
         """Compare the last step's decisions, its final weights included, across ranks now (one
         collective); called at every checkpoint and at the end of the run."""
         if self.world_size > 1 and self.state.batch_ids is not None:
             self._check_ranks_agree()
-
-    def _compose(self, finite: torch.Tensor) -> torch.Tensor:
-        s = self.state
-        weights = finite.double()
-        if s.domain_loss_weights is not None:
-            weights = weights * s.domain_loss_weights.double()[s.batch_domains]
-        if s.sample_weights is not None:
-            w = s.sample_weights.double()
-            if w.shape != weights.shape or not torch.isfinite(w).all() or (w < 0).any():
-                raise ValueError(f"state.sample_weights must be finite, non-negative and shaped "
-                                 f"{tuple(weights.shape)}; got {w.tolist()[:8]}")
-            weights = weights * w
-        return weights
 
     def end_step(self) -> dict:
         """Let mixers learn from the step; return its metrics and ledger rows."""
@@ -253,18 +198,7 @@ class DataFlex:
         return record
 
     def _check_ranks_agree(self) -> None:
-        """Every rank must have drawn, kept and weighted the same global batch; a divergence (a
-        plugin using an unseeded RNG, a rank-local signal) would silently train on other data."""
-        s = self.state
-        h = hashlib.sha256()
-        for t in (s.domain_weights, s.batch_ids, self._weights, s.token_weights):
-            if t is not None:
-                h.update(t.detach().cpu().numpy().tobytes())
-        digest = torch.tensor([int.from_bytes(h.digest()[:8], "little", signed=True)])
-        everyone = dist.all_gather_cat(digest)
-        if (everyone != everyone[0]).any():
-            raise RuntimeError(f"ranks disagree on the data of step {s.step} (decision hashes "
-                               f"{everyone.tolist()}): every plugin must decide from gathered signals and seeded RNGs")
+        check_ranks_agree(self.state, self._weights)
 
     def _ledger_rows(self) -> dict:
         s = self.state
