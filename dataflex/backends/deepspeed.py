@@ -45,6 +45,13 @@ class DeepSpeedBackend(Backend):
                                     save_latest=False)     # launch/train.py writes `latest` after the rename
 
     def load(self, path: Path) -> dict:
+        """The model-states files (model weights, the client state dataflex keeps there, ZeRO-0's optimizer)
+        pass a weights-only load before DeepSpeed unpickles them in full. DeepSpeed's ZeRO 1-3 optimizer
+        files (`*optim_states.pt`) hold its config and loss-scaler objects, which only full unpickling reads:
+        those are DeepSpeed's to load (resume such checkpoints only from folders you trust)."""
+        from dataflex.utils.safeload import check_weights_only
+
+        check_weights_only(path, "trainer.resume: DeepSpeed checkpoint file", pattern="*model_states.pt")
         _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
         return client["dataflex"]
 
