@@ -108,7 +108,17 @@ def test_deepspeed_resume_checks_before_the_engine_unpickles(tmp_path):
     refused(lambda: backend.load(ckpt), marker, path)
     assert calls == []                      # DeepSpeed never saw the file
     torch.save({"module": {"w": torch.zeros(2)}, "dataflex": {"rng": torch.zeros(3)}}, path)
+    # a ZeRO 1-2 optimizer file holds DeepSpeed's own data classes: those pass (the ones a real ZeRO-2 save wrote)
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum(2),
+                                         "param_slice_mappings": [{"w": fragment_address(numel=2, start=0)}]}},
+               ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     assert backend.load(ckpt) == {} and len(calls) == 1     # a plain checkpoint goes through
+    craft(ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt", marker, "optimizer_state_dict")
+    refused(lambda: backend.load(ckpt), marker, ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    assert len(calls) == 1
 
 
 def test_megatron_resume_refuses(tmp_path):
