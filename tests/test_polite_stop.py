@@ -102,3 +102,37 @@ def test_a_second_run_into_a_running_folder_is_refused(tmp_path):
                    f"hydra.run.dir={run_dir}"], fault="sigterm:" + str(json.loads(
                        (run_dir / "summary.json").read_text())["steps"] + 1))
     assert proc.returncode == 143, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_of_two_ranks_stops_all_of_them(tmp_path):
+    """`trainer.nprocs=2`: SIGTERM to the process the user started reaches both ranks, which agree on a
+    step, checkpoint and stop; the launcher exits 143 and no process of the job is left within 30 s."""
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="0")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DATAFLEX_FAULT",
+                "DATAFLEX_RUN_LOCK"):
+        env.pop(var, None)
+    proc = subprocess.Popen([PY, TRAIN, *COMMON, "trainer.nprocs=2", "trainer.max_steps=2000",
+                             "trainer.eval_every=1000", f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "metrics.jsonl").exists():
+            assert proc.poll() is None and time.time() < deadline, "the job did not start"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.time() + 30
+    while subprocess.run(["pgrep", "-f", f"hydra.run.dir={run_dir}"], capture_output=True).returncode == 0:
+        assert time.time() < deadline, "a process of the job is still running 30 s after the stop"
+        time.sleep(1)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["interrupted"]["signal"] == "SIGTERM" and summary["world_size"] == 2
+    assert Path(summary["interrupted"]["checkpoint"]).is_dir()
+    ledger = pd.read_parquet(run_dir / "ledger")
+    assert sorted(set(ledger.step)) == list(range(summary["steps"])) and {0, 1} <= set(ledger["rank"])
