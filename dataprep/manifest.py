@@ -14,6 +14,15 @@ import os
 
 import numpy as np
 
+from dataprep.safety import relative_inside
+
+
+def _in_folder(manifest_path: str, rel, what: str) -> str:
+    """A file a manifest names, relative to the manifest's folder and refused if it leads out of it."""
+    base = os.path.dirname(os.path.abspath(manifest_path))
+    relative_inside(rel, base, f"{manifest_path}: {what}")
+    return os.path.join(base, rel)
+
 
 def read_manifest(manifest_path: str) -> dict:
     if not os.path.isfile(manifest_path):
@@ -24,15 +33,14 @@ def read_manifest(manifest_path: str) -> dict:
 
 def tokenizer_path(manifest_path: str) -> str:
     m = read_manifest(manifest_path)
-    return os.path.join(os.path.dirname(os.path.abspath(manifest_path)), m["tokenizer"]["path"])
+    return _in_folder(manifest_path, m["tokenizer"]["path"], "tokenizer")
 
 
 def provenance_table(manifest_path: str, columns: list[str] | None = None):
     import pyarrow.parquet as pq
 
     m = read_manifest(manifest_path)
-    return pq.read_table(os.path.join(os.path.dirname(os.path.abspath(manifest_path)), m["provenance"]["path"]),
-                         columns=columns)
+    return pq.read_table(_in_folder(manifest_path, m["provenance"]["path"], "provenance"), columns=columns)
 
 
 def load_prepared(manifest_path: str) -> dict[str, dict[str, list[tuple[str, np.ndarray]]]]:
@@ -40,14 +48,13 @@ def load_prepared(manifest_path: str) -> dict[str, dict[str, list[tuple[str, np.
     IndexedDataset = indexed_dataset()[0]
 
     m = read_manifest(manifest_path)
-    base = os.path.dirname(os.path.abspath(manifest_path))
     prov = provenance_table(manifest_path, ["doc_id", "shard", "index"]).to_pydict()
     ids_by_shard: dict[str, list[str]] = {}
     for doc_id, shard in zip(prov["doc_id"], prov["shard"]):
         ids_by_shard.setdefault(shard, []).append(doc_id)
     out: dict[str, dict[str, list]] = {d: {s: [] for s in v["splits"]} for d, v in m["domains"].items()}
     for sh in m["shards"]:
-        ds = IndexedDataset(os.path.join(base, sh["prefix"]))
+        ds = IndexedDataset(_in_folder(manifest_path, sh["prefix"], "shard"))
         ids = ids_by_shard.get(sh["prefix"], [])
         if len(ds) != len(ids) or len(ids) != sh["documents"]:
             raise ValueError(f"{sh['prefix']}: shard holds {len(ds)} sequences, provenance lists {len(ids)}, "

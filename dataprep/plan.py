@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 
 from dataprep.readers import InputError, Source, expand_entry
+from dataprep.safety import check_name
 
 SPLIT_ORDER = ("train", "val")
 
@@ -60,6 +61,11 @@ def build_plan(data_cfg: dict) -> list[Task]:
         raise InputError("data.domains: expected a mapping {domain: {train: PATH(S), val: PATH(S)}}")
     entries: dict[tuple[str, str], list[tuple[str, str]]] = {}
     contents = {}
+    for domain, splits in domains.items():     # names first: they become folder names under shards/
+        check_name(domain, f"data.domains.{domain}", InputError)
+        for split in splits if isinstance(splits, dict) else ():
+            if split != "kind":
+                check_name(split, f"data.domains.{domain}.{split}", InputError)
     for domain, splits in domains.items():
         if not isinstance(splits, dict) or not splits:
             raise InputError(f"data.domains.{domain}: expected a mapping {{train: PATH(S), val: PATH(S)}}")

@@ -18,7 +18,8 @@ import time
 from dataprep import __version__
 from dataprep.executors import make_executor
 from dataprep.plan import build_plan
-from dataprep.readers import Source
+from dataprep.readers import InputError, Source
+from dataprep.safety import inside
 from dataprep.stages import (
     group_paths,
     instantiate_steps,
@@ -27,11 +28,12 @@ from dataprep.stages import (
     stage_task,
 )
 from dataprep.tokenizer import load_tokenizer
-from dataprep.writer import sha256_file, token_dtype
+from dataprep.writer import SHARD_SUFFIXES, note_owned, sha256_file, token_dtype
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
-NOT_IN_RECIPE = ("execution", "output_dir")  # how and where it runs does not change the result
+NOT_IN_RECIPE = ("execution", "output_dir", "overwrite")  # how and where it runs does not change the result
+OWNED = ".dataprep-written.txt"   # every shard prefix prep ever started in this output folder, until the next success
 
 
 def canonical_json(obj) -> bytes:
@@ -73,7 +75,19 @@ def prepare(data_cfg: dict, prep_cfg: dict) -> str:
     tokenizer = load_tokenizer(tok_step.tokenizer_path)
     dtype = token_dtype(tokenizer.vocab_size)
 
+    overwrite = prep_cfg.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise InputError(f"prep.overwrite={overwrite!r}: expected true or false")
+    owned = owned_prefixes(out_dir)
+    foreign = foreign_files(out_dir, owned)
+    if foreign and not overwrite:
+        raise InputError(
+            f"prep.output_dir: {os.path.join(out_dir, 'shards')} holds {len(foreign)} file(s) dataprep did not "
+            f"write (e.g. {foreign[0]}); prep writes and deletes only its own files there, so nothing was changed. "
+            "Choose another prep.output_dir, move those files away, or set prep.overwrite=true to delete them")
     os.makedirs(out_dir, exist_ok=True)
+    owned_log = os.path.join(out_dir, OWNED)
+    note_owned(owned_log, sorted(owned))   # the previous manifest's shards stay known as ours after it goes
     manifest_path = os.path.join(out_dir, MANIFEST)
     if os.path.exists(manifest_path):
         os.remove(manifest_path)  # the manifest is the commit point: absent while shards may change
@@ -107,29 +121,75 @@ def prepare(data_cfg: dict, prep_cfg: dict) -> str:
                    "overrides": {t.index: overrides.get(t.index, {}) for t in abs_tasks if t.group == (d, s)},
                    "step_names": step_names, "work_dir": work_dir, "out_dir": os.path.abspath(out_dir),
                    "shard_bytes": int(float(prep_cfg.get("shard_size_mb", 64)) * 2**20), "dtype": dtype,
-                   "source_names": source_names, "cwd": cwd} for gi, (d, s) in enumerate(groups)]
+                   "source_names": source_names, "cwd": cwd, "owned_log": os.path.abspath(owned_log)}
+                  for gi, (d, s) in enumerate(groups)]
         importer.join()
         group_results = ex.map(_chdir_stage_group, gspecs, "prep: write shards", write=True)
         timings["stage3_write_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     manifest = _assemble(out_dir, work_dir, recipe, recipe_sha, tasks, steps, step_cfgs, prep_cfg, task_results,
-                         step_stats, group_results, tokenizer, tok_step, dtype, groups)
+                         step_stats, group_results, tokenizer, tok_step, dtype, groups, overwrite)
     tmp = manifest_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, sort_keys=True, ensure_ascii=False)
         f.write("\n")
     os.replace(tmp, manifest_path)
+    _atomic_lines(owned_log, sorted({s["prefix"] for s in manifest["shards"]}))   # ours now: what the manifest lists
     timings["assemble_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_run
     _write_stats(out_dir, execution, task_results, steps, timings, manifest)
     if not prep_cfg.get("keep_work", False):
-        shutil.rmtree(os.path.join(out_dir, ".work"), ignore_errors=True)
+        shutil.rmtree(inside(os.path.join(out_dir, ".work"), out_dir, "prep work folder"), ignore_errors=True)
     return manifest_path
 
 
+def owned_prefixes(out_dir: str) -> set:
+    """Shard prefixes (relative to ``out_dir``) prep wrote there: its previous manifest's, and those a
+    run that did not finish started (the log ``OWNED``)."""
+    out = set()
+    try:
+        with open(os.path.join(out_dir, MANIFEST), encoding="utf-8") as f:
+            m = json.load(f)
+        if m.get("tool", {}).get("name") == "dataprep":
+            out |= {s["prefix"] for s in m.get("shards", []) if isinstance(s.get("prefix"), str)}
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    try:
+        with open(os.path.join(out_dir, OWNED), encoding="utf-8") as f:
+            out |= {line.strip() for line in f if line.strip()}
+    except OSError:
+        pass
+    return out
+
+
+def _owner(rel: str) -> str | None:
+    for suffix in SHARD_SUFFIXES:
+        if rel.endswith(suffix):
+            return rel[:-len(suffix)]
+    return None
+
+
+def foreign_files(out_dir: str, owned: set) -> list[str]:
+    """Files under ``out_dir/shards`` prep did not write (sorted paths)."""
+    found = []
+    for root, dirs, names in os.walk(os.path.join(out_dir, "shards")):
+        dirs.sort()
+        for n in sorted(names):
+            rel = os.path.relpath(os.path.join(root, n), out_dir)
+            if _owner(rel) not in owned:
+                found.append(os.path.join(root, n))
+    return found
+
+
+def _atomic_lines(path: str, lines) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(x + "\n" for x in lines)
+    os.replace(path + ".tmp", path)
+
+
 def _assemble(out_dir, work_dir, recipe, recipe_sha, tasks, steps, step_cfgs, prep_cfg, task_results, step_stats,
-              group_results, tokenizer, tok_step, dtype, groups) -> dict:
+              group_results, tokenizer, tok_step, dtype, groups, overwrite=False) -> dict:
     import megatron.core
     import pyarrow.parquet as pq
 
@@ -157,13 +217,14 @@ def _assemble(out_dir, work_dir, recipe, recipe_sha, tasks, steps, step_cfgs, pr
     tok_copy = os.path.join(out_dir, "tokenizer.json")
     shutil.copyfile(tokenizer.path, tok_copy + ".tmp")
     os.replace(tok_copy + ".tmp", tok_copy)
-    # drop shard files a previous, different run left behind
+    # drop shard files a previous, different run of prep left behind: only those (prep.overwrite: all others)
     keep = {s["prefix"] + ext for r in group_results for s in r["shards"] for ext in (".bin", ".idx")}
+    owned = owned_prefixes(out_dir)
     for root, _, names in os.walk(os.path.join(out_dir, "shards")):
         for n in names:
             rel = os.path.relpath(os.path.join(root, n), out_dir)
-            if rel not in keep:
-                os.remove(os.path.join(root, n))
+            if rel not in keep and (overwrite or _owner(rel) in owned):
+                os.remove(inside(os.path.join(root, n), os.path.join(out_dir, "shards"), "stale shard"))
 
     read = {"docs_in": 0, "docs_out": 0, "dropped": {}}
     inputs = []

@@ -321,7 +321,8 @@ def stage_group(spec: dict) -> dict:
     os.makedirs(os.path.dirname(paths["done"]), exist_ok=True)
     fault_after = _fault("group", gi)
     shard_dir = os.path.join(spec["out_dir"], "shards", domain, split)
-    writer = ShardWriter(shard_dir, f"{domain}_{split}", spec["dtype"], spec["shard_bytes"], spec["out_dir"])
+    writer = ShardWriter(shard_dir, f"{domain}_{split}", spec["dtype"], spec["shard_bytes"], spec["out_dir"],
+                         spec.get("owned_log"))
     prov = {"doc_id": [], "domain": [], "split": [], "source": [], "line": [], "line_kind": [], "shard": [],
             "index": [], "tokens": []}
     step_names = spec["step_names"]

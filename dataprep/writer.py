@@ -29,8 +29,13 @@ def token_dtype(vocab_size: int) -> str:
 class ShardWriter:
     """Writes ``{out_dir}/{shard_dir}/{name}_{k:05d}.{bin,idx}``; ``add`` returns (prefix, index in shard)."""
 
-    def __init__(self, shard_dir: str, name: str, dtype: str, shard_bytes: int, out_dir: str):
+    def __init__(self, shard_dir: str, name: str, dtype: str, shard_bytes: int, out_dir: str,
+                 owned_log: str | None = None):
+        from dataprep.safety import inside
+
+        inside(shard_dir, out_dir, "shard folder")      # names are checked earlier; this proves the result
         os.makedirs(shard_dir, exist_ok=True)
+        self.owned_log = owned_log
         self.shard_dir, self.name, self.dtype = shard_dir, name, np.dtype(dtype)
         self.shard_bytes, self.out_dir = int(shard_bytes), out_dir
         self.records: list[dict] = []
@@ -42,6 +47,8 @@ class ShardWriter:
         IndexedDatasetBuilder = indexed_dataset()[1]
 
         self._prefix = os.path.join(self.shard_dir, f"{self.name}_{self._k:05d}")
+        if self.owned_log:      # recorded before the file exists: a killed run's files stay known as ours
+            note_owned(self.owned_log, [os.path.relpath(self._prefix, self.out_dir)])
         self._builder = IndexedDatasetBuilder(self._prefix + ".bin.tmp", dtype=self.dtype.type)
         self._docs = self._tokens = self._bytes = 0
 
@@ -77,6 +84,20 @@ class ShardWriter:
         if self._builder is not None:
             self._finish()
         return self.records
+
+
+SHARD_SUFFIXES = (".bin", ".idx", ".bin.tmp", ".idx.tmp")
+
+
+def note_owned(log: str, prefixes) -> None:
+    """Append shard prefixes (relative to the output folder) to the log of files dataprep wrote there; one
+    O_APPEND write a line, so parallel writers never interleave."""
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        for p in prefixes:
+            os.write(fd, (p + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
 
 
 @contextmanager

@@ -359,7 +359,8 @@ def test_trainer_lean_loss_is_a_checked_boolean_defaulting_to_true():
 
     from omegaconf import OmegaConf
 
-    from dataflex.checks import ConfigError, check_value
+    from dataflex.run.config import check_value
+    from dataflex.utils.errors import ConfigError
     default = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/trainer/default.yaml")
     assert default.lean_loss is True
     check_value("trainer.lean_loss", False)

@@ -2,16 +2,15 @@
 type and range before any data is read, with one `train: error: KEY=VALUE: expected ...` line and exit 2."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from test_launch import ROOT
 
 from dataflex.core.settings import check_settings
 from dataflex.mixers import BanditMixer, StaticMixer
 from dataflex.run.config import check_plugin_settings
 from dataflex.utils.errors import ConfigError
-from test_launch import ROOT, run
 
 CONFIGS = ROOT / "configs"
 

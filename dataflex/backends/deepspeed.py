@@ -45,8 +45,32 @@ class DeepSpeedBackend(Backend):
                                     save_latest=False)     # launch/train.py writes `latest` after the rename
 
     def load(self, path: Path) -> dict:
+        """Every file of the checkpoint passes a weights-only load (tensors, plain containers and four
+        DeepSpeed data classes: its ZeRO stage enum, loss scalers and fragment addresses) before DeepSpeed's
+        engine unpickles it in full (its loader has no weights-only mode): a file that would run code is
+        refused before the engine sees it."""
+        from dataflex.utils.safeload import check_weights_only
+
+        check_weights_only(path, "trainer.resume: DeepSpeed checkpoint file", deepspeed_safe_globals())
         _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
         return client["dataflex"]
+
+
+def deepspeed_safe_globals() -> list:
+    """DeepSpeed's plain data classes its checkpoints pickle (ZeRO 1-3 optimizer files): allowed to a
+    weights-only load, which rebuilds them from their fields and calls nothing else."""
+    import importlib
+
+    out = []
+    for name in ("deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                 "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                 "deepspeed.utils.tensor_fragment.fragment_address"):
+        module, _, attr = name.rpartition(".")
+        try:
+            out.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            pass
+    return out
 
 
 class DeepSpeedInterface(TorchInterface):

@@ -39,7 +39,9 @@ class TorchBackend(Backend):
             os.replace(path / "state.pt.tmp", path / "state.pt")      # never a half-written state.pt
 
     def load(self, path: Path) -> dict:
-        state = torch.load(path / "state.pt", weights_only=False)
+        from dataflex.utils.safeload import load_weights_only
+
+        state = load_weights_only(path / "state.pt", "trainer.resume: checkpoint file")
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -150,7 +150,13 @@ def _build(folder: str, groups: list[dict], tokenizer, progress: bool) -> dict:
 
 
 def group_dir(folder: str, g: dict) -> str:
-    return os.path.join(folder, g["name"], g["split"])
+    """``folder/NAME/SPLIT``, proven inside the cache folder (names are checked before; this checks the result)."""
+    from dataflex.utils.errors import DataConfigError
+    from dataprep.safety import inside
+
+    path = os.path.join(folder, g["name"], g["split"])
+    inside(path, folder, f"{g.get('key', 'data')}: cache folder", DataConfigError)
+    return path
 
 
 def _group_done(folder: str, g: dict) -> Optional[dict]:

@@ -10,6 +10,7 @@ from typing import Iterator
 
 from dataflex.utils.errors import DataConfigError
 from dataprep.readers import InputError, Source, expand_entry, read_source
+from dataprep.safety import check_name
 from dataprep.tokenizer import (
     DEFAULT_TOKENIZER,
     REPO_ROOT,
@@ -60,8 +61,22 @@ def read_documents(src: Source, key: str = "data") -> Iterator[tuple[str, str]]:
         yield f"{src.path}:{record.line}", record.text
 
 
+def check_names(data) -> None:
+    """Domain and target-subtask names are names (they become folder names in the data cache): refused,
+    naming the key, before any file is read or written. A manifest's own domain names are its writer's."""
+    domains = data.get("domains")
+    if hasattr(domains, "items"):
+        for name in domains:
+            check_name(name, f"data.domains.{name}", DataConfigError)
+    target = data.get("target")
+    if hasattr(target, "items") and "val" not in target:
+        for name in target:
+            check_name(name, f"data.target.{name}", DataConfigError)
+
+
 def _groups(data: dict) -> list[dict]:
     """Every (domain, split) of a raw-file data config with its expanded inputs; config errors first."""
+    check_names(data)
     groups = []
     for name, entry in data["domains"].items():
         entry = dict(entry) if not isinstance(entry, str) else {"train": entry}
@@ -88,6 +103,7 @@ def _groups(data: dict) -> list[dict]:
 
 def _target_groups(data: dict) -> list[dict]:
     """The target set's groups: `_target` for `target: {val: PATH}`, `_target.NAME` for each subtask."""
+    check_names({"target": data.get("target")})
     target = dict(data.get("target") or {})
     subtasks = {"": target} if "val" in target else {str(k): dict(v) for k, v in target.items()}
     groups = []

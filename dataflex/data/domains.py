@@ -24,9 +24,9 @@ from typing import Optional
 from dataflex.data.cache import ensure_cache
 from dataflex.data.config import DEFAULT_TOKENIZER, _groups, _target_groups, resolve
 from dataflex.data.mixture import DomainIndex, MixtureDataset  # noqa: F401  (the mixture lived here; imports keep working)
-from dataflex.data.shards import ShardSampleSet
+from dataflex.data.shards import ShardSampleSet, shard_prefixes_inside
 from dataflex.data.tokenizer import load_tokenizer_checked
-from dataflex.utils.errors import DataConfigError
+from dataflex.utils.errors import DataConfigError, ShardError
 from dataprep.tokenizer import Tokenizer
 
 
@@ -117,7 +117,12 @@ def _load_manifest(data: dict, seq_len: int, max_val_samples: Optional[int]) -> 
         raise DataConfigError(f"data.manifest: file not found: {path}")
     m = read_manifest(path)
     base = os.path.dirname(os.path.abspath(path))
-    tokenizer = load_tokenizer_checked(data.get("tokenizer") or tokenizer_path(path))
+    from dataprep.safety import PathEscape
+
+    try:
+        tokenizer = load_tokenizer_checked(data.get("tokenizer") or tokenizer_path(path))
+    except PathEscape as e:
+        raise ShardError(str(e)) from None
     train, val = {}, {}
     from dataprep.config import select_domains
 
@@ -127,7 +132,8 @@ def _load_manifest(data: dict, seq_len: int, max_val_samples: Optional[int]) -> 
             limit = max_val_samples if split == "val" else None
             source = {"kind": "manifest", "base": base, "manifest": os.path.abspath(path), "split": split,
                       "shards": [s["prefix"] for s in shards]}
-            samples = ShardSampleSet([os.path.join(base, s["prefix"]) for s in shards], seq_len, tokenizer.eos_id,
+            prefixes = shard_prefixes_inside(base, [s["prefix"] for s in shards], path)
+            samples = ShardSampleSet(prefixes, seq_len, tokenizer.eos_id,
                                      [s["bin"]["sha256"] for s in shards], os.path.join(base, "index"), limit,
                                      source)
             if split == "train":

@@ -185,6 +185,21 @@ class _RowView:
 VERIFIED = ".verified.json"
 
 
+def shard_prefixes_inside(base: str, prefixes, where: str) -> list[str]:
+    """A manifest's shard prefixes resolved relative to its folder ``base``; one that is absolute or leads
+    out of it (``..``, a symlink) is refused before any shard is opened or written beside."""
+    from dataprep.safety import relative_inside
+
+    out = []
+    for p in prefixes:
+        relative_inside(p, base, f"{where}: shard", ShardError)
+        for ext in (".bin", ".idx"):     # each file too: a symlinked .bin would lead out as well
+            if os.path.lexists(os.path.join(base, p + ext)):
+                relative_inside(p + ext, base, f"{where}: shard", ShardError)
+        out.append(os.path.join(base, p))
+    return out
+
+
 def verify_shards(prefixes, hashes) -> None:
     """sha256 of each shard's .bin against the recorded one, once per (path, size, mtime): a shard whose
     bytes changed or that was truncated stops the run, named. The memo lives beside the shards."""

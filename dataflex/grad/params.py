@@ -76,6 +76,9 @@ class PerSampleGrads:
 
     @staticmethod
     def load(path) -> dict:
-        return torch.load(path, weights_only=False)
+        """What `save` wrote (tensors, the projector's description: plain containers), read weights-only."""
+        from dataflex.utils.safeload import load_weights_only
+
+        return load_weights_only(path, "per-sample gradient features")
 
 

@@ -36,7 +36,8 @@ def main(cfg: DictConfig) -> None:
     try:
         path = prepare(resolved["data"], resolved["prep"])
     except (InputError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"prep: error: {locate(str(e), config_files_from_hydra())}")
+        print(f"prep: error: {locate(str(e), config_files_from_hydra())}", file=sys.stderr)
+        sys.exit(2)
     print(summary(path, before))
 
 

@@ -26,13 +26,14 @@ from pathlib import Path
 
 def load_checkpoint(path: Path) -> tuple[dict, dict]:
     """(model state dict, optimizer state dict) of a torch-backend or DeepSpeed ZeRO-0 checkpoint."""
-    import torch
+    from dataflex.utils.safeload import load_weights_only
+
     if (path / "state.pt").exists():
-        state = torch.load(path / "state.pt", weights_only=False, map_location="cpu")
+        state = load_weights_only(path / "state.pt", "checkpoint file")
         return state["model"], state["optimizer"]
     ds = path / "mp_rank_00_model_states.pt"
     if ds.exists():
-        state = torch.load(ds, weights_only=False, map_location="cpu")
+        state = load_weights_only(ds, "checkpoint file")
         if state.get("optimizer") is None:
             raise ValueError(f"{path}: a DeepSpeed checkpoint without the optimizer's state in the model file "
                              "(ZeRO 1-3 or bf16 partition it): score checkpoints of backend=torch or ZeRO 0 fp32")

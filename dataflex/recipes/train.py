@@ -44,6 +44,8 @@ from dataflex.run.launching import (  # noqa: E402
     resume_config,
     run_strategy,
 )
+from dataflex.run.lock import LOCK_NAME, hold_run_folder  # noqa: E402
+from dataflex.run.stopping import PoliteStop  # noqa: E402
 from dataflex.utils.console import ConsoleLog, quiet_third_party  # noqa: E402
 from dataflex.utils.errors import RunError, UserError  # noqa: E402
 from dataflex.utils.paths import configs_dir
@@ -85,7 +87,8 @@ def main(cfg):
     run_dir = Path(hc.runtime.output_dir)
     writer = int(os.environ.get("RANK", "0")) == 0     # ranks > 0 run in "." and write nothing
     quiet_third_party(bool(cfg.logger.get("verbose", False)))
-    fresh = writer and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}
+    lock = hold_run_folder(run_dir) if writer else None     # one writer per run folder (exit 2 if one runs)
+    fresh = writer and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", LOCK_NAME}
     done = False
     try:
         with ConsoleLog(run_dir / "train.log") if writer else contextlib.nullcontext():
@@ -103,6 +106,8 @@ def main(cfg):
     finally:
         if not done and fresh:
             remove_failed_run(run_dir, explicit=any(o.startswith("hydra.run.dir=") for o in hc.overrides.task))
+        if lock is not None:
+            lock.release()
 
 
 def settle(cfg, hc, run_dir: Path, writer: bool):
@@ -186,7 +191,13 @@ def train(cfg, hc, ckpt):
     def run_totals():    # a collective (every rank calls it): the whole run's tokens and wall time so far
         return {"tokens": before["tokens"] + int(dist.all_gather_cat(torch.tensor([tokens])).sum()),
                 "wall_time_s": before["wall_time_s"] + time.time() - started}
+    def checkpoint(done):
+        out.flush()                 # records up to the checkpoint are on disk before it counts
+        run = dict(run_totals(), val_loss_initial=first_val, val_loss_state=dict(flex.state.val_loss))
+        save_checkpoint(backend, run_dir / "checkpoints" / f"step_{done:07d}", done,
+                        {"flex": flex.state_dict(), "rng": torch.get_rng_state(), "run": run}, strategy)
     tokens = 0
+    stop = PoliteStop.install()     # SIGTERM / Ctrl-C: finish the step, save, record, exit 143 / 130
     progress = tqdm(range(flex.step, tr.max_steps), desc="train", disable=rank != 0, initial=flex.step,
                     total=tr.max_steps, dynamic_ncols=True)
     for step in progress:
@@ -206,12 +217,13 @@ def train(cfg, hc, ckpt):
         if val and (done % tr.eval_every == 0 or done == tr.max_steps):
             out.log(eval_record(flex, done, flex.evaluate(val), tr.max_val_samples))
         if tr.checkpoint_every and done % tr.checkpoint_every == 0:
-            out.flush()                 # records up to the checkpoint are on disk before it counts
-            run = dict(run_totals(), val_loss_initial=first_val, val_loss_state=dict(flex.state.val_loss))
-            save_checkpoint(backend, run_dir / "checkpoints" / f"step_{done:07d}", done,
-                            {"flex": flex.state_dict(), "rng": torch.get_rng_state(), "run": run}, strategy)
+            checkpoint(done)
+        if done < tr.max_steps and stop.should_stop():
+            if tr.checkpoint_every and tr.get("checkpoint_on_signal", True) and done % tr.checkpoint_every:
+                checkpoint(done)
+            break
 
-    for name, content in flex.finish().items():      # e.g. DoReMi's mixture.json for a later static run
+    for name, content in (flex.finish() if not stop.requested else {}).items():   # e.g. DoReMi's mixture.json
         if rank == 0:
             (run_dir / name).write_text(json.dumps(content, indent=2) + "\n")
     totals = run_totals()
@@ -221,7 +233,10 @@ def train(cfg, hc, ckpt):
                "run_dir": str(run_dir)}
     if out.last("target_loss") is not None:     # a data config with a `target`: its loss at the last evaluation
         summary["target_loss"] = out.last("target_loss")
-    out.finish(summary, plot=tr.plot)
+    if stop.requested:
+        summary["interrupted"] = stop.record(flex.step, tr.max_steps, run_dir, tr.checkpoint_every)
+    out.finish(summary, plot=tr.plot and not stop.requested)
+    stop.exit_if_requested(flex.step)
     if rank == 0:
         print_comparison(summary)
     return summary["val_loss"] and sum(summary["val_loss"].values()) / len(summary["val_loss"])

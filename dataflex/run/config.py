@@ -50,6 +50,7 @@ SCHEMA = {
     "trainer.plot": ("bool", None, "true or false"),
     "trainer.overwrite": ("bool", None, "true or false"),
     "trainer.lean_loss": ("bool", None, "true or false"),
+    "trainer.checkpoint_on_signal": ("bool", None, "true or false"),
     "model.seq_len": ("int", lambda v: v > 1, "an integer > 1"),
     "model.vocab_size": ("int?", lambda v: v > 0, "null or an integer > 0"),
     "model.d_model": ("int", lambda v: v > 0, "an integer > 0"),
@@ -85,6 +86,14 @@ def check_config(cfg) -> None:
     if _int(tr.get("global_batch_size")) and _int(tr.get("nprocs")) and tr["global_batch_size"] % tr["nprocs"]:
         raise ConfigError(f"trainer.global_batch_size={tr['global_batch_size']}: must divide by "
                           f"trainer.nprocs={tr['nprocs']} (each rank takes an equal share)")
+    data = cfg.get("data") if hasattr(cfg, "get") else None
+    if hasattr(data, "get"):      # domain and subtask names become folder names: checked before any file is touched
+        from dataflex.data.config import check_names
+
+        try:
+            check_names(data)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------- shards

@@ -11,6 +11,7 @@ import sys
 
 from dataflex.run.checkpoints import checkpoint_run_folder
 from dataflex.run.config import _override_key
+from dataflex.run.lock import LOCK_NAME
 from dataflex.utils.dist import free_port
 from dataflex.utils.errors import RunError
 
@@ -37,6 +38,16 @@ def prepare_argv(argv: list[str]) -> list[str]:
             out.append(arg)
         i += 1
     out = flags + out
+    if int(os.environ.get("RANK", "0")) == 0 and not any(a in ("-m", "--multirun") for a in out):
+        given = [a.split("=", 1)[1] for a in out if a.startswith("hydra.run.dir=")]
+        if given:     # a folder a running training holds: refused before Hydra writes into it
+            from dataflex.run.lock import check_not_running
+
+            try:
+                check_not_running(given[-1])
+            except RunError as e:
+                print(f"train: error: {e}", file=sys.stderr)
+                sys.exit(2)
     if int(os.environ.get("RANK", "0")) > 0:
         given = [a.split("=", 1)[1] for a in out if a.startswith("hydra.run.dir=")]
         if given:  # rank 0's run folder, for trainer.resume=latest
@@ -92,7 +103,14 @@ def launch_ranks(script: str, nprocs: int, backend: str) -> None:
     group = sweep_group()
     if group:   # the ranks run outside Hydra's sweep: they learn its W&B group from here
         env["DATAFLEX_SWEEP_GROUP"] = group
-    subprocess.run(cmd + flags + overrides, check=True, env=env)
+    from dataflex.run.stopping import forward_signals
+
+    proc = subprocess.Popen(cmd + flags + overrides, env=env, start_new_session=True)
+    code, received = forward_signals(proc)        # SIGTERM / Ctrl-C reach every rank; we wait for them
+    if received:
+        raise SystemExit(128 + int(received[0]))
+    if code:
+        raise subprocess.CalledProcessError(code, cmd)
 
 
 # ---------------------------------------------------------------- a run's first minutes (issue 12)
@@ -169,7 +187,7 @@ def prepare_run_dir(run_dir, own_resume_step: int | None, overwrite: bool) -> bo
     import shutil
 
     present = sorted(p.name for p in run_dir.iterdir() if p.name in RUN_FILES) if run_dir.is_dir() else []
-    fresh = run_dir.is_dir() and all(p.name in (".hydra", "train.log") for p in run_dir.iterdir())
+    fresh = run_dir.is_dir() and all(p.name in (".hydra", "train.log", LOCK_NAME) for p in run_dir.iterdir())
     if not present:
         return fresh
     if own_resume_step is not None:

@@ -44,9 +44,12 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 
 def load_model_weights(checkpoint: Path) -> dict:
+    """The model's weights, read weights-only (a file that would run code when unpickled is refused)."""
+    from dataflex.utils.safeload import load_weights_only
+
     if (checkpoint / "state.pt").exists():
-        return torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)["model"]
-    return torch.load(checkpoint / DEEPSPEED_STATES, map_location="cpu", weights_only=False)["module"]
+        return load_weights_only(checkpoint / "state.pt", "reference model: checkpoint file")["model"]
+    return load_weights_only(checkpoint / DEEPSPEED_STATES, "reference model: checkpoint file")["module"]
 
 
 def load_reference(path: Union[str, Path], vocab_size: Optional[int] = None,

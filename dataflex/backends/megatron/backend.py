@@ -305,10 +305,12 @@ class MegatronBackend(Backend):
         if not shard.exists():
             raise FileNotFoundError(f"{shard} is missing: this checkpoint was written with another Megatron layout "
                                     f"than {layout_name(self.tp, self.pp, self.dp)}")
-        state = torch.load(shard, weights_only=False, map_location=self.device)
+        from dataflex.utils.safeload import load_weights_only
+
+        state = load_weights_only(shard, "trainer.resume: checkpoint file", map_location=self.device)
         with cpu_device():
             self.module.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-        meta = torch.load(path / "dataflex.pt", weights_only=False)
+        meta = load_weights_only(path / "dataflex.pt", "trainer.resume: checkpoint file")
         self.steps_done = meta["steps_done"]
         return meta["client"]
