@@ -4,7 +4,6 @@ file, and the marker never appears. The payload itself is checked to work under 
 each test would fail if its loader unpickled."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import sys
@@ -82,9 +81,7 @@ def test_reference_model_refuses(tmp_path, name):
 
 @pytest.mark.parametrize("name", ["state.pt", "mp_rank_00_model_states.pt"])
 def test_score_refuses(tmp_path, name):
-    spec = importlib.util.spec_from_file_location("score_cli", ROOT / "launch" / "score.py")
-    score = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(score)
+    import dataflex.recipes.score as score      # what launch/score.py and `dataflex score` run
     marker = tmp_path / "pwned"
     path = craft(tmp_path / "ckpt" / name, marker, "model" if name == "state.pt" else "module")
     refused(lambda: score.load_checkpoint(tmp_path / "ckpt"), marker, path)
