@@ -114,10 +114,10 @@ def test_per_sample_grads_name_the_layout_or_work(megatron_backend):
         backend.interface.per_sample_grads(batch)
 
 
-def _megatron_run(tmp_path, *extra, nprocs=1):
+def _megatron_run(tmp_path, *extra, nprocs=1, check=True):
     launcher = [sys.executable, "launch/train.py"] if nprocs == 1 else \
         [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(nprocs), "launch/train.py"]
-    return run(launcher + ["backend=megatron", "logger=none", *FAST, *extra, f"hydra.run.dir={tmp_path}"])
+    return run(launcher + ["backend=megatron", "logger=none", *FAST, *extra, f"hydra.run.dir={tmp_path}"], check=check)
 
 
 def _assert_trains(run_dir, ranks={0}):
@@ -177,17 +177,23 @@ def test_two_process_layouts_train_like_one_process(tmp_path, layout, one_proces
 @pytest.mark.slow
 @pytest.mark.parametrize("layout,nprocs", [((), 1), (("backend.pipeline_model_parallel_size=2", "+selector=loss"), 2)],
                          ids=["one-process", "pp2-selector"])
-def test_resume_continues_exactly(tmp_path, layout, nprocs):
-    """Kill at step 4 and resume: the same ledger as the uninterrupted run, bit for bit (per pipeline
-    stage a shard file, the data state beside them)."""
-    common = ["+mixer=bandit", "+reweighter=loss", "reweighter.burnout_steps=1", "trainer.max_steps=8", *layout]
-    _megatron_run(tmp_path / "full", *common, "trainer.checkpoint_every=4", nprocs=nprocs)
-    ckpt = tmp_path / "full" / "checkpoints" / "step_0000004"
+def test_resume_continues_exactly(tmp_path, layout, nprocs, monkeypatch):
+    """Killed by SIGKILL inside step 5 (DATAFLEX_FAULT), then `trainer.resume=latest` in the same folder: the
+    ledger equals the uninterrupted run's, bit for bit (per pipeline stage a shard file, the data state beside)."""
+    common = ["+mixer=bandit", "+reweighter=loss", "reweighter.burnout_steps=1", "trainer.max_steps=8",
+              "trainer.checkpoint_every=4", *layout]
+    _megatron_run(tmp_path / "full", *common, nprocs=nprocs)
+    monkeypatch.setenv("DATAFLEX_FAULT", "step:5")
+    killed = _megatron_run(tmp_path / "killed", *common, nprocs=nprocs, check=False)
+    assert killed.returncode != 0 and not (tmp_path / "killed" / "summary.json").exists(), "the fault did not fire"
+    ckpt = tmp_path / "killed" / "checkpoints" / "step_0000004"
     assert (ckpt / "dataflex.pt").is_file() and len(list(ckpt.glob("megatron_tp*_pp*.pt"))) == nprocs
-    _megatron_run(tmp_path / "resumed", *common, f"trainer.resume={ckpt}", nprocs=nprocs)
-    full = pd.read_parquet(tmp_path / "full" / "ledger")
-    resumed = pd.read_parquet(tmp_path / "resumed" / "ledger")
-    pd.testing.assert_frame_equal(full[full.step >= 4].reset_index(drop=True), resumed, check_exact=True)
+    monkeypatch.delenv("DATAFLEX_FAULT")
+    _megatron_run(tmp_path / "killed", *common, "trainer.resume=latest", nprocs=nprocs)
+    order = ["step", "rank", "selected", "sample_id"]
+    full, resumed = (pd.read_parquet(tmp_path / name / "ledger").sort_values(order, kind="stable")
+                     .reset_index(drop=True) for name in ("full", "killed"))
+    pd.testing.assert_frame_equal(full, resumed, check_exact=True)
 
 
 def test_readme_drop_in_snippet_runs(megatron_backend):
