@@ -83,7 +83,7 @@ def per_sample_loop(model, flex, ids, params, opt_state, dim, seed, block=16):
     from dataflex.core.loss import per_sample_loss
     from dataflex.grad.params import select_params
     from dataflex.grad.projection import RademacherProjector
-    from dataflex.selectors.less_math import adam_feature, l2_normalize
+    from dataflex.selectors.less.math import adam_feature, l2_normalize
     named = select_params(model, params)
     proj = RademacherProjector(dim, seed=seed)
     m, v = opt_state[:2]
@@ -163,7 +163,7 @@ def main(argv=None):
     sig = flex.state.signals
     sig.target_grad = timer.wrap("target features", sig.target_grad)
     sig.per_sample_grads = timer.wrap("pool gradients", sig.per_sample_grads)
-    plugin._features = timer.wrap("feature + projection", plugin._features)
+    plugin.featurizer.featurize = timer.wrap("feature + projection", plugin.featurizer.featurize)
     plugin.checkpoint_cosines = timer.wrap("checkpoint", plugin.checkpoint_cosines)
     plugin._select = timer.wrap("scoring + selection", plugin._select)
     step_s = []

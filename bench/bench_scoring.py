@@ -36,7 +36,7 @@ from dataflex.grad.api import per_sample_grads
 from dataflex.grad.params import select_params  # noqa: E402
 from dataflex.grad.projection import RademacherProjector, SparseProjector
 from dataflex.models.tiny_gpt import TinyGPT  # noqa: E402
-from dataflex.selectors.less_math import adam_feature, l2_normalize, subtask_cosines  # noqa: E402
+from dataflex.selectors.less.math import adam_feature, l2_normalize, subtask_cosines  # noqa: E402
 
 BATCH, SEQ, LORA_RANK, SEED, TARGETS = 16, 128, 8, 0, 16
 TRAIN = "training step, all parameters (baseline)"

@@ -38,6 +38,7 @@ MOVED = {
     "dataflex.mixture": ["dataflex.data.mixture"],
     "dataflex.provenance": ["dataflex.data.provenance"],
     "dataflex.embeddings": ["dataflex.selectors.embedding"],
+    "dataflex.selectors.less_math": ["dataflex.selectors.less.math"],
     "dataflex.reference": ["dataflex.run.reference", "dataflex.grad.interface"],
     "dataflex.launching": ["dataflex.run.launching", "dataflex.run.config", "dataflex.run.checkpoints",
                            "dataflex.utils.errors", "dataflex.utils.dist"],

@@ -50,7 +50,7 @@ def test_near_scores_pick_the_nearest():
     torch.testing.assert_close(s, expected)
     s2 = near_scores(pool, target, top_k=2)        # mean of both similarities
     assert s2[0].item() == pytest.approx((math.cos(math.radians(5)) + math.cos(math.radians(85))) / 2)
-    from dataflex.selectors.less_math import top_fraction
+    from dataflex.selectors.less.math import top_fraction
     assert top_fraction(s, 0.6).tolist() == [True, True, False, True, False]
 
 

@@ -15,12 +15,7 @@ from dataflex.grad.interface import TorchInterface
 from dataflex.grad.params import select_params
 from dataflex.grad.projection import RademacherProjector, SparseProjector
 from dataflex.selectors import LessSelector, RandomSelector, adam_feature, less_scores
-from dataflex.selectors.less import (
-    aggregate,
-    checkpoint_weights,
-    l2_normalize,
-    top_fraction,
-)
+from dataflex.selectors.less.math import aggregate, checkpoint_weights, l2_normalize, top_fraction
 from dataflex.session.flex import DataFlex
 
 BETAS = (0.9, 0.95)          # backends.make_optimizer's
@@ -78,7 +73,7 @@ def test_adam_feature_matches_formula_with_the_optimizers_real_state():
     out = per_sample_grads(model, batch, "lora")
     plugin = flex.engine.of("selector")
     opt_flat = {"exp_avg": m, "exp_avg_sq": v, "betas": st["betas"], "eps": st["eps"]}
-    torch.testing.assert_close(plugin._features(out.flat(), opt_flat)[0], l2_normalize(expect.double()),
+    torch.testing.assert_close(plugin.featurizer.featurize(out.flat(), opt_flat)[0], l2_normalize(expect.double()),
                                rtol=1e-5, atol=1e-6)
     # eps inside the square root, no bias correction: not Adam's update direction
     bias_corrected = (m / (1 - b1 ** 3)) / ((v / (1 - b2 ** 3)).sqrt() + eps)

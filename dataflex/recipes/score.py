@@ -65,12 +65,8 @@ def main(argv=None) -> int:
     from dataflex.backends import make_optimizer
     from dataflex.data.domains import MixtureDataset, load_domains
     from dataflex.grad.interface import TorchInterface
-    from dataflex.selectors.less import (
-        LessSelector,
-        aggregate,
-        checkpoint_weights,
-        top_fraction,
-    )
+    from dataflex.selectors.less.math import aggregate, checkpoint_weights, top_fraction
+    from dataflex.selectors.less.plugin import LessSelector
     from dataflex.session.flex import DataFlex
 
     run_dir = args.run_dir
@@ -123,7 +119,7 @@ def main(argv=None) -> int:
                  "kept_per_domain": {d: int((dom == k).sum()) for k, d in enumerate(flex.data.names)},
                  "keep_fraction": args.keep_fraction, "target": args.target, "subtasks": plugin.subtask_names,
                  "checkpoints": names, "checkpoint_steps": steps, "lr": lrs,
-                 "checkpoint_weights": checkpoint_weights(lrs).tolist(), "projector": plugin._describe(),
+                 "checkpoint_weights": checkpoint_weights(lrs).tolist(), "projector": plugin.featurizer.describe(),
                  "feature": args.feature, "params": args.params, **plugin.optim_meta, "features_dir": str(out),
                  "run_dir": str(run_dir)}
     (out / "less_selection.json").write_text(json.dumps(selection, indent=2) + "\n")

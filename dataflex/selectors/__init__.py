@@ -4,7 +4,8 @@ from dataflex.core.registry import Registry
 from dataflex.selectors.cluster_less import ClusterLessSelector, cluster_scores, kmeans, representatives
 from dataflex.selectors.delta_loss import DeltaLossSelector, delta_scores
 from dataflex.selectors.gradnorm import GradNormSelector
-from dataflex.selectors.less import LessSelector, adam_feature, less_scores
+from dataflex.selectors.less.math import adam_feature, less_scores
+from dataflex.selectors.less.plugin import LessSelector
 from dataflex.selectors.loss import LossSelector, select_top_loss
 from dataflex.selectors.near import NearSelector, near_scores
 from dataflex.selectors.random import RandomSelector, select_random

@@ -34,7 +34,7 @@ from dataflex.selectors.embedding import (
     run_tokenizer,
     sample_texts,
 )
-from dataflex.selectors.less import LessSelector
+from dataflex.selectors.less.plugin import LessSelector
 from dataflex.utils import dist
 
 

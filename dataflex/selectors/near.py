@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from dataflex.selectors.embedding import EmbeddingSelector
-from dataflex.selectors.less_math import top_fraction
+from dataflex.selectors.less.math import top_fraction
 
 
 def near_scores(pool: torch.Tensor, target: torch.Tensor, top_k: int = 1, chunk: int = 4096) -> torch.Tensor:

@@ -1,6 +1,8 @@
-"""LESS's arithmetic (Xia et al., ICML 2024; spec section 1), beside the plugin in less.py: the Adam
-feature, cosines per target subtask, learning-rate-weighted aggregation over checkpoints and the
-max over subtasks, and the projectors the features go through."""
+"""LESS's arithmetic (Xia et al., ICML 2024; spec section 1), pure tensor functions with no state: the
+Adam feature, L2 normalisation, cosines per target subtask, learning-rate-weighted aggregation over
+checkpoints and the max over subtasks (`aggregate`, `less_scores`), the top-fraction mask, and the choice
+of projector the features go through. The plugin (plugin.py) and the feature store (features.py) call
+these; nothing here reads the data state or the disk."""
 from __future__ import annotations
 
 from typing import Sequence

@@ -33,6 +33,10 @@ checkpoint steps and weights); `selection=PATH` starts a run from such a file, w
 Online mode (`rescore_every=N`): after the selection, every N steps the pool is re-scored at the
 current parameters and moments (one checkpoint) and the kept pool replaced.
 
+Who does what: this class is the schedule (warm-up pool, checkpoint steps and their mean learning
+rates, selection, re-scoring, exports, state_dict); features.py computes the features through
+state.signals and keeps them on disk (`features_dir`, `selection`); math.py holds the arithmetic.
+
 Deviations: the live run is the warm-up model (LESS trains a separate LoRA warm-up model, then
 the target model from scratch on the selection: here training continues from the warm-up weights;
 with `model.lora_rank` the run trains whatever its optimizer holds, LoRA adapters and base weights
@@ -45,32 +49,16 @@ DeepSpeed ZeRO 1/2 or bf16, the moments are assembled by DeepSpeed's `safe_get_f
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
 from dataflex.core.events import Event
 from dataflex.core.plugin import Selector
 from dataflex.core.state import DataState, keep_pool
-from dataflex.core.targets import evenly_spaced, resolve_target
-from dataflex.selectors.less_math import (  # noqa: F401
-    FEATURES,
-    PROJECTORS,
-    adam_feature,
-    aggregate,
-    checkpoint_weights,
-    l2_normalize,
-    less_scores,
-    make_projector,
-    subtask_cosines,
-    subtask_matrix,
-    top_fraction,
-)
+from dataflex.selectors.less.features import LessFeatures, load_selection, save_scores
+from dataflex.selectors.less.math import FEATURES, aggregate, checkpoint_weights, make_projector, top_fraction
 from dataflex.utils import dist
 
 
@@ -96,7 +84,7 @@ class LessSelector(Selector):
             raise ValueError(f"selector.num_checkpoints must be >= 1, got {num_checkpoints}")
         if feature not in FEATURES:
             raise ValueError(f"selector.feature must be one of {FEATURES}, got {feature!r}")
-        make_projector(projector, dim, projector_seed)                       # validates
+        self.projector = make_projector(projector, dim, projector_seed)       # validates
         self.target = [target] if isinstance(target, str) else list(target)
         self.params = params if isinstance(params, str) else list(params)
         self.warmup_fraction, self.warmup_epochs, self.warmup_steps = warmup_fraction, warmup_epochs, warmup_steps
@@ -107,7 +95,8 @@ class LessSelector(Selector):
         if rescore_every is not None and rescore_every < 1:
             raise ValueError(f"selector.rescore_every must be >= 1 or null, got {rescore_every}")
         self.rescore_every = rescore_every
-        self.projector = make_projector(projector, dim, projector_seed)
+        self.featurizer = LessFeatures(self.target, self.params, feature, self.projector, dim, target_samples,
+                                       chunk_size, features_dir, progress)
         # what state_dict holds
         self.phase = "init"
         self.checkpoint_steps: list[int] = []
@@ -183,40 +172,6 @@ class LessSelector(Selector):
             return 1.0
         return state.signals.optimizer_state(self.params, moments=False)["lr"]
 
-    def _subtasks(self, state: DataState) -> list:
-        """[(name, dataset, ids)]: one per target domain (a target dataset with several domains gives
-        several), each at most `target_samples`, evenly spaced."""
-        out = []
-        for spec in self.target:
-            ids, dataset = resolve_target(state, spec)
-            dom = torch.as_tensor(dataset.domain[ids]) if dataset is not None else torch.zeros(len(ids))
-            if len(dom.unique()) > 1:                # a target dataset with several domains
-                for k, name in enumerate(dataset.names):
-                    part = ids[dom == k]
-                    if len(part):
-                        out.append((f"{spec}/{name}", dataset, evenly_spaced(part, self.target_samples)))
-            else:
-                out.append((spec, dataset, evenly_spaced(ids, self.target_samples)))
-        return out
-
-    def _features(self, grads: torch.Tensor, opt: Optional[dict]) -> torch.Tensor:
-        if self.feature == "adam":
-            grads = adam_feature(grads, opt["exp_avg"], opt["exp_avg_sq"], opt["betas"], opt["eps"])
-        if self.projector is not None:
-            grads = self.projector.project(grads.float())
-        return l2_normalize(grads.double())
-
-    def _pool_features(self, signals, ids: torch.Tensor, opt: Optional[dict], world_size: int) -> torch.Tensor:
-        """Features of the pool samples `ids`; on several ranks, of this rank's contiguous slice only (a
-        rank with none still runs one sample, dropped, so every rank makes the same calls)."""
-        if world_size == 1:
-            return self._features(signals.per_sample_grads(ids, self.params).flat().float().cpu(), opt)
-        flex = signals.flex
-        mine = flex.sampler.rank_slice(ids)
-        batch = flex.data.batch(mine if len(mine) else ids[:1])
-        feat = self._features(flex.interface.per_sample_grads(batch, self.params).flat().float().cpu(), opt)
-        return feat[:len(mine)]
-
     def _checkpoint(self, state: DataState, i: int) -> None:
         lr = self.lr_sum[i] / max(1, self.lr_count[i])
         self.per_checkpoint.append(self.checkpoint_cosines(state, i, self.checkpoint_steps[i], lr))
@@ -229,90 +184,10 @@ class LessSelector(Selector):
         then the pool's Adam features in chunks. With `features_dir`, features and cosines are
         written as they come, with the rows done in checkpoint_i.json, and a call that finds a
         matching unfinished checkpoint there (same step, projector, pool, target) continues it
-        (launch/score.py after a crash)."""
-        signals, rank0 = state.signals, dist.rank() == 0
-        opt = None
-        if self.feature == "adam":
-            full = signals.optimizer_state(self.params)
-            names = list(full["state"])
-            opt = {"exp_avg": torch.cat([full["state"][n]["exp_avg"].flatten() for n in names]),
-                   "exp_avg_sq": torch.cat([full["state"][n]["exp_avg_sq"].flatten() for n in names]),
-                   "betas": full["betas"], "eps": full["eps"]}
-            self.optim_meta = {"betas": list(full["betas"]), "eps": full["eps"]}
-        subtasks = self._subtasks(state)
-        self.subtask_names = [name for name, _, _ in subtasks]
-        target, which = [], []
-        for j, (_, dataset, ids) in enumerate(subtasks):
-            for sid in ids.tolist():
-                g = signals.target_grad(torch.tensor([sid]), self.params, dataset=dataset)
-                target.append(torch.cat([t.flatten() for t in g.values()]))
-                which.append(j)
-        target_raw = torch.stack(target).float()
-        target_feat = l2_normalize(self.projector.project(target_raw).double() if self.projector is not None
-                                   else target_raw.double())
-        which = torch.tensor(which)
-        pool = torch.arange(sum(state.domain_sizes)) if pool_ids is None else torch.as_tensor(pool_ids).long()
-        J, N = len(subtasks), len(pool)
-        store = self._open_store(i, N, J, step, lr, target_feat) if self.features_dir and rank0 \
-            and pool_ids is None else None
-        out = torch.zeros(N, J, dtype=torch.float64)
-        done = 0
-        if store is not None:
-            done = store["meta"]["done"]
-            out[:done] = torch.from_numpy(np.asarray(store["cos"][:done]))
-        W = state.world_size
-        if W > 1:                            # rank 0's store says where every rank continues
-            done = dist.broadcast_object(done)
-            if done:
-                out[:done] = dist.broadcast_object(out[:done])
-        bar = tqdm(total=N, initial=done, desc=f"less checkpoint {i + 1}/{self.num_checkpoints} (step {step})",
-                   disable=not (self.progress and rank0), leave=False, dynamic_ncols=True)
-        for start in range(done, N, self.chunk_size * W):
-            ids = pool[start:start + self.chunk_size * W]
-            feat = self._pool_features(signals, ids, opt, W)
-            cos = subtask_cosines(feat, target_feat, which, J, normalize=False)
-            if W > 1:                        # every rank scored its slice: gathered in rank (= id) order
-                cos = dist.all_gather_cat(cos)
-                if self.features_dir:
-                    feat = dist.all_gather_cat(feat.float())
-            out[start:start + len(ids)] = cos
-            if store is not None:
-                store["train"][start:start + len(ids)] = feat.numpy().astype(np.float16)
-                store["cos"][start:start + len(ids)] = out[start:start + len(ids)].numpy()
-                store["train"].flush()
-                store["cos"].flush()
-                store["meta"]["done"] = start + len(ids)
-                store["meta_path"].write_text(json.dumps(store["meta"], indent=2) + "\n")
-            bar.update(len(ids))
-        bar.close()
+        (launch/score.py after a crash). The work is LessFeatures.checkpoint_cosines'."""
+        out, self.subtask_names, self.optim_meta = self.featurizer.checkpoint_cosines(
+            state, i, step, lr, pool_ids, of=self.num_checkpoints, optim_meta=self.optim_meta)
         return out
-
-    def _open_store(self, i: int, N: int, J: int, step: int, lr: float, target_feat: torch.Tensor) -> dict:
-        folder = Path(self.features_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        d = self.dim if self.projector is not None else target_feat.shape[1]
-        meta = {"checkpoint": i, "step": step, "mean_lr": lr, "feature": self.feature,
-                "params": self.params, "projector": self._describe(), "subtasks": self.subtask_names,
-                "target": self.target, "pool_size": N, "dim": d, **self.optim_meta,
-                "files": {"train": f"checkpoint_{i}_train.npy", "target": f"checkpoint_{i}_target.npy",
-                          "cosines": f"checkpoint_{i}_cos.npy"},
-                "note": "train/target rows: L2-normalised features, float16 (train row = global sample id); "
-                        "cosines: [pool, subtasks] mean cosine with each target subtask, float64", "done": 0}
-        meta_path = folder / f"checkpoint_{i}.json"
-        paths = {k: folder / v for k, v in meta["files"].items()}
-        mode = "w+"
-        if meta_path.exists() and all(p.exists() for p in paths.values()):
-            old = json.loads(meta_path.read_text())
-            if {k: v for k, v in old.items() if k != "done"} == {k: v for k, v in meta.items() if k != "done"}:
-                meta["done"], mode = old["done"], "r+"          # continue an unfinished checkpoint
-        np.save(paths["target"], target_feat.numpy().astype(np.float16))
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-        return {"meta": meta, "meta_path": meta_path,
-                "train": np.lib.format.open_memmap(paths["train"], mode=mode, dtype=np.float16, shape=(N, d)),
-                "cos": np.lib.format.open_memmap(paths["cosines"], mode=mode, dtype=np.float64, shape=(N, J))}
-
-    def _describe(self) -> dict:
-        return self.projector.describe() if self.projector is not None else {"projector": "none"}
 
     # -- selection -------------------------------------------------------------------------------
     def mean_lrs(self) -> list:
@@ -320,12 +195,9 @@ class LessSelector(Selector):
 
     def _select(self, state: DataState) -> None:
         self.scores, self.per_subtask = aggregate(torch.stack(self.per_checkpoint), self.mean_lrs())
-        keep = top_fraction(self.scores, self.keep_fraction)
-        self.kept_ids = torch.nonzero(keep).flatten()
-        self._apply_keep(state, keep)
+        self._apply_keep(state, top_fraction(self.scores, self.keep_fraction))
         if self.features_dir and dist.rank() == 0:
-            np.save(Path(self.features_dir) / "scores.npy", self.scores.numpy())
-            np.save(Path(self.features_dir) / "scores_per_subtask.npy", self.per_subtask.numpy())
+            save_scores(self.features_dir, self.scores, self.per_subtask)
         self.phase = "selected"
 
     def _rescore(self, state: DataState) -> None:
@@ -334,25 +206,15 @@ class LessSelector(Selector):
         r = (state.step - self.warmup_steps) // self.rescore_every
         cos = self.checkpoint_cosines(state, self.num_checkpoints + r - 1, state.step, self._lr(state))
         self.scores, self.per_subtask = aggregate(cos.unsqueeze(0), [1.0])
-        keep = top_fraction(self.scores, self.keep_fraction)
-        self.kept_ids = torch.nonzero(keep).flatten()
-        self._apply_keep(state, keep)
+        self._apply_keep(state, top_fraction(self.scores, self.keep_fraction))
         state.metrics["selector/rescored"] = 1
 
     def _apply_keep(self, state: DataState, keep: torch.Tensor) -> None:
+        self.kept_ids = torch.nonzero(keep).flatten()
         self.pool_counts = keep_pool(state, keep)
 
     def _load_selection(self, state: DataState) -> None:
-        saved = json.loads(Path(self.selection).read_text())
-        N = sum(state.domain_sizes)
-        ids = torch.as_tensor(saved["sample_ids"], dtype=torch.long)
-        if len(ids) == 0 or int(ids.max()) >= N or int(ids.min()) < 0:
-            raise ValueError(f"selector.selection={self.selection}: sample ids must lie in [0, {N}) (the pool of "
-                             "this run's data config)")
-        keep = torch.zeros(N, dtype=torch.bool)
-        keep[ids] = True
-        self.kept_ids = torch.nonzero(keep).flatten()
-        self._apply_keep(state, keep)
+        self._apply_keep(state, load_selection(self.selection, sum(state.domain_sizes)))
         self.phase = "selected"
         if self.warmup_steps is None:
             self.warmup_steps = 0                    # rescore_every counts from the first step
@@ -368,7 +230,7 @@ class LessSelector(Selector):
                         "scores_per_subtask": self.per_subtask[self.kept_ids].tolist(),
                         "checkpoint_steps": self.checkpoint_steps, "mean_lr": self.mean_lrs(),
                         "checkpoint_weights": checkpoint_weights(self.mean_lrs()).tolist(),
-                        "projector": self._describe(), "feature": self.feature, "params": self.params,
+                        "projector": self.featurizer.describe(), "feature": self.feature, "params": self.params,
                         **self.optim_meta, "features_dir": self.features_dir})
         else:
             out["selection"] = self.selection
