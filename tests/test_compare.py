@@ -220,3 +220,12 @@ def test_pool_selectors_report_the_fraction_of_each_pool_kept(tmp_path):
                {"step": 1, "selector/kept/a": 10, "selector/kept/b": 25}, {"step": 1, "val_loss": {"a": 1.0}}]
     assert Run(tmp_path, {}, history).pool_kept() == {"a": 0.1, "b": 0.5}
     assert Run(tmp_path, {}, [{"step": 0, "train_loss": 1.0}]).pool_kept() == {}
+
+
+def test_domain_names_with_tex_characters_plot(tmp_path):
+    """A domain named like TeX (`$x_1$`, an unmatched `$`) is plotted as text, not parsed as mathtext."""
+    from dataflex.run.outputs import plot_domain_weights
+
+    history = [{"step": s, "domain_weights": {"$price$": 0.5, "a$b": 0.25, "x_1^2": 0.25}} for s in range(3)]
+    out = plot_domain_weights(history, tmp_path / "w.png", title="$$")
+    assert out is not None and (tmp_path / "w.png").stat().st_size > 0

@@ -49,6 +49,7 @@ def figure(runs: list[dict]):
     identical lines stay distinguishable; legends sit outside the curves."""
     import matplotlib
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False     # domain names are text: `$x$` is not TeX
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 

@@ -15,6 +15,7 @@ DPI = 150
 def _plt():
     import matplotlib
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False     # domain names are text: `$x$` is not TeX
     import matplotlib.pyplot as plt
     return plt
 

@@ -165,6 +165,7 @@ def flatten_for_wandb(record: dict) -> dict:
 def plot_domain_weights(history: list[dict], path: Path, title: str = "") -> Optional[Path]:
     import matplotlib
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False     # domain names are text: `$x$` is not TeX
     import matplotlib.pyplot as plt
 
     steps = [r for r in history if "domain_weights" in r]
