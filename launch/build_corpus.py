@@ -92,33 +92,11 @@ def write_split(out, name, docs, rng, train_chars, val_chars):
 
 
 def train_tokenizer(out, vocab_size):
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        trainers,
-    )
+    """The same byte-level BPE as the benchmark corpus's (dataprep.corpora.bench.pipeline.train_tokenizer),
+    trained on every domain's train split."""
+    from dataprep.corpora.bench.pipeline import train_tokenizer as train_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-
-    def texts():
-        for path in sorted(out.glob("*/train.jsonl")):
-            with open(path) as f:
-                for line in f:
-                    yield json.loads(line)["text"]
-
-    tok.train_from_iterator(texts(), trainer)
-    tok.save(str(out / "tokenizer.json"))
+    train_bpe(sorted(out.glob("*/train.jsonl")), out / "tokenizer.json", vocab_size)
 
 
 def main():

@@ -152,18 +152,23 @@ def find_manifest(run_dir: str) -> str:
     return path
 
 
+def sample_row(run_dir: str, sample_id: int) -> dict:
+    """A training sample's row of RUN_DIR/samples.parquet (sample_id, domain, split, doc_id, chunk)."""
+    path = os.path.join(run_dir, "samples.parquet")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found (training writes it)")
+    table = pq.read_table(path)
+    rows = table.filter(pc.equal(table["sample_id"], sample_id)).to_pylist()
+    if not rows:
+        raise KeyError(f"sample_id {sample_id} not in {path}")
+    return rows[0]
+
+
 def where(run_dir: str, sample_id: int, manifest_path: str | None = None) -> dict:
     if os.path.isfile(os.path.join(run_dir, "data.json")):
 
         return where_sample(run_dir, sample_id, manifest_path)
-    samples_path = os.path.join(run_dir, "samples.parquet")
-    if not os.path.isfile(samples_path):
-        raise FileNotFoundError(f"{samples_path} not found (training writes it)")
-    samples = pq.read_table(samples_path)
-    rows = samples.filter(pc.equal(samples["sample_id"], sample_id)).to_pylist()
-    if not rows:
-        raise KeyError(f"sample_id {sample_id} not in {samples_path}")
-    sample = rows[0]
+    sample = sample_row(run_dir, sample_id)
     manifest_path = manifest_path or find_manifest(run_dir)
     m = read_manifest(manifest_path)
     prov = provenance_table(manifest_path)

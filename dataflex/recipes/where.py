@@ -60,17 +60,9 @@ def raw_run(run_dir: str, manifest: str | None) -> bool:
 
 def where_raw(run_dir: str, sample_id: int) -> dict:
     """samples.parquet's doc_id is `file:line` (`file:row` for Parquet): the source, with the line's text."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+    from dataflex.data.provenance import sample_row
 
-    path = os.path.join(run_dir, "samples.parquet")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found (training writes it)")
-    table = pq.read_table(path)
-    rows = table.filter(pc.equal(table["sample_id"], sample_id)).to_pylist()
-    if not rows:
-        raise KeyError(f"sample_id {sample_id} not in {path}")
-    row = rows[0]
+    row = sample_row(run_dir, sample_id)
     source, _, line = str(row["doc_id"]).rpartition(":")
     unit = "row" if source.endswith(".parquet") else "line"
     info = {"sample_id": sample_id, "chunk": row.get("chunk"), "doc_id": row["doc_id"], "domain": row.get("domain"),
