@@ -366,3 +366,29 @@ def test_trainer_lean_loss_is_a_checked_boolean_defaulting_to_true():
     check_value("trainer.lean_loss", False)
     with pytest.raises(ConfigError, match="trainer.lean_loss='yes': expected true or false"):
         check_value("trainer.lean_loss", "yes")
+
+
+@pytest.mark.parametrize("output", ["loss", "token_loss"])
+def test_probes_take_the_lean_path_and_equal_the_logits_path(output):
+    """Probes (every selector's and reweighter's losses of other samples) use the lean path where the model
+    offers its head; the values equal the logits path's."""
+    import dataflex.grad.interface as interface_module
+    from dataflex.grad.interface import TorchInterface
+    from dataflex.models.tiny_gpt import TinyGPT
+
+    torch.manual_seed(0)
+    model = TinyGPT(vocab_size=97, seq_len=16, d_model=32, n_layers=2, n_heads=4)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 97, (4, 17), generator=g)
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": (torch.rand(4, 16, generator=g) > 0.2).float(),
+             "position_ids": torch.arange(16).expand(4, 16)}
+    calls = []
+    real = interface_module.lean_forward
+    interface_module.lean_forward = lambda *a: calls.append(1) or real(*a)
+    try:
+        lean = TorchInterface(model).probe(batch, output)
+    finally:
+        interface_module.lean_forward = real
+    full = TorchInterface(model, lean=False).probe(batch, output)
+    assert calls, "the probe did not take the lean path"
+    torch.testing.assert_close(lean, full, rtol=1e-5, atol=1e-6)

@@ -30,6 +30,7 @@ from dataflex.grad.fallback import guarded_per_sample_grads
 from dataflex.grad.params import ParamSpec, PerSampleGrads
 from dataflex.models.forward import default_forward
 from dataflex.models.hf import forward_for
+from dataflex.models.lean import lean_forward
 
 OUTPUTS = ("loss", "token_loss", "embedding", "el2n", "logits", "outputs")
 
@@ -48,8 +49,9 @@ def last_hidden_module(module: torch.nn.Module) -> torch.nn.Module:
 
 
 class TorchInterface:
-    def __init__(self, module: torch.nn.Module, forward: Callable = default_forward):
+    def __init__(self, module: torch.nn.Module, forward: Callable = default_forward, lean: bool = True):
         self.module = module
+        self.lean = lean        # loss probes from the hidden states and the head, no [B, T, V] logits (core.lean_loss)
         # HF / peft models get dataflex.models.hf's forward (use_cache=False, logits, vmap-safe masks)
         self.forward = forward_for(module) if forward is default_forward else forward
 
@@ -72,7 +74,11 @@ class TorchInterface:
         try:
             if output == "outputs":
                 return self._call()(batch["input_ids"], position_ids=batch["position_ids"])
-            logits = self.forward(self._call(), batch)
+            logits = None
+            if self.lean and output in ("loss", "token_loss"):     # None where the model offers no head
+                logits = lean_forward(self.forward, self._call(), batch)
+            if logits is None:
+                logits = self.forward(self._call(), batch)
             if output == "logits":
                 return logits
             mask = batch["loss_mask"].float()
