@@ -91,14 +91,18 @@ def as_run(argv: list[str], run_dir: str | None = None, small: bool = True) -> l
 def test_training_section(tmp_path):
     clone, env = clean_clone(tmp_path), env_for(tmp_path / "cache")
     block = page_blocks("docs/guides/training.md", "bash")[0]
+    # then the command blocks of the DeepSpeed and Megatron-core pages
+    more = [c for page in ("docs/integrations/deepspeed.md", "docs/integrations/megatron.md")
+            for b in page_blocks(page, "bash") for c in commands(b)]
     previous = None
-    for n, argv in enumerate(commands(block)):
+    for n, argv in enumerate(commands(block) + more):
         resume = [a for a in argv if a.startswith("trainer.resume=")]
         run_dir = f"outputs/readme/{n}"
         if resume:  # outputs/DATE/TIME/checkpoints/step_0000100 -> a checkpoint of the run before
             ckpt = sorted((clone / previous / "checkpoints").glob("step_*"))[0]   # step 1 of 2
             argv = [f"trainer.resume={ckpt}" if a in resume else a for a in argv]
             proc = shell(as_run(argv, run_dir, small=False), clone, env)  # its settings come from its run folder
+            assert "warning: resume" not in proc.stderr
         else:
             proc = shell(as_run(argv, run_dir), clone, env)
         assert "val loss start" in proc.stdout, argv
@@ -106,7 +110,6 @@ def test_training_section(tmp_path):
         assert summary["steps"] == 2, (argv, summary["steps"])
         assert "val loss start" in (clone / run_dir / "train.log").read_text()
         previous = run_dir
-    assert "warning: resume" not in proc.stderr
 
 
 def test_preparing_data_section(tmp_path):
