@@ -1,7 +1,7 @@
 """Issue 11: a catalogue of bad inputs, each with the error it gets and its message. Most are checked
 in-process (the same functions launch/train.py calls before any step, whose errors it prints as
 `train: error: ...` with exit 2); a few launches show the exit code and that no traceback is shown.
-The README's "When things go wrong" table lists the same cases."""
+The table of docs/guides/troubleshooting.md lists the same cases."""
 import json
 import os
 import subprocess

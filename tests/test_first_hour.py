@@ -200,10 +200,11 @@ def test_resume_latest_continues_its_own_folder(finished_run, tmp_path):
 
 # 6. README: running by hand -------------------------------------------------------------------------------
 
-def test_readme_says_how_to_run_by_hand():
-    readme = (ROOT / "README.md").read_text()
-    assert "source .venv/bin/activate" in readme
-    assert "DS_ACCELERATOR=cpu" in readme and "WANDB_MODE=offline" in readme
+@pytest.mark.parametrize("page", ["README.md", "docs/getting-started.md"])
+def test_readme_says_how_to_run_by_hand(page):
+    text = (ROOT / page).read_text()
+    assert "source .venv/bin/activate" in text
+    assert "DS_ACCELERATOR=cpu" in text and "WANDB_MODE=offline" in text
 
 
 # 7. typos in trainer keys ---------------------------------------------------------------------------------

@@ -460,31 +460,8 @@ def test_hf_model_on_cuda_bf16_float32_losses():
     assert torch.isfinite(g.norms).all()
 
 
-# ------------------------------------------------------------------------------------- the README section
-
-def readme_hf_blocks() -> list[str]:
-    import re
-
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Hugging Face models\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, re.S)
-
-
-def test_readme_hf_section_runs(tiny_dir, tmp_path, monkeypatch):
-    """The README's "Hugging Face models" python blocks, run in order as printed, with the model
-    directory and the output folder pointed at tmp paths."""
-    blocks = readme_hf_blocks()
-    assert len(blocks) == 2 and "DataFlexTrainer" in blocks[1]
-    monkeypatch.setenv("DATAFLEX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(ROOT)
-    namespace: dict = {}
-    for block in blocks:
-        code = block.replace('"models/my-model"', repr(str(tiny_dir))).replace(
-            '"outputs/hf-trainer"', repr(str(tmp_path / "hf-trainer")))
-        exec(compile(code, "README.md", "exec"), namespace)
-    assert namespace["flex"].step == 3
-    import pandas as pd
-    assert len(pd.read_parquet(tmp_path / "hf-trainer" / "ledger")) == 24
+# The documentation's Hugging Face page (its python blocks, as printed, with a tiny Llama at models/my-model)
+# runs in tests/test_docs.py.
 
 
 # ------------------------------------------------------------------------------------- SmolLM2-135M (slow)

@@ -1,6 +1,8 @@
-"""The README cannot drift from what works: every command block of its Training, Preparing data, Benchmark corpus and
-Drop-in sections runs here, from a clean copy of the checkout, with small step counts; and `make demo`
-run twice gives the same outputs twice. All slow (`make test-slow`)."""
+"""The documentation's commands cannot drift from what works: the command blocks of the training guide, the
+data preparation guide (then its python block that reads the prepared shards back) and the benchmark corpus
+page run here, read from the pages, from a clean copy of the checkout, with small step counts; and `make demo`
+run twice gives the same outputs twice. All slow (`make test-slow`). The python blocks of the README, the
+guides and the integrations run in the default suite (tests/test_docs.py)."""
 import json
 import os
 import re
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_docs import blocks, run_page
 from test_launch import ROOT
 
 from dataflex.utils.dist import free_port
@@ -23,13 +26,9 @@ SMALL = {"trainer.max_steps": "2", "trainer.eval_every": "2", "trainer.global_ba
          "trainer.max_val_samples": "4", "model.d_model": "32", "model.seq_len": "64", "trainer.probe_batch_size": "8"}
 
 
-def readme_blocks(section: str, lang: str) -> list[str]:
-    """The code blocks (```lang) of one `## section` of the README."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index(f"\n## {section}")
-    end = text.find("\n## ", start + 1)
-    body = text[start:end if end > 0 else None]
-    return re.findall(rf"```{lang}\n(.*?)```", body, flags=re.S)
+def page_blocks(page: str, lang: str) -> list[str]:
+    """The code blocks (```lang) of a documentation page, in order."""
+    return [code for code, _ in blocks(ROOT / page, lang)]
 
 
 def commands(block: str) -> list[list[str]]:
@@ -39,9 +38,11 @@ def commands(block: str) -> list[list[str]]:
 def clean_clone(tmp_path: Path) -> Path:
     """The checkout's code, configs and corpus, without outputs or caches; the venv linked in."""
     clone = tmp_path / "clone"
-    keep = ("launch", "configs", "data", "dataflex", "dataprep", "Makefile", "setup.py", "README.md")
+    keep = ("launch", "configs", "data", "dataflex", "dataprep", "Makefile", "setup.py", "pyproject.toml", "README.md")
     for name in keep:
         src = ROOT / name
+        if not src.exists():
+            continue
         if src.is_dir():
             shutil.copytree(src, clone / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
@@ -89,15 +90,19 @@ def as_run(argv: list[str], run_dir: str | None = None, small: bool = True) -> l
 
 def test_training_section(tmp_path):
     clone, env = clean_clone(tmp_path), env_for(tmp_path / "cache")
-    (block,) = readme_blocks("Training", "bash")
+    block = page_blocks("docs/guides/training.md", "bash")[0]
+    # then the command blocks of the DeepSpeed and Megatron-core pages
+    more = [c for page in ("docs/integrations/deepspeed.md", "docs/integrations/megatron.md")
+            for b in page_blocks(page, "bash") for c in commands(b)]
     previous = None
-    for n, argv in enumerate(commands(block)):
+    for n, argv in enumerate(commands(block) + more):
         resume = [a for a in argv if a.startswith("trainer.resume=")]
         run_dir = f"outputs/readme/{n}"
         if resume:  # outputs/DATE/TIME/checkpoints/step_0000100 -> a checkpoint of the run before
             ckpt = sorted((clone / previous / "checkpoints").glob("step_*"))[0]   # step 1 of 2
             argv = [f"trainer.resume={ckpt}" if a in resume else a for a in argv]
             proc = shell(as_run(argv, run_dir, small=False), clone, env)  # its settings come from its run folder
+            assert "warning: resume" not in proc.stderr
         else:
             proc = shell(as_run(argv, run_dir), clone, env)
         assert "val loss start" in proc.stdout, argv
@@ -105,7 +110,6 @@ def test_training_section(tmp_path):
         assert summary["steps"] == 2, (argv, summary["steps"])
         assert "val loss start" in (clone / run_dir / "train.log").read_text()
         previous = run_dir
-    assert "warning: resume" not in proc.stderr
 
 
 def test_preparing_data_section(tmp_path):
@@ -118,9 +122,9 @@ def test_preparing_data_section(tmp_path):
         f"  math: {{train: {clone}/data/default/math/val.jsonl}}\n"
         f"tokenizer: {clone}/data/default/tokenizer.json\n")
     # DIR/data/prepped.yaml exactly as the README shows it
-    (yaml_block,) = [b for b in readme_blocks("Preparing data", "yaml") if "manifest:" in b]
+    (yaml_block,) = [b for b in page_blocks("docs/guides/data-preparation.md", "yaml") if "manifest:" in b]
     (conf / "data" / "prepped.yaml").write_text(yaml_block.replace("outputs/", f"{clone}/outputs/"))
-    (block,) = readme_blocks("Preparing data", "bash")
+    block = page_blocks("docs/guides/data-preparation.md", "bash")[0]
     run_dir = None
     for argv in commands(block):
         argv = [str(conf) if a == "DIR" else a for a in argv]
@@ -140,22 +144,9 @@ def test_preparing_data_section(tmp_path):
     assert (clone / "outputs/prep/default/default/manifest.json").is_file()
     assert (clone / "outputs/prep/default/minimal/manifest.json").is_file()
     assert (clone / "outputs/prep/mine/default/manifest.json").is_file()
-
-
-def test_drop_in_section(tmp_path):
-    """The drop-in loop as printed, with `{...}`, the tokenizer, `model`, `optimizer` and `max_steps`
-    filled in: a few real steps."""
-    (snippet,) = readme_blocks("Drop-in use in your own loop", "python")
-    domains = {d: {"train": f"{ROOT}/data/default/{d}/val.jsonl"} for d in ("prose", "code", "math")}
-    code = snippet.replace('{"domains": {...}, "tokenizer": "tok.json"}',
-                           repr({"domains": domains, "tokenizer": f"{ROOT}/data/default/tokenizer.json"}))
-    assert code != snippet
-    setup = ("import torch\nfrom dataflex.models.tiny_gpt import TinyGPT\n"
-             "model = TinyGPT(vocab_size=2048, seq_len=128, d_model=32, n_layers=2, n_heads=4)\n"
-             "optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)\nmax_steps = 3\n")
-    check = "\nassert record['step'] == max_steps - 1 and 'train_loss' in record, record\nprint('ok', record['train_loss'])\n"
-    proc = shell([sys.executable, "-c", setup + code + check], tmp_path, env_for(tmp_path / "cache"))
-    assert proc.stdout.startswith("ok ")
+    # the page's python block that reads the prepared shards back, as printed, in the clone
+    run_page(ROOT / "docs/guides/data-preparation.md", clone, env, "assert data['prose']['train'] and str(tok).endswith('tokenizer.json')",
+             which=("slow",))
 
 
 def test_make_demo_twice_gives_the_same_outputs(tmp_path):
@@ -180,7 +171,7 @@ def test_make_demo_twice_gives_the_same_outputs(tmp_path):
 def test_benchmark_corpus_section(tmp_path):
     """The benchmark corpus built by the README's command (into this test's cache), then trained on."""
     clone, env = clean_clone(tmp_path), env_for(tmp_path / "cache")
-    (block,) = readme_blocks("Benchmark corpus", "bash")
+    (block,) = page_blocks("docs/data/benchmark-corpus.md", "bash")
     for n, argv in enumerate(commands(block)):
         if argv[1].endswith("bench_corpus.py"):
             proc = shell(as_run(argv, small=False), clone, env, timeout=900)
