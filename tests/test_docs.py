@@ -246,6 +246,8 @@ def test_one_entry_per_plugin_file(family):
     for f in sorted((ROOT / "dataflex" / family).glob("*.py")):
         if f.name != "__init__.py":
             assert f"`{family}/{f.name}`" in page, f"docs/algorithms/{family}.md has no entry for {f.name}"
+    for package in sorted(p.parent for p in (ROOT / "dataflex" / family).glob("*/__init__.py")):
+        assert f"`{family}/{package.name}/`" in page, f"docs/algorithms/{family}.md has no entry for {package.name}/"
 
 
 def test_no_table_of_figures_stated_twice():
