@@ -249,8 +249,7 @@ def test_where_on_a_raw_jsonl_run(finished_run, tmp_path, with_data_json):
 # 10. comparison.png ------------------------------------------------------------------------------------------
 
 def test_comparison_plot_is_readable():
-    sys.path.insert(0, str(ROOT / "launch"))
-    import compare
+    from dataflex.report import comparison as compare
 
     domains = ["prose", "code", "math", "noise"]
     history = [{"step": s, "domain_weights": {d: 0.25 for d in domains}} for s in range(40)]
