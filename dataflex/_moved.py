@@ -94,4 +94,4 @@ class MovedFinder(importlib.abc.MetaPathFinder):
 
 def install() -> None:
     if not any(isinstance(f, MovedFinder) for f in sys.meta_path):
-        sys.meta_path.append(MovedFinder())
+        sys.meta_path.insert(0, MovedFinder())      # before PathFinder: a moved package's submodules too

@@ -180,3 +180,43 @@ def test_import_and_first_load_domains_print_no_third_party_warning(tmp_path):
     first = subprocess.run([sys.executable, "-c", QUIET, str(data)], capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stderr
     assert "Warning" not in first.stderr and "warn" not in first.stderr, first.stderr
+
+
+def test_old_module_paths_import_with_a_deprecation_warning():
+    """Every module path of 0.1 that moved still imports for one release, warning where it went."""
+    import importlib
+    import subprocess
+    import sys
+
+    from dataflex._moved import MOVED
+
+    code = """
+import importlib, sys, warnings
+from dataflex._moved import MOVED
+bad = []
+for old, homes in MOVED.items():
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        module = importlib.import_module(old)
+    if not any(issubclass(w.category, DeprecationWarning) and homes[0] in str(w.message) for w in seen):
+        bad.append(old)
+print(bad)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out
+    checks = importlib.import_module("dataflex.checks")
+    from dataflex.run.checkpoints import mark_complete
+    from dataflex.utils.errors import UserError
+    assert checks.UserError is UserError and checks.mark_complete is mark_complete
+    assert "dataflex.checks" in MOVED
+
+
+def test_public_names_keep_working():
+    import dataflex
+    from dataflex.mixers import BanditMixer
+    from dataflex.session.flex import DataFlex
+
+    assert dataflex.DataFlex is DataFlex and dataflex.mixers.BanditMixer is BanditMixer
+    from dataflex import (DataAwareSampler, LossWrapper, MixtureDataset, PerSampleGrads,  # noqa: F401
+                          TorchInterface, load_domains, per_sample_grads, selectors)
+    assert set(dataflex.__all__) <= set(dir(dataflex))
