@@ -153,7 +153,7 @@ def test_page_lists_every_strategy_and_writes_its_files(sweep, tmp_path):
         assert s.label in md
     assert "**mixer=static (weights=uniform)** (baseline)" in md
     assert "| target | target: x | target: y |" in md                   # the target's columns, where there is one
-    assert "| 4.500 ± 0.000 | 5.000 ± 0.000 | 4.000 ± 0.000 |" in md
+    assert "| 4.500 (1 seed) | 5.000 (1 seed) | 4.000 (1 seed) |" in md
     assert "Best dynamic strategy: **selector=loss, reweighter=loss**" in md and "0.50 ± 0.00x" in md
     for name in ("report.md", "report.csv", "val_curves.png", "domain_weights.png", "sample_weights.png",
                  "selection_rates.png"):
