@@ -14,7 +14,10 @@ Runs (plain torch back end, the default model and corpus, validation every 25 st
   then one Hydra sweep per variant (seeds as the sweep), the baseline first;
 then prints a markdown table: final per-domain and mean validation loss (mean ± std over seeds),
 and the first evaluated step at which the run's mean validation loss reaches the baseline's final
-mean (averaged over the seeds that reach it; "—" when none does).
+mean (averaged over the seeds that reach it; "—" when none does). The results page with 95% intervals,
+differences paired by seed and verdicts (better / worse / within noise) is `launch/compare.py OUT/FAMILY`.
+New variants go last: the vI folders of a finished sweep keep their meaning, and a length-matched run
+reads the selection of the run it matches (same seed) from that run's folder.
 """
 from __future__ import annotations
 
@@ -48,6 +51,13 @@ FAMILIES = {
         "tsds (10% of the pool)": ["+selector=tsds", "selector.target={target}", "selector.keep_fraction=0.1"],
         "cluster_less (10% of the pool)": ["+selector=cluster_less", "selector.target={target}",
                                            "selector.keep_fraction=0.1"],
+        # the baselines that re-tests of LESS-style selection found as strong as it: keyword retrieval, and
+        # random with the selection's length histogram and token budget (after the run it matches, same seed)
+        "bm25 (10% of the pool)": ["+selector=bm25", "selector.target={target}", "selector.keep_fraction=0.1"],
+        "random length-matched to less": ["+selector=length_matched",
+                                          "selector.reference={out}/selectors/v2/${{trainer.seed}}"],
+        "random length-matched to near": ["+selector=length_matched",
+                                          "selector.reference={out}/selectors/v7/${{trainer.seed}}"],
     },
     "mixers": {
         "static uniform": ["+mixer=static", "mixer.weights=uniform"],
@@ -58,6 +68,7 @@ FAMILIES = {
         "sheared (clipped)": ["+mixer=sheared", "mixer.reference={ref}"],
         "doremi (proxy, apply=loss)": ["+mixer=doremi", "mixer.reference={ref}"],
         "static on doremi's mixture": ["+mixer=static", "mixer.weights={out}/mixers/v6/${{trainer.seed}}/mixture.json"],
+        "static size^0.5 (UniMax/RegMix prior)": ["+mixer=static", "mixer.weights=size", "mixer.temperature=0.5"],
     },
 }
 

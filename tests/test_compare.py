@@ -115,6 +115,16 @@ def test_stats_exact(sweep):
     assert static.reach == [20, None] and static.ratio == (1.0, 0.0) and static.overhead == pytest.approx(1.0)
     assert bandit.target is None
     assert best_dynamic([bandit, static], ref.label) is bandit
+    # steps to the baseline's final mean: the t-interval over the 2 seeds that reach it, clipped at 0 steps
+    half = 12.7062047 * statistics.stdev([10, 20]) / math.sqrt(2)
+    assert (bandit.reach_ci.mean, bandit.reach_ci.lo, bandit.reach_ci.hi) == pytest.approx((15, 0.0, 15 + half))
+    # paired by seed over the two seeds both ran (0 and 1): bandit - static = 2.5 - 3.0, 3.1 - 3.2
+    d = [2.5 - 3.0, 3.1 - 3.2]
+    half = 12.7062047 * statistics.stdev(d) / math.sqrt(2)
+    diff = bandit.diff["val_mean"]
+    assert diff.n == 2 and (diff.mean, diff.lo, diff.hi) == pytest.approx((-0.3, -0.3 - half, -0.3 + half))
+    assert bandit.verdicts["val_mean"] == "within noise" and static.verdicts["val_mean"] == "baseline"
+    assert bandit.values["val_a"] == pytest.approx({0: 2.0, 1: 2.6, 2: 3.0})
     assert steps_to_reach([(0, 5.0), (10, 3.1)], 3.1) == 10 and steps_to_reach([(0, 5.0)], 3.0) is None
     assert mean_std([2.0]) == (2.0, 0.0) and all(math.isnan(x) for x in mean_std([]))
 
@@ -153,7 +163,7 @@ def test_page_lists_every_strategy_and_writes_its_files(sweep, tmp_path):
         assert s.label in md
     assert "**mixer=static (weights=uniform)** (baseline)" in md
     assert "| target | target: x | target: y |" in md                   # the target's columns, where there is one
-    assert "| 4.500 ± 0.000 | 5.000 ± 0.000 | 4.000 ± 0.000 |" in md
+    assert "| 4.500 (1 seed) | 5.000 (1 seed) | 4.000 (1 seed) |" in md
     assert "Best dynamic strategy: **selector=loss, reweighter=loss**" in md and "0.50 ± 0.00x" in md
     for name in ("report.md", "report.csv", "val_curves.png", "domain_weights.png", "sample_weights.png",
                  "selection_rates.png"):
@@ -164,6 +174,46 @@ def test_page_lists_every_strategy_and_writes_its_files(sweep, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "page" / "report.csv")))
     assert [r["strategy"] for r in rows] == [s.label for s in strategies]
     assert float(rows[0]["ratio_mean"]) == pytest.approx(0.75) and rows[0]["reached"] == "2"
+
+
+def test_page_verdicts_spread_and_interval_columns(tmp_path):
+    """Three seeds each; every seed moves all strategies alike (effects 0, +0.2, -0.1). `sure` is 0.05 below the
+    baseline on every seed (better, paired), `noisy` scatters around it with 5x its spread (within noise,
+    flagged), `worse` is 0.04 above on every seed."""
+    effect = [0.0, 0.2, -0.1]
+    kinds = {"static": (STATIC, [0.0, 0.0, 0.0]), "sure": (({"reweighter": "loss"}, ["+reweighter=loss"]), [-0.05] * 3),
+             "noisy": (({"reweighter": "focal"}, ["+reweighter=focal"]), [0.4, -0.3, -0.1]),
+             "worse": (({"reweighter": "tilted"}, ["+reweighter=tilted"]), [0.04, 0.041, 0.039])}
+    for i, (name, (kind, delta)) in enumerate(kinds.items()):
+        for seed in range(3):
+            final = 3.0 + effect[seed] + delta[seed] + 0.001 * seed * (name == "static")
+            make_run(tmp_path / "s" / f"v{i}" / str(seed), kind[0], kind[1], seed, [5.0, 4.0, final],
+                     mixer_cfg=kind[2] if len(kind) > 2 else None)
+    strategies = group_runs(find_runs(tmp_path / "s"))
+    page = write_report(tmp_path / "s", strategies, pick_baseline(strategies), tmp_path / "page")
+    rows = {r["strategy"]: r for r in csv.DictReader(open(tmp_path / "page" / "report.csv"))}
+    assert {k: rows[k]["val_mean_verdict"] for k in rows} == {
+        "mixer=static (backend=torch, weights=uniform)": "baseline", "reweighter=loss": "better", "reweighter=focal": "within noise",
+        "reweighter=tilted": "worse"}
+    sure = rows["reweighter=loss"]
+    assert float(sure["val_mean_diff"]) == pytest.approx(-0.05 - 0.001)
+    assert float(sure["val_mean_diff_lo"]) < float(sure["val_mean_diff"]) < float(sure["val_mean_diff_hi"]) < 0
+    assert sure["val_mean_pairs"] == "3" and sure["interval"] == "t" and float(sure["level"]) == 0.95
+    finals = [3.0 + e - 0.05 for e in effect]
+    lo, hi = (float(sure["val_mean_lo"]), float(sure["val_mean_hi"]))
+    ci = __import__("scipy.stats", fromlist=["t"]).t.interval(0.95, 2, statistics.mean(finals),
+                                                             statistics.stdev(finals) / math.sqrt(3))
+    assert (lo, hi) == pytest.approx(ci)                        # the interval of the mean, unpaired
+    assert lo < float(rows["mixer=static (backend=torch, weights=uniform)"]["val_mean_mean"]) < hi   # overlaps, yet paired: better
+    for key in ("val_a_lo", "val_b_hi", "val_a_diff_lo", "steps_to_baseline_lo", "spread_ratio_hi"):
+        assert key in sure
+    md = page["markdown"]
+    assert "paired by seed: better: reweighter=loss; worse: reweighter=tilted; within noise: reweighter=focal." in md
+    assert "| reweighter=loss | 3 (3) |" in md and "| **better** |" in md
+    assert "Spread far from the baseline's: reweighter=focal (" in md and "Student's t-interval" in md
+    boot = write_report(tmp_path / "s", strategies, pick_baseline(strategies), tmp_path / "boot", method="bootstrap")
+    assert "percentile bootstrap" in boot["markdown"]
+    assert next(csv.DictReader(open(tmp_path / "boot" / "report.csv")))["interval"] == "bootstrap"
 
 
 def test_plots_without_data_are_skipped(tmp_path):

@@ -1,5 +1,7 @@
-"""The results page of a sweep: report.md (tables, the headline ratio, the figures) and report.csv (the same
-numbers, unrounded), from strategies grouped by `runs.group_runs` and measured by `stats.summarize`."""
+"""The results page of a sweep: report.md (the verdicts against the baseline, paired by seed; the seed spread;
+the losses with their 95% intervals; steps to the baseline's final loss; the figures) and report.csv (the same
+numbers, unrounded, interval bounds included), from strategies grouped by `runs.group_runs` and measured by
+`stats.summarize`. docs/guides/comparing-runs-statistics.md explains every number."""
 from __future__ import annotations
 
 import csv
@@ -10,12 +12,17 @@ from typing import Optional
 from dataflex.report import plots
 from dataflex.report.runs import Strategy
 from dataflex.report.stats import (
+    LEVEL,
     NAN,
+    SPREAD_FLAG,
+    Interval,
     Reference,
     StrategyStats,
     best_dynamic,
     domains_of,
     mean_std,
+    metric_names,
+    spread_flag,
     summarize,
     tasks_of,
 )
@@ -30,11 +37,38 @@ def pm(value: tuple, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def num(x: float, digits: int = 3, sign: bool = False) -> str:
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def ci_cell(iv: Interval, digits: int = 3, sign: bool = False) -> str:
+    """`mean [lo, hi]`; `mean (1 seed)` without an interval; — without a value."""
+    if iv.n == 0 and iv.method != "welch" or not math.isfinite(iv.mean):
+        return "—"
+    if not iv.has_interval:
+        return f"{num(iv.mean, digits, sign)} (1 seed)"
+    return f"{num(iv.mean, digits, sign)} [{num(iv.lo, digits, sign)}, {num(iv.hi, digits, sign)}]"
+
+
+def diff_cell(iv: Interval, digits: int = 3) -> str:
+    """The paired difference `d [lo, hi]`; marked `unpaired` where it fell back to Welch's interval."""
+    if not math.isfinite(iv.mean):
+        return "—"
+    if not iv.has_interval:
+        return f"{num(iv.mean, digits, True)} (no interval)"
+    return ci_cell(iv, digits, sign=True) + (" unpaired" if iv.method == "welch" else "")
+
+
+def pairs(iv: Interval) -> str:
+    return "unpaired" if iv.method == "welch" else str(iv.n)
+
+
 def reach_cell(s: StrategyStats, digits: int = 0) -> str:
+    """Steps to the baseline's final mean: mean [95% interval] over the seeds that reach it (k/n)."""
     hits = [r for r in s.reach if r is not None]
     if not hits:
         return f"— (0/{len(s.reach)})"
-    return f"{pm(mean_std(hits), digits)} ({len(hits)}/{len(s.reach)})"
+    return f"{ci_cell(s.reach_ci, digits)} ({len(hits)}/{len(s.reach)})"
 
 
 def headline(stats: list, ref: Reference) -> str:
@@ -46,9 +80,76 @@ def headline(stats: list, ref: Reference) -> str:
             "reweighter) is in this sweep, so none"
         return (f"{what} reaches the baseline's final mean validation loss ({ref.final_mean:.3f}) within its run "
                 f"(ODM reports {ODM_RATIO:.2f}x the steps on the Pile).")
+    iv = f", 95% interval {best.ratio_ci.lo:.2f}..{best.ratio_ci.hi:.2f}x" if best.ratio_ci.has_interval else ""
     return (f"Best dynamic strategy: **{best.label}** reaches the baseline's final mean validation loss "
             f"({ref.final_mean:.3f}) in **{pm(best.ratio, 2)}x** the baseline's steps (mean ± std over the "
-            f"{best.reached}/{len(best.reach)} seeds that reach it; ODM reports {ODM_RATIO:.2f}x on the Pile).")
+            f"{best.reached}/{len(best.reach)} seeds that reach it{iv}; ODM reports {ODM_RATIO:.2f}x on the Pile). "
+            f"Whether it ends better than the baseline is its verdict below.")
+
+
+def verdict_summary(stats: list, metric: str, name: str) -> str:
+    """One sentence: which strategies are better / worse than the baseline beyond noise on `metric`."""
+    groups: dict = {}
+    for s in stats:
+        if not s.is_baseline and metric in s.verdicts:
+            groups.setdefault(s.verdicts[metric], []).append(s.label)
+    if not groups:
+        return ""
+    parts = [f"{what}: {', '.join(groups[what])}" for what in ("better", "worse", "within noise", "too few seeds")
+             if groups.get(what)]
+    return f"On the {name}, against the baseline, paired by seed: " + "; ".join(parts) + "."
+
+
+def versus_table(stats: list, metrics: list, names: dict) -> str:
+    """Per strategy: seeds, and for each headline metric its mean [95%], the paired difference [95%], the verdict."""
+    header = ["strategy", "seeds (pairs)"]
+    for m in metrics:
+        header += [f"{names[m]} [95%]", "− baseline [95%]", "verdict"]
+    rows = []
+    for s in stats:
+        first = s.diff.get(metrics[0], Interval(NAN, NAN, NAN, 0, NAN, "none"))
+        row = [f"**{s.label}** (baseline)" if s.is_baseline else s.label,
+               f"{len(s.seeds)}" + ("" if s.is_baseline else f" ({pairs(first)})")]
+        for m in metrics:
+            if m not in s.ci:
+                row += ["—", "—", "—"]
+                continue
+            if s.is_baseline or m not in s.diff:
+                row += [ci_cell(s.ci[m]), "—", "baseline" if s.is_baseline else "the baseline has none"]
+                continue
+            v = s.verdicts[m]
+            row += [ci_cell(s.ci[m]), diff_cell(s.diff[m]), f"**{v}**" if v in ("better", "worse") else v]
+        rows.append(row)
+    return _table(header, rows)
+
+
+def noise_table(stats: list) -> tuple:
+    """(table, [flagged labels]): per strategy the seed std of its mean validation loss, and that std over the
+    baseline's with the F interval."""
+    header = ["strategy", "seeds", "seed std (mean val loss)", "std / baseline's std [95%]", "flag"]
+    rows, flagged = [], []
+    for s in stats:
+        ratio, lo, hi = s.spread
+        std = s.ci.get("val_mean", Interval(NAN, NAN, NAN, 0, NAN, "none")).std
+        flag = "" if s.is_baseline else spread_flag(ratio)
+        if flag:
+            flagged.append(f"{s.label} ({flag})")
+        cell = "—" if not math.isfinite(ratio) else f"{ratio:.2f} [{lo:.2f}, {hi:.2f}]"
+        rows.append([f"**{s.label}** (baseline)" if s.is_baseline else s.label, len(s.seeds),
+                     f"{std:.4f}" if math.isfinite(std) else "—", "1" if s.is_baseline else cell, flag])
+    return _table(header, rows), flagged
+
+
+def diff_table(stats: list, metrics: list, names: dict) -> str:
+    """Every metric: the paired difference from the baseline [95%] and its verdict, one column per metric."""
+    header = ["strategy"] + [names[m] for m in metrics]
+    rows = []
+    for s in stats:
+        if s.is_baseline:
+            continue
+        rows.append([s.label] + ["—" if m not in s.diff else f"{diff_cell(s.diff[m])} {s.verdicts[m]}"
+                                 for m in metrics])
+    return _table(header, rows)
 
 
 def _table(header: list, rows: list) -> str:
@@ -64,9 +165,10 @@ def loss_table(stats: list, domains: list, baseline: str) -> str:
     rows = []
     for s in stats:
         name = f"**{s.label}** (baseline)" if s.label == baseline else s.label
-        rows.append([name, len(s.seeds), *[pm(s.domains[d]) for d in domains], pm(s.mean)]
-                    + ([pm(s.target) if s.target else "—"] if has_target else [])
-                    + [pm(s.tasks.get(t, (NAN, NAN))) for t in tasks])
+        cell = (lambda key: ci_cell(s.ci[key]) if key in s.ci else "—")
+        rows.append([name, len(s.seeds), *[cell(f"val_{d}") for d in domains], cell("val_mean")]
+                    + ([cell("target")] if has_target else [])
+                    + [cell(f"target_{t}") for t in tasks])
     return _table(header, rows)
 
 
@@ -82,28 +184,61 @@ def cost_table(stats: list, ref: Reference) -> str:
     return _table(header, rows)
 
 
-def csv_rows(stats: list, domains: list, ref: Reference, tasks: list = ()) -> list:
+def csv_rows(stats: list, domains: list, ref: Reference, tasks: list = (), metrics: list = (), level: float = LEVEL,
+             method: str = "t") -> list:
+    """report.csv: the page's numbers unrounded; for every metric KEY (val_mean, val_DOMAIN, target,
+    target_TASK): KEY_lo/KEY_hi (the interval of its mean), KEY_diff/KEY_diff_lo/KEY_diff_hi (paired by seed
+    with the baseline), KEY_pairs (seeds paired; 0: Welch's unpaired interval) and KEY_verdict."""
     header = ["strategy", "seeds", "dynamic"] + [f"val_{d}_{k}" for d in domains for k in ("mean", "std")] + \
         ["val_mean_mean", "val_mean_std", "target_mean", "target_std"] + \
         [f"target_{t}_{k}" for t in tasks for k in ("mean", "std")] + ["reached", "steps_to_baseline_mean",
          "steps_to_baseline_std", "ratio_mean", "ratio_std", "tokens_to_baseline_mean", "tokens_to_baseline_std",
          "wall_s_mean", "wall_s_std", "sec_per_step", "overhead", "baseline", "baseline_final_mean", "baseline_steps"]
+    header += ["interval", "level", "steps_to_baseline_lo", "steps_to_baseline_hi", "ratio_lo", "ratio_hi",
+               "spread_ratio", "spread_ratio_lo", "spread_ratio_hi"]
+    header += [f"{m}_{k}" for m in metrics for k in ("lo", "hi", "diff", "diff_lo", "diff_hi", "pairs", "verdict")]
     rows = [header]
     for s in stats:
         hits = [r for r in s.reach if r is not None]
-        rows.append([s.label, len(s.seeds), s.dynamic] + [x for d in domains for x in s.domains[d]]
-                    + [*s.mean, *(s.target or ("", ""))] + [x for t in tasks for x in s.tasks.get(t, ("", ""))]
-                    + [s.reached, *mean_std(hits), *s.ratio, *s.tokens, *s.wall,
-                       s.sec_per_step, s.overhead, ref.label, ref.final_mean, ref.steps])
+        row = [s.label, len(s.seeds), s.dynamic] + [x for d in domains for x in s.domains[d]] \
+            + [*s.mean, *(s.target or ("", ""))] + [x for t in tasks for x in s.tasks.get(t, ("", ""))] \
+            + [s.reached, *mean_std(hits), *s.ratio, *s.tokens, *s.wall,
+               s.sec_per_step, s.overhead, ref.label, ref.final_mean, ref.steps]
+        row += [method, level, s.reach_ci.lo, s.reach_ci.hi, s.ratio_ci.lo, s.ratio_ci.hi, *s.spread]
+        for m in metrics:
+            ci, diff = s.ci.get(m), s.diff.get(m)
+            row += [ci.lo, ci.hi] if ci else ["", ""]
+            row += [diff.mean, diff.lo, diff.hi, diff.n, s.verdicts[m]] if diff else ["", "", "", "", ""]
+        rows.append(row)
     return rows
 
 
-def write_report(root: Path, strategies: list, baseline: Strategy, out: Optional[Path] = None) -> dict:
-    """report.md, report.csv and the figures in `out` (default `root`); returns {name: path} of what it wrote."""
+def method_sentence(method: str, level: float) -> str:
+    what = ("Student's t-interval over seeds (mean ± t · s / sqrt(n), n − 1 degrees of freedom)" if method == "t"
+            else "percentile bootstrap over seeds (10,000 resamples, seed 0; it covers less than its level at few "
+                 "seeds)")
+    return (f"Intervals: {level:.0%} {what}; none for one seed. Differences from the baseline are **paired by "
+            "seed** (each seed's run minus the baseline's run of the same seed, then the interval of their mean; "
+            "`unpaired`: fewer than two shared seeds, Welch's interval). Verdict: **better** when the whole "
+            "interval of the difference is below 0 (losses: lower is better), **worse** when it is above, "
+            "**within noise** when it holds 0. See docs/guides/comparing-runs-statistics.md.")
+
+
+def write_report(root: Path, strategies: list, baseline: Strategy, out: Optional[Path] = None, level: float = LEVEL,
+                 method: str = "t") -> dict:
+    """report.md, report.csv and the figures in `out` (default `root`); returns {name: path} of what it wrote.
+    `level` and `method` ("t" or "bootstrap") set the intervals."""
     out = Path(out or root)
     out.mkdir(parents=True, exist_ok=True)
-    ref, stats = summarize(strategies, baseline)
+    ref, stats = summarize(strategies, baseline, level, method)
     domains = domains_of(strategies)
+    tasks = tasks_of(strategies)
+    has_target = any(s.target for s in stats)
+    names = metric_names(domains, tasks, has_target)
+    metrics = [m for m in names if any(m in s.ci for s in stats)]
+    head = [m for m in ("val_mean", "target") if m in metrics]
+    table, flagged = noise_table(stats)
+    summary = [x for x in (verdict_summary(stats, m, names[m]) for m in head) if x]
     colour = plots.colours(s.label for s in strategies)
     figures = {
         "validation curves": plots.validation_curves(strategies, out / "val_curves.png", colour, ref.final_mean,
@@ -127,12 +262,25 @@ def write_report(root: Path, strategies: list, baseline: Strategy, out: Optional
     lines = [f"# Results: {root}", "",
              f"{count}. Baseline: **{ref.label}** (final mean validation loss {ref.final_mean:.3f}, averaged over "
              f"its {seeds} seed{'s' * (seeds != 1)}; {ref.steps:.0f} steps). "
-             "Values are mean ± std over seeds (sample standard deviation; 0 for one seed).", "",
-             headline(stats, ref), "",
-             "## Final validation loss", "", loss_table(stats, domains, ref.label), "",
+             f"Values are means over seeds with their {level:.0%} interval in brackets.", "",
+             method_sentence(method, level), "",
+             headline(stats, ref), "", *[x + "\n" for x in summary],
+             "## Against the baseline, paired by seed", "", versus_table(stats, head, names), "",
+             "## Noise: the seed spread of each strategy", "",
+             "Sample standard deviation over seeds of each strategy's final mean validation loss, and its ratio to "
+             f"the baseline's with the {level:.0%} interval the F distribution gives (wide at few seeds). Flagged: "
+             f"a ratio of {SPREAD_FLAG:g}x or more, or 1/{SPREAD_FLAG:g} or less.", "", table, "",
+             ("Spread far from the baseline's: " + "; ".join(flagged) + ". A verdict of such a strategy rests on "
+              "its own seeds' noise, not the baseline's." if flagged else
+              f"No strategy's seed spread is {SPREAD_FLAG:g}x the baseline's or more (or 1/{SPREAD_FLAG:g} or less)."),
+             "",
+             f"## Final validation loss, {level:.0%} intervals", "", loss_table(stats, domains, ref.label), "",
+             "## Every metric: the paired difference from the baseline and its verdict", "",
+             diff_table(stats, metrics, names), "",
              "## Steps, tokens and time to the baseline's final mean validation loss", "",
-             "First evaluation at which a run's mean validation loss is at or below the baseline's final mean; "
-             "`x baseline steps` is that step over the baseline's run length, over the seeds that reach it. "
+             "First evaluation at which a run's mean validation loss is at or below the baseline's final mean: "
+             f"mean [{level:.0%} interval] over the seeds that reach it (how many of them do); "
+             "`x baseline steps` is that step over the baseline's run length, mean ± std over the same seeds. "
              "Wall time includes start-up and evaluations; overhead is s/step (median over seeds) over the "
              "baseline's.", "", cost_table(stats, ref), ""]
     lines += ["## Figures", ""]
@@ -144,7 +292,7 @@ def write_report(root: Path, strategies: list, baseline: Strategy, out: Optional
         lines += [f"Not drawn (no strategy has the data): {', '.join(skipped)}.", ""]
     (out / "report.md").write_text("\n".join(lines))
     with open(out / "report.csv", "w", newline="") as f:
-        csv.writer(f).writerows(csv_rows(stats, domains, ref, tasks_of(strategies)))
+        csv.writer(f).writerows(csv_rows(stats, domains, ref, tasks, metrics, level, method))
     written = {"report.md": out / "report.md", "report.csv": out / "report.csv"}
     written.update({p.name: p for p in figures.values() if p is not None})
     return {"files": written, "stats": stats, "reference": ref, "markdown": "\n".join(lines)}
