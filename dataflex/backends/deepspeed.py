@@ -79,6 +79,11 @@ class DeepSpeedInterface(TorchInterface):
         self.engine = engine
         self.zero_stage = engine.zero_optimization_stage()
 
+    @property
+    def device(self):
+        """The engine's device (under ZeRO-3 the module's parameters are partitioned placeholders)."""
+        return self.engine.device
+
     def _call(self):
         return self.engine
 

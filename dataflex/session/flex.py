@@ -107,12 +107,14 @@ class DataFlex:
         whose loss is not finite; token weights (a token-level reweighter) multiply on top. The
         loss wrapper normalises by the weights' global total (`dataflex.core.loss.reduce_loss`)."""
         s = self.state
-        label_tokens = batch["loss_mask"].sum(-1).float().cpu()
+        # one gather on the loss's device and one copy to the host: the step's only synchronisation
+        device = signal["loss"].device
+        label_tokens = batch["loss_mask"].to(device, non_blocking=True).sum(-1).float()
         n = len(label_tokens)
         decisions = torch.tensor(decision_digest(s, self._last_weights_digest), dtype=torch.float32).expand(n, 4)
-        local = torch.cat([torch.stack([signal["loss"].float().cpu(), signal["tokens"].float().cpu(), label_tokens], 1),
-                           decisions], 1)
-        gathered = dist.all_gather_cat(local)
+        local = torch.cat([torch.stack([signal["loss"].float(), signal["tokens"].float(), label_tokens], 1),
+                           decisions.to(device, non_blocking=True)], 1)
+        gathered = dist.all_gather_cat(local).cpu()
         losses, tokens, labels = gathered[:, 0], gathered[:, 1], gathered[:, 2]
         if self.world_size > 1:
             compare_digests(gathered, n, self.step)
@@ -138,8 +140,8 @@ class DataFlex:
         stand_in = losses[finite].mean() if finite.any() else torch.tensor(0.0)
         s.losses = torch.where(finite, losses, stand_in)  # a stand-in inside [min, max]
         if self._needs_tokens:
-            s.token_losses = dist.all_gather_cat(signal["token_loss"].float().cpu())
-            s.token_mask = dist.all_gather_cat(signal["token_mask"].float().cpu())
+            s.token_losses = dist.all_gather_cat(signal["token_loss"].float()).cpu()
+            s.token_mask = dist.all_gather_cat(signal["token_mask"].float()).cpu()
         s.metrics["reweighter/nonfinite"] = int((labels - tokens).sum())
         s.metrics["reweighter/nonfinite_samples"] = int((~finite).sum())
         self._tokens = tokens
