@@ -114,3 +114,70 @@ def test_a_loss_weighing_plugin_with_micro_batches_is_refused_with_the_way_out(d
     with pytest.raises(RuntimeError, match=r"LossReweighter weigh\(s\) samples by the step's losses.*backend=megatron"):
         drop_in(domains, [LossReweighter(burnout_steps=0)], 2, steps=1)
     dist.use_group(None)
+
+
+def test_megatron_lm_pretrain_gpt_adapter(domains):
+    """pretrain_gpt.py's way in, against megatron-core's own GPTModel, DDP, optimizer and schedule (CPU shim):
+    the loss_func has Megatron-LM's signature and 3-tuple answer (loss, int num_tokens, {"lm loss": [masked
+    token-loss sum, num_tokens]}); the data iterator yields Megatron-LM's batch keys and ends each step at
+    the next iteration (flex.end_step, then on_step); two micro-batches train exactly like the README drop-in
+    with one (same ledger, same first-step gradient, same model)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    import dataflex
+    from dataflex.backends import build_backend
+    from dataflex.backends.megatron.cpu_shim import cpu_device
+    from dataflex.backends.megatron.megatron_lm import (
+        MEGATRON_LM_KEYS,
+        MegatronLMData,
+        megatron_lm_forward_step,
+        megatron_lm_loss_func,
+    )
+    from dataflex.mixers import BanditMixer
+
+    ref_records, ref_params, ref_grads = drop_in(domains, [BanditMixer()], 1)
+
+    backend = build_backend("megatron", TinyGPT(**SIZES, vocab_size=domains.tokenizer.vocab_size), 8, 1, options={},
+                            seed=0, lr=1e-2, warmup_steps=0, max_steps=0)
+    model, optimizer = backend.model, backend.optimizer
+    flex = dataflex.DataFlex(domains.train, global_batch_size=8, plugins=[BanditMixer()], seed=0,
+                             rank=ps.get_data_parallel_rank(), world_size=ps.get_data_parallel_world_size())
+    dataflex.utils.dist.use_group(ps.get_data_parallel_group())
+    records, answers = [], []
+    data = MegatronLMData(flex, micro_batch_size=4, on_step=records.append)
+    inner = megatron_lm_loss_func(flex)
+
+    def loss_func(loss_mask, output_tensor, model=None):     # Megatron-LM's signature, answers recorded
+        out = inner(loss_mask, output_tensor, model=model)
+        answers.append((loss_mask.clone(), output_tensor.detach().clone(), out))
+        return out
+
+    forward_step = megatron_lm_forward_step(flex, loss_func)
+    with cpu_device():
+        for step in range(3):
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            get_forward_backward_func()(forward_step_func=forward_step, data_iterator=data, model=[model],
+                                        num_microbatches=2, seq_length=16, micro_batch_size=4)
+            if step == 0:
+                grads = {n: p.main_grad.detach().clone() for n, p in backend.module.named_parameters()}
+            optimizer.step()
+        data.finish()
+    dist.use_group(None)
+    batch = next(MegatronLMData(dataflex.DataFlex(domains.train, global_batch_size=8, seed=0), 4))
+    assert tuple(batch) == MEGATRON_LM_KEYS and batch["tokens"].shape == (4, 16) and batch["attention_mask"] is None
+    assert len(answers) == 6
+    for loss_mask, token_loss, (loss, num_tokens, report) in answers:
+        assert loss.dim() == 0 and loss.requires_grad and num_tokens.dtype == torch.int
+        assert int(num_tokens) == int(loss_mask.sum())
+        torch.testing.assert_close(report["lm loss"], torch.stack([(token_loss * loss_mask).sum(), loss_mask.sum()]))
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for got, want in zip(records, ref_records):
+        assert got["ledger"]["sample_id"] == want["ledger"]["sample_id"]
+        torch.testing.assert_close(torch.tensor(got["ledger"]["loss"]), torch.tensor(want["ledger"]["loss"]),
+                                   rtol=1e-4, atol=1e-5)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-7)
+    for name, p in ref_params.items():
+        assert (backend.module.state_dict()[name] - p).abs().max() < 1e-4, name
