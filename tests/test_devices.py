@@ -213,3 +213,23 @@ def test_interface_device_is_the_input_embedding_device():
     batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "note": "kept"}
     moved = TorchInterface(model().to("meta")).to_device(batch)
     assert moved["input_ids"].device.type == "meta" and moved["note"] == "kept"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu_check.sh runs it on a GPU)")
+@pytest.mark.parametrize("name", ["signals"] + list(_plugins()))
+def test_on_cuda(name):
+    """The same paths with the model really on the GPU and batches built on the host."""
+    flex = session(_plugins()[name]() if name != "signals" else (), interface=TorchInterface(model().cuda()))
+    if name == "signals":
+        sig, ids = flex.state.signals, torch.arange(0, 72, 7)
+        for output in ("loss", "token_loss", "embedding", "el2n"):
+            assert sig.probe(ids, output=output).device.type == "cpu"
+        for projector in (None, RademacherProjector(dim=16, seed=0), FactoredProjector(dim=16, seed=0),
+                          SparseProjector(dim=16, seed=0)):
+            sig.per_sample_grads(ids[:3], projector=projector)
+        target = sig.target_grad(torch.arange(4), dataset=flex.datasets["val"])
+        assert sig.per_sample_grad_dots(ids, target).device.type == "cpu"
+        flex.evaluate(flex.datasets["val"])
+        flex.target_loss(4)
+    records = train(flex)
+    assert len(records) == 2
