@@ -32,8 +32,9 @@ def build_backend(name: str, model, global_batch_size: int, world_size: int, opt
     if name == "torch":
         kwargs.pop("zero_stage", None), kwargs.pop("bf16", None)
         return TorchBackend(model, **kwargs)
-    if name == "deepspeed":
-        return DeepSpeedBackend(model, global_batch_size // world_size, **kwargs)
+    if name == "deepspeed":      # backend.config: the user's DeepSpeed JSON (None: dataflex's own)
+        return DeepSpeedBackend(model, global_batch_size // world_size, config=options.get("config"),
+                                world_size=world_size, **kwargs)
     if name == "megatron":
         from dataflex.backends.megatron.backend import MegatronBackend
         from dataflex.backends.megatron.model import model_sizes

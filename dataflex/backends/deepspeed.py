@@ -1,37 +1,125 @@
 """`backend=deepspeed`: DeepSpeed's engine (ZeRO 0-3, fp32 or bf16), with our AdamW handed to it so no
-fused optimizer op needs compiling on CPU."""
+fused optimizer op needs compiling on CPU.
+
+A user's own DeepSpeed JSON (`backend.config=PATH`, or the launcher's `--deepspeed_config PATH`) is
+taken as it is: its ZeRO stage and buckets, offload, bf16/fp16, gradient clipping, optimizer and
+scheduler sections. dataflex fills only what it owns, the batch sizes: `train_batch_size` is
+`trainer.global_batch_size`, `train_micro_batch_size_per_gpu` its share per rank and
+`gradient_accumulation_steps` 1 (dataflex's step is one forward of the rank's whole share). A value in
+the file that contradicts them is refused with both named (`"auto"` counts as unset). Without an
+`optimizer` section the engine gets dataflex's AdamW (trainer.lr, weight decay); without a `scheduler`
+section, dataflex's warmup + cosine schedule."""
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
-from dataflex.backends.base import Backend, make_optimizer, setup_distributed
+from dataflex.backends.base import Backend, lr_lambda, make_optimizer, setup_distributed
 from dataflex.grad.interface import TorchInterface
 from dataflex.models.forward import default_forward
+from dataflex.utils.errors import ConfigError
+
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def _unset(value) -> bool:
+    return value is None or value == "auto"
+
+
+def read_deepspeed_config(path) -> dict:
+    """A DeepSpeed JSON file as a dict; a missing or malformed file is a ConfigError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"backend.config={path}: no such DeepSpeed config file")
+    try:
+        out = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"backend.config={path}: not a readable DeepSpeed JSON file ({e})") from None
+    if not isinstance(out, dict):
+        raise ConfigError(f"backend.config={path}: a DeepSpeed config is a JSON object, got {type(out).__name__}")
+    return out
+
+
+def deepspeed_config(user: Optional[dict], global_batch_size: int, world_size: int, grad_clip: float = 1.0,
+                     zero_stage: int = 0, bf16: bool = False, source: str = "backend.config") -> dict:
+    """The config handed to `deepspeed.initialize`: the user's (or dataflex's default) with the batch
+    sizes dataflex owns filled in, checked against the file (see the module docstring)."""
+    if global_batch_size % world_size:
+        raise ConfigError(f"trainer.global_batch_size={global_batch_size}: must divide by the {world_size} ranks")
+    owned = {"train_batch_size": global_batch_size, "train_micro_batch_size_per_gpu": global_batch_size // world_size,
+             "gradient_accumulation_steps": 1}
+    if user is None:
+        return {**owned, "gradient_clipping": grad_clip, "zero_optimization": {"stage": zero_stage},
+                "bf16": {"enabled": bool(bf16)}, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+    cfg = copy.deepcopy(user)
+    for key, value in owned.items():
+        given = cfg.get(key)
+        if not _unset(given) and given != value:
+            raise ConfigError(
+                f"{source}: {key}={given} in the DeepSpeed config contradicts dataflex's {key}={value} "
+                f"(trainer.global_batch_size={global_batch_size} over {world_size} rank(s), one micro-batch of "
+                f"{global_batch_size // world_size} per rank and step): remove {key} from the file or set "
+                "trainer.global_batch_size to match")
+        cfg[key] = value
+    zero = cfg.get("zero_optimization")
+    file_stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if file_stage is None:
+        cfg["zero_optimization"] = {**(zero if isinstance(zero, dict) else {}), "stage": zero_stage}
+    elif zero_stage and zero_stage != file_stage:
+        raise ConfigError(f"backend.zero_stage={zero_stage} contradicts zero_optimization.stage={file_stage} in "
+                          f"{source}: leave backend.zero_stage out (the file's stage is used) or make them agree")
+    enabled = (cfg.get("bf16") or {}).get("enabled") if isinstance(cfg.get("bf16"), dict) else None
+    if bf16 and enabled is False:
+        raise ConfigError(f"backend.bf16=true contradicts bf16.enabled=false in {source}: make them agree")
+    if _unset(enabled):
+        cfg["bf16"] = {**(cfg.get("bf16") or {}), "enabled": bool(bf16)}
+    if _unset(cfg.get("gradient_clipping")):
+        cfg["gradient_clipping"] = grad_clip
+    for key, value in (("steps_per_print", 10 ** 9), ("wall_clock_breakdown", False)):
+        cfg.setdefault(key, value)
+    offload = any(isinstance(z, dict) and (z.get("device") or "none") != "none"
+                  for z in (cfg["zero_optimization"].get("offload_optimizer"), ))
+    if offload and "optimizer" not in cfg:       # dataflex's torch AdamW on offloaded (CPU) parameters
+        cfg.setdefault("zero_force_ds_cpu_optimizer", False)
+    for section in ("optimizer", "scheduler"):
+        if isinstance(cfg.get(section), dict):
+            params = cfg[section].get("params") or {}
+            if any(v == "auto" for v in params.values()):
+                raise ConfigError(f"{source}: {section}.params has \"auto\" values (a Hugging Face Trainer "
+                                  f"convention): give numbers, or drop the {section} section to use dataflex's")
+    return cfg
 
 
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
     def __init__(self, model, micro_batch_size, zero_stage=0, bf16=False, lr=1e-3, weight_decay=0.0,
-                 warmup_steps=0, max_steps=1000, grad_clip=1.0):
+                 warmup_steps=0, max_steps=1000, grad_clip=1.0, config=None, world_size: Optional[int] = None):
+        """`config`: the user's DeepSpeed JSON (a path or a dict), taken as it is but for the batch sizes
+        (see the module docstring); None: dataflex's own (ZeRO `zero_stage`, `bf16`, `grad_clip`)."""
         setup_distributed("deepspeed")
         import deepspeed
+        import torch
 
-        optimizer, scheduler = make_optimizer(model, lr, weight_decay, warmup_steps, max_steps)
-        config = {
-            "train_micro_batch_size_per_gpu": micro_batch_size,
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": grad_clip,
-            "zero_optimization": {"stage": zero_stage},
-            "bf16": {"enabled": bool(bf16)},
-            "steps_per_print": 10 ** 9,
-            "wall_clock_breakdown": False,
-        }
+        world = world_size or (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+        source = f"backend.config={config}" if isinstance(config, (str, Path)) else "backend.config"
+        user = read_deepspeed_config(config) if isinstance(config, (str, Path)) else config
+        self.config = deepspeed_config(user, micro_batch_size * world, world, grad_clip, zero_stage, bf16, source)
+        if "optimizer" in self.config:        # the file's optimizer; dataflex's schedule unless it has its own
+            optimizer = None
+            scheduler = None if "scheduler" in self.config else (
+                lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup_steps, max_steps)))
+        else:
+            optimizer, scheduler = make_optimizer(model, lr, weight_decay, warmup_steps, max_steps)
+            if "scheduler" in self.config:
+                scheduler = None
         from dataflex.backends.extensions import clear_stale_extension_locks
         clear_stale_extension_locks()      # a first start killed while compiling would make this one hang
+        kwargs = {"model_parameters": [p for p in model.parameters() if p.requires_grad]} if optimizer is None else {}
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=copy.deepcopy(self.config), **kwargs)
         self.model, self.module = self.engine, self.engine.module
         self.device = self.engine.device
         self.interface = DeepSpeedInterface(self.engine)
@@ -78,6 +166,11 @@ class DeepSpeedInterface(TorchInterface):
         super().__init__(engine.module, forward)
         self.engine = engine
         self.zero_stage = engine.zero_optimization_stage()
+
+    @property
+    def device(self):
+        """The engine's device (under ZeRO-3 the module's parameters are partitioned placeholders)."""
+        return self.engine.device
 
     def _call(self):
         return self.engine

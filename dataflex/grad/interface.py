@@ -15,6 +15,11 @@ Gradient signals, cheapest first (see dataflex.grad.ghost and dataflex.grad.fact
     per_sample_grads(batch, params)                 exact [B, *shape] per parameter (torch.func)
 
 All compute in eval mode (dropout off) unless `train_mode=True`.
+
+Devices: every entry point first moves the batch (and a dots target) to `interface.device`, the
+device of the model's input embedding (else its first parameter): batches built on the host (the
+sampler's, `MixtureDataset.batch`) are handed to a model on a GPU as they should be. Results stay on
+that device; `dataflex.session.signals.Signals` gathers them there and copies them to the host once.
 """
 from __future__ import annotations
 
@@ -48,12 +53,54 @@ def last_hidden_module(module: torch.nn.Module) -> torch.nn.Module:
     return head
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a model takes its inputs: its input embedding's device (HF models spread over devices take
+    their inputs where the embedding is), else its first parameter's or buffer's, else the CPU."""
+    getter = getattr(module, "get_input_embeddings", None)
+    try:
+        emb = getter() if callable(getter) else None
+    except (NotImplementedError, AttributeError):
+        emb = None
+    for source in ((emb.parameters() if emb is not None else ()), module.parameters(), module.buffers()):
+        for t in source:
+            return t.device
+    return torch.device("cpu")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on `device` (non-blocking from pinned memory; a no-op where they already are)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def target_to_device(target, device: torch.device):
+    if isinstance(target, dict):
+        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in target.items()}
+    return target.to(device, non_blocking=True) if isinstance(target, torch.Tensor) else target
+
+
 class TorchInterface:
+    # a reference model dataflex loaded or wrapped (`as_reference`): Signals places it on the training
+    # model's device before its first probe; a user's own interface stays where the user put it
+    follows_training_device = False
+
     def __init__(self, module: torch.nn.Module, forward: Callable = default_forward, lean: bool = True):
         self.module = module
         self.lean = lean        # loss probes from the hidden states and the head, no [B, T, V] logits (core.lean_loss)
         # HF / peft models get dataflex.models.hf's forward (use_cache=False, logits, vmap-safe masks)
         self.forward = forward_for(module) if forward is default_forward else forward
+
+    @property
+    def device(self) -> torch.device:
+        """The device the model takes its inputs on (see `module_device`)."""
+        return module_device(self.module)
+
+    def to_device(self, batch: dict) -> dict:
+        return to_device(batch, self.device)
+
+    def place_on(self, device: torch.device) -> None:
+        """Move the model to `device` (a frozen reference following the training model)."""
+        if self.device != torch.device(device):
+            self.module.to(device)
 
     def _call(self):
         return self.module
@@ -65,6 +112,7 @@ class TorchInterface:
         or the model's raw outputs."""
         if output not in OUTPUTS:
             raise ValueError(f"probe output must be one of {OUTPUTS}, got {output!r}")
+        batch = self.to_device(batch)
         was_training = self.module.training
         self.module.eval()
         captured, hook = [], None
@@ -105,6 +153,7 @@ class TorchInterface:
 
     def per_sample_grads(self, batch: dict, params: ParamSpec = "all", projector=None, chunk_size: int = 16,
                          train_mode: bool = False) -> PerSampleGrads:
+        batch = self.to_device(batch)
         if getattr(projector, "factored", False):
             return factored_grads(self.module, batch, params, projector, chunk_size, self.forward, train_mode,
                                   self._hook_call())
@@ -118,6 +167,7 @@ class TorchInterface:
     def per_sample_grad_norms(self, batch: dict, params: ParamSpec = "all", chunk_size: Optional[int] = None,
                               train_mode: bool = False) -> torch.Tensor:
         """[B] exact per-sample gradient norms over the chosen parameters, float32."""
+        batch = self.to_device(batch)
         return ghost.per_sample_grad_norms(self.module, batch, params, self.forward, chunk_size, train_mode,
                                            self._hook_call())
 
@@ -125,11 +175,14 @@ class TorchInterface:
                              train_mode: bool = False) -> torch.Tensor:
         """<g_i, target>: [B] for one target, [B, K] for K; `target` is name -> tensor or a flat
         vector in the order of select_params (see dataflex.grad.ghost.per_sample_grad_dots)."""
+        device = self.device
+        batch, target = to_device(batch, device), target_to_device(target, device)
         return ghost.per_sample_grad_dots(self.module, batch, target, params, self.forward, chunk_size, train_mode,
                                           self._hook_call())
 
     def batch_grad(self, batch: dict, params: ParamSpec = "all", reduction: str = "mean") -> dict:
         """name -> gradient of the batch's mean (or summed) per-sample loss: a target for dots."""
+        batch = self.to_device(batch)
         return ghost.batch_grad(self.module, batch, params, self.forward, reduction)
 
 
@@ -148,8 +201,12 @@ def as_reference(reference, vocab_size: Optional[int] = None) -> Optional[TorchI
     if reference is None or isinstance(reference, TorchInterface):
         return reference
     if isinstance(reference, torch.nn.Module):
-        return TorchInterface(reference.eval().requires_grad_(False))
+        interface = TorchInterface(reference.eval().requires_grad_(False))
+        interface.follows_training_device = True
+        return interface
     if not _REFERENCE_LOADERS:
         raise TypeError(f"reference={reference!r}: a path needs the run layer's loader; pass "
                         "dataflex.run.reference.load_reference(PATH) (or import dataflex.run.reference first)")
-    return _REFERENCE_LOADERS[0](reference, vocab_size)
+    interface = _REFERENCE_LOADERS[0](reference, vocab_size)
+    interface.follows_training_device = True
+    return interface

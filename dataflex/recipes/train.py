@@ -27,6 +27,7 @@ from dataflex.run.checkpoints import (  # noqa: E402
 from dataflex.run.config import (  # noqa: E402
     PLUGIN_GROUPS,
     check_config,
+    check_deepspeed_config,
     check_known_keys,
     check_override_typos,
     check_plugin_settings,
@@ -125,6 +126,8 @@ def settle(cfg, hc, run_dir: Path, writer: bool):
     if backend_keys is not None:
         check_known_keys(cfg, "backend", backend_keys)
     check_config(cfg)                       # types and ranges, before any data is read
+    check_deepspeed_config(cfg, int(cfg.trainer.nprocs) if needs_launch(cfg.trainer.nprocs)
+                           else int(os.environ.get("WORLD_SIZE", "1")))    # backend.config: the user's JSON
     check_plugin_settings(cfg)              # every mixer, selector and reweighter setting too
     if writer and not needs_launch(cfg.trainer.nprocs):
         folder = checkpoint_run_folder(ckpt) if ckpt is not None else None

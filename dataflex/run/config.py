@@ -25,6 +25,10 @@ def _int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _path(v):
+    return isinstance(v, str) and bool(v.strip())
+
+
 def _num(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -58,6 +62,7 @@ SCHEMA = {
     "model.n_heads": ("int", lambda v: v > 0, "an integer > 0"),
     "backend.zero_stage": ("int", lambda v: 0 <= v <= 3, "0, 1, 2 or 3"),
     "backend.bf16": ("bool", None, "true or false"),
+    "backend.config": ("str?", None, "null or the path of a DeepSpeed JSON file"),
 }
 _MISSING = object()
 
@@ -66,9 +71,11 @@ def check_value(key: str, value) -> None:
     kind, check, allowed = SCHEMA[key]
     if kind == "int?" and value is None:
         return
-    ok = {"int": _int, "int?": _int, "float": _num, "bool": lambda v: isinstance(v, bool),
+    if kind == "str?" and value is None:
+        return
+    ok = {"int": _int, "int?": _int, "float": _num, "bool": lambda v: isinstance(v, bool), "str?": _path,
           "choice": lambda v: v in check}[kind](value)
-    if ok and kind not in ("bool", "choice"):
+    if ok and kind not in ("bool", "choice", "str?"):
         ok = bool(check(value))
     if not ok:
         raise ConfigError(f"{key}={value!r}: expected {allowed}")
@@ -94,6 +101,29 @@ def check_config(cfg) -> None:
             check_names(data)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+
+def check_deepspeed_config(cfg, world_size: int) -> None:
+    """`backend.config=PATH` (backend=deepspeed): made absolute (ranks and resumes find it from any folder),
+    read, and its batch sizes checked against the trainer's before any data is read (a ConfigError names both)."""
+    backend = cfg.get("backend") if hasattr(cfg, "get") else None
+    if not hasattr(backend, "get") or backend.get("name") != "deepspeed" or not backend.get("config"):
+        return
+    from dataflex.backends.deepspeed import deepspeed_config, read_deepspeed_config
+
+    path = os.path.abspath(os.path.expanduser(str(backend.get("config"))))
+    user = read_deepspeed_config(path)
+    tr = cfg.get("trainer") or {}
+    deepspeed_config(user, int(tr.get("global_batch_size", 1)), world_size, float(tr.get("grad_clip", 1.0)),
+                     int(backend.get("zero_stage", 0) or 0), bool(backend.get("bf16", False)),
+                     source=f"backend.config={path}")
+    try:
+        from omegaconf import open_dict
+
+        with open_dict(backend):
+            backend["config"] = path
+    except (ImportError, ValueError, TypeError):
+        backend["config"] = path
 
 
 # ------------------------------------------------------------------------------------------- shards

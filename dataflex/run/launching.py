@@ -16,11 +16,13 @@ from dataflex.utils.dist import free_port
 from dataflex.utils.errors import RunError
 
 _VALUE_FLAGS = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp")
+_DEEPSPEED_CONFIG_FLAGS = ("--deepspeed_config", "--deepspeed-config")   # -> backend.config=PATH
 
 
 def prepare_argv(argv: list[str]) -> list[str]:
-    """Drop the launcher's --local_rank, and put Hydra's flags before the overrides (argparse
-    rejects `a=1 --config-dir DIR b=2`, which users type)."""
+    """Drop the launcher's --local_rank, turn DeepSpeed's `--deepspeed_config PATH` into
+    `backend.config=PATH`, and put Hydra's flags before the overrides (argparse rejects
+    `a=1 --config-dir DIR b=2`, which users type)."""
     out, flags, i = [], [], 0
     while i < len(argv):
         arg = argv[i]
@@ -29,6 +31,13 @@ def prepare_argv(argv: list[str]) -> list[str]:
         elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
             os.environ.setdefault("LOCAL_RANK", argv[i + 1])
             i += 1
+        elif arg in _DEEPSPEED_CONFIG_FLAGS and i + 1 < len(argv):    # the launcher's convention
+            out.append(f"backend.config={os.path.abspath(argv[i + 1])}")
+            i += 1
+        elif arg.split("=", 1)[0] in _DEEPSPEED_CONFIG_FLAGS and "=" in arg:
+            out.append(f"backend.config={os.path.abspath(arg.split('=', 1)[1])}")
+        elif arg == "--deepspeed":           # DeepSpeed's "use DeepSpeed" switch: backend=deepspeed is the default
+            pass
         elif arg in _VALUE_FLAGS and i + 1 < len(argv):
             flags += [arg, argv[i + 1]]
             i += 1

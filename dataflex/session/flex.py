@@ -53,6 +53,7 @@ class DataFlex:
         self.datasets = {k: as_mixture(k, v) for k, v in (datasets or {}).items() if v is not None}
         self._needs_tokens = any(getattr(p, "needs_token_losses", False) for p in self.engine.plugins)
         self._weights = None
+        self._local_labels, self._micro = None, None     # the step's local batch; micro-batches seen so far
         self._last_weights_digest = b""
         if nonfinite not in NONFINITE:
             raise ValueError(f"trainer.nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
@@ -97,7 +98,10 @@ class DataFlex:
         else:
             s.batch_ids = s.candidate_ids
         s.batch_domains = self.data.domain[s.batch_ids]
-        return self.data.batch(self.sampler.rank_slice(s.batch_ids))
+        batch = self.data.batch(self.sampler.rank_slice(s.batch_ids))
+        self._local_labels = batch["loss_mask"].sum(-1)      # host: the micro-batch path's denominator
+        self._micro = None
+        return batch
 
     def _weigh(self, signal: dict, batch: dict) -> dict:
         """AFTER_LOSS: gather the step's losses, let reweighters weigh them, compose every weight.
@@ -107,42 +111,23 @@ class DataFlex:
         whose loss is not finite; token weights (a token-level reweighter) multiply on top. The
         loss wrapper normalises by the weights' global total (`dataflex.core.loss.reduce_loss`)."""
         s = self.state
-        label_tokens = batch["loss_mask"].sum(-1).float().cpu()
+        if self._micro is not None or (self._local_labels is not None and len(signal["loss"]) < len(self._local_labels)):
+            return self._weigh_micro(signal, batch)
+        # one gather on the loss's device and one copy to the host: the step's only synchronisation
+        device = signal["loss"].device
+        label_tokens = batch["loss_mask"].to(device, non_blocking=True).sum(-1).float()
         n = len(label_tokens)
         decisions = torch.tensor(decision_digest(s, self._last_weights_digest), dtype=torch.float32).expand(n, 4)
-        local = torch.cat([torch.stack([signal["loss"].float().cpu(), signal["tokens"].float().cpu(), label_tokens], 1),
-                           decisions], 1)
-        gathered = dist.all_gather_cat(local)
+        local = torch.cat([torch.stack([signal["loss"].float(), signal["tokens"].float(), label_tokens], 1),
+                           decisions.to(device, non_blocking=True)], 1)
+        gathered = dist.all_gather_cat(local).cpu()
         losses, tokens, labels = gathered[:, 0], gathered[:, 1], gathered[:, 2]
         if self.world_size > 1:
             compare_digests(gathered, n, self.step)
-        finite = torch.isfinite(losses)
-        bad = ~finite | (labels > tokens)
-        self.skip_step = False
-        if bad.any() and self.nonfinite == "stop":
-            raise FloatingPointError(
-                f"step {self.step}: the training loss is NaN or infinite on samples "
-                f"{s.batch_ids[bad].tolist()[:16]} ({int((labels - tokens).sum())} label tokens){lr_note(self.optimizer)}; "
-                "trainer.nonfinite=drop trains on with weight 0 for them, skip drops the step")
-        if bad.any() and self.nonfinite == "skip":
-            self.skip_step = True
-            self.skipped_steps += 1
-            s.metrics["nonfinite/skipped_steps"] = self.skipped_steps
-        if not finite.any() and not self.skip_step:
-            raise FloatingPointError(
-                f"step {self.step}: every per-sample loss of the global batch is NaN or infinite "
-                f"(samples {s.batch_ids.tolist()[:16]}{' ...' if len(s.batch_ids) > 16 else ''}); "
-                f"the model diverged or the data is broken{lr_note(self.optimizer)}: lower trainer.lr, check these "
-                "samples with launch/where.py, or resume from an earlier checkpoint")
-        s.loss_finite = finite
-        stand_in = losses[finite].mean() if finite.any() else torch.tensor(0.0)
-        s.losses = torch.where(finite, losses, stand_in)  # a stand-in inside [min, max]
+        finite = self._settle_losses(losses, tokens, labels)
         if self._needs_tokens:
-            s.token_losses = dist.all_gather_cat(signal["token_loss"].float().cpu())
-            s.token_mask = dist.all_gather_cat(signal["token_mask"].float().cpu())
-        s.metrics["reweighter/nonfinite"] = int((labels - tokens).sum())
-        s.metrics["reweighter/nonfinite_samples"] = int((~finite).sum())
-        self._tokens = tokens
+            s.token_losses = dist.all_gather_cat(signal["token_loss"].float()).cpu()
+            s.token_mask = dist.all_gather_cat(signal["token_mask"].float()).cpu()
         if self.skip_step:        # the loop does not step; the scalar is an exact 0 with zero gradients
             self._weights = torch.zeros(len(losses), dtype=torch.float64)
             self._last_weights_digest = digest(self._weights)
@@ -166,6 +151,89 @@ class DataFlex:
             answer["token_weights"] = self.sampler.rank_slice(token_weights).to(device)
         return answer
 
+    def _settle_losses(self, losses: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The global batch's per-sample losses into the state (non-finite ones per trainer.nonfinite);
+        returns the finite mask."""
+        s = self.state
+        finite = torch.isfinite(losses)
+        bad = ~finite | (labels > tokens)
+        self.skip_step = False
+        if bad.any() and self.nonfinite == "stop":
+            raise FloatingPointError(
+                f"step {self.step}: the training loss is NaN or infinite on samples "
+                f"{s.batch_ids[bad].tolist()[:16]} ({int((labels - tokens).sum())} label tokens){lr_note(self.optimizer)}; "
+                "trainer.nonfinite=drop trains on with weight 0 for them, skip drops the step")
+        if bad.any() and self.nonfinite == "skip":
+            self.skip_step = True
+            self.skipped_steps += 1
+            s.metrics["nonfinite/skipped_steps"] = self.skipped_steps
+        if not finite.any() and not self.skip_step:
+            raise FloatingPointError(
+                f"step {self.step}: every per-sample loss of the global batch is NaN or infinite "
+                f"(samples {s.batch_ids.tolist()[:16]}{' ...' if len(s.batch_ids) > 16 else ''}); "
+                f"the model diverged or the data is broken{lr_note(self.optimizer)}: lower trainer.lr, check these "
+                "samples with launch/where.py, or resume from an earlier checkpoint")
+        s.loss_finite = finite
+        stand_in = losses[finite].mean() if finite.any() else torch.tensor(0.0)
+        s.losses = torch.where(finite, losses, stand_in)  # a stand-in inside [min, max]
+        s.metrics["reweighter/nonfinite"] = int((labels - tokens).sum())
+        s.metrics["reweighter/nonfinite_samples"] = int((~finite).sum())
+        self._tokens = tokens
+        return finite
+
+    def _weigh_micro(self, signal: dict, batch: dict) -> dict:
+        """One micro-batch of the step (Megatron's schedule calls the loss_func once per micro-batch, in
+        order, each on the next rows of the local batch; every data-parallel rank runs as many).
+
+        Its per-sample signals are gathered over the ranks and kept; when the local batch is complete
+        they form the step's global losses, as one call with the whole batch would (end_step, the mixers
+        and the ledger see all of them). A micro-batch's backward runs before the next one's forward, so
+        its weights cannot depend on later losses: the weights known before any loss (the mixer's
+        domain loss weights, `apply=loss`) apply, the denominator is the global batch's weighted label
+        tokens (gathered once, at the first micro-batch) over the number of micro-batches (the scalar is
+        averaged over micro-batches, as Megatron's schedule and `loss / accumulation_steps` do), and plugins that weigh by the step's losses
+        (AFTER_LOSS: reweighters) are refused here: `backend=megatron` weighs the whole batch forward-only
+        first, and so can a loop of your own (`flex.loss.from_token_loss` on the whole local batch)."""
+        s = self.state
+        device = signal["loss"].device
+        if self._micro is None:
+            weighing = [p.name for p in self.engine.plugins if Event.AFTER_LOSS in getattr(p, "events", ())]
+            if weighing:
+                raise RuntimeError(
+                    f"{', '.join(weighing)} weigh(s) samples by the step's losses, which needs the whole local batch "
+                    f"({len(self._local_labels)} samples) before the first backward; flex.loss got a micro-batch of "
+                    f"{len(signal['loss'])}. Use one micro-batch per step, backend=megatron (it weighs the batch "
+                    "forward-only first), or call flex.loss.from_token_loss once on the whole local batch's "
+                    "per-token losses")
+            labels_all = dist.all_gather_cat(self._local_labels.float().to(device)).cpu().double()
+            weights = compose_sample_weights(s, torch.ones(len(labels_all), dtype=torch.bool))
+            total = (weights * labels_all).sum() if self.loss.reduction == "token" else weights.sum()
+            if total <= 0:
+                raise FloatingPointError(f"step {self.step}: the global batch has no label token to train on")
+            self._micro = {"parts": [], "rows": 0, "weights": weights, "total": total}
+        m = self._micro
+        n, offset = len(signal["loss"]), m["rows"]
+        if offset + n > len(self._local_labels):
+            raise RuntimeError(f"flex.loss got {offset + n} samples in micro-batches this step, the local batch "
+                               f"has {len(self._local_labels)}: call flex.next_batch() once per step")
+        label_tokens = batch["loss_mask"].to(device, non_blocking=True).sum(-1).float()
+        local = torch.stack([signal["loss"].float(), signal["tokens"].float(), label_tokens], 1)
+        m["parts"].append(dist.all_gather_cat(local).cpu().view(-1, n, 3))      # [ranks, n, 3]
+        m["rows"] += n
+        weights = self.sampler.rank_slice(m["weights"])[offset:offset + n].to(device)
+        weights = weights * torch.isfinite(signal["loss"]).to(weights.dtype)
+        # the micro-batch's scalar is its share of the global loss times the number of micro-batches: the schedule
+        # (Megatron's, or a loop's `loss / accumulation_steps`) averages over micro-batches
+        scale = len(self._local_labels) / n
+        answer = {"sample_weights": weights, "denominator": (m["total"] / (self.world_size * scale)).to(device)}
+        if m["rows"] == len(self._local_labels):        # the step's last micro-batch: the whole batch's signals
+            gathered = torch.cat(m["parts"], 1).reshape(-1, 3)      # rank-major: the global batch's order
+            finite = self._settle_losses(gathered[:, 0], gathered[:, 1], gathered[:, 2])
+            w = m["weights"] * finite.double()
+            self._weights = w * len(w) / w.sum() if w.sum() > 0 else w
+            self._last_weights_digest = digest(self._weights)
+        return answer
+
     def check_ranks(self) -> None:
         """Compare the last step's decisions, its final weights included, across ranks now (one
         collective); called at every checkpoint and at the end of the run."""
@@ -176,6 +244,10 @@ class DataFlex:
         """Let mixers learn from the step; return its metrics and ledger rows."""
         s = self.state
         if s.losses is None:
+            if self._micro is not None:
+                raise RuntimeError(f"end_step() after micro-batches of {self._micro['rows']} of the local batch's "
+                                   f"{len(self._local_labels)} samples: every micro-batch of the step goes through "
+                                   "flex.loss first")
             raise RuntimeError("end_step() before flex.loss(...): the step's per-sample losses are missing")
         if not self.skip_step:          # a skipped step teaches the mixers nothing
             self.engine.fire(Event.BATCH_END)

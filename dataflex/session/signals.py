@@ -1,5 +1,10 @@
 """Signals: the one interface plugins see (`state.signals`): losses, probes, gradients and the
-optimizer's state, by sample id, split over ranks and gathered so every rank decides the same."""
+optimizer's state, by sample id, split over ranks and gathered so every rank decides the same.
+
+Devices: batches are built on the host (`MixtureDataset.batch`) and the interface moves them to its
+model's device; a reference model dataflex loaded (`as_reference`) is placed on the training model's
+device before its first probe. Per-sample results are gathered on the device they were computed on
+and copied to the host once (plugins and the ledger work on host tensors)."""
 from __future__ import annotations
 
 from typing import Optional, Protocol
@@ -33,6 +38,11 @@ def as_mixture(name: str, data) -> MixtureDataset:
     if isinstance(data, MixtureDataset):
         return data
     return MixtureDataset(data if isinstance(data, dict) else {name: data})
+
+
+def host(t: torch.Tensor) -> torch.Tensor:
+    """`t` on the host: one device-to-host copy (a no-op for a CPU tensor)."""
+    return t.cpu()
 
 
 class Signals:
@@ -73,6 +83,8 @@ class Signals:
         interface = interface or self.flex.interface
         if interface is None:
             raise RuntimeError("probing samples needs DataFlex(interface=...), e.g. TorchInterface(model)")
+        if interface is not self.flex.interface:
+            self._place_reference(interface)
         data = dataset or self.flex.data
         ids = torch.as_tensor(ids)
         mine = self.flex.sampler.rank_slice(ids)
@@ -87,8 +99,14 @@ class Signals:
                 parts.append(out)
         if output not in GATHERED_OUTPUTS:
             return parts
-        local = torch.cat(parts) if parts else torch.zeros(0)
-        return dist.all_gather_cat(local.float().cpu())
+        local = torch.cat(parts) if parts else torch.zeros(0, device=getattr(interface, "device", "cpu"))
+        return host(dist.all_gather_cat(local.float()))
+
+    def _place_reference(self, interface) -> None:
+        """A reference model dataflex loaded follows the training model onto its device (once)."""
+        main = self.flex.interface
+        if getattr(interface, "follows_training_device", False) and main is not None and hasattr(main, "device"):
+            interface.place_on(main.device)
 
     def per_sample_grads(self, ids: torch.Tensor, params: ParamSpec = "all",
                          projector: Optional[RademacherProjector] = None) -> PerSampleGrads:
@@ -100,9 +118,9 @@ class Signals:
             raise ValueError("full per-sample gradients stay on one rank: pass a projector, or read .norms")
         batch = self.flex.data.batch(self.flex.sampler.rank_slice(torch.as_tensor(ids)))
         out = self.flex.interface.per_sample_grads(batch, params, projector)
-        out.norms = dist.all_gather_cat(out.norms.float().cpu())
+        out.norms = host(dist.all_gather_cat(out.norms.float()))
         if out.projected is not None:
-            out.projected = dist.all_gather_cat(out.projected.float().cpu())
+            out.projected = host(dist.all_gather_cat(out.projected.float()))
         return out
 
     def _ghost(self, ids: torch.Tensor, fn) -> torch.Tensor:
@@ -112,8 +130,8 @@ class Signals:
             raise RuntimeError("gradient signals need DataFlex(interface=...)")
         ids = torch.as_tensor(ids)
         mine = self.flex.sampler.rank_slice(ids)
-        out = fn(self.flex.data.batch(mine if len(mine) else ids[:1])).float().cpu()
-        return dist.all_gather_cat(out if len(mine) else out[:0])
+        out = fn(self.flex.data.batch(mine if len(mine) else ids[:1])).float()
+        return host(dist.all_gather_cat(out if len(mine) else out[:0]))
 
     def per_sample_grad_norms(self, ids: torch.Tensor, params: ParamSpec = "all") -> torch.Tensor:
         """[n] exact per-sample gradient norms of the samples `ids` (ghost norms: no per-sample
@@ -137,8 +155,8 @@ class Signals:
         grads = self.flex.interface.batch_grad(data.batch(mine if len(mine) else ids[:1]), params, "sum")
         out = {}
         for name, g in grads.items():
-            g = g.float().cpu() * (1.0 if len(mine) else 0.0)
-            out[name] = dist.all_gather_cat(g.unsqueeze(0)).sum(0) / len(ids)
+            g = g.float() * (1.0 if len(mine) else 0.0)
+            out[name] = host(dist.all_gather_cat(g.unsqueeze(0)).sum(0) / len(ids))
         return out
 
     def optimizer_state(self, params: ParamSpec = "all", moments: bool = True) -> dict:
