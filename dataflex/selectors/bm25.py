@@ -20,7 +20,7 @@ import torch
 
 from dataflex.core.state import DataState
 from dataflex.selectors.embedding import as_list, check_vocab, run_tokenizer, sample_texts
-from dataflex.selectors.less_math import top_fraction
+from dataflex.selectors.less.math import top_fraction
 from dataflex.selectors.pool import PoolSelector
 
 AGGREGATES = ("mean", "max")

@@ -8,7 +8,7 @@ three parts:
     math.py      the arithmetic: adam_feature, cosines per subtask, aggregate, less_scores, top_fraction,
                  make_projector
 
-The names below are the package's public ones (`dataflex.selectors.less_math`, the old home of math.py,
+The names below are the package's public ones (`dataflex.selectors.less.math`, the old home of math.py,
 still imports for one release with a DeprecationWarning).
 """
 from dataflex.selectors.less.features import FeatureStore, LessFeatures, load_selection, save_scores
