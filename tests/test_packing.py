@@ -105,6 +105,28 @@ def test_packed_batch_holds_each_sample_as_its_padded_row():
     assert (batch["segment_ids"] >= 0).sum() == int(batch["loss_mask"].sum())   # every filled slot is a label here
 
 
+def test_packed_batch_from_shards_reads_the_padded_rows(tmp_path, monkeypatch):
+    """Memory-mapped shards (what load_domains gives): each sample's slots equal its padded row's tokens."""
+    from dataflex.data.domains import load_domains
+
+    g = torch.Generator().manual_seed(0)
+    words = ["alpha", "beta", "gamma", "delta", "eps"]
+    docs = [" ".join(words[int(i)] for i in torch.randint(0, 5, (int(torch.randint(1, 40, (1,), generator=g)),),
+                                                                  generator=g)) for _ in range(30)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    monkeypatch.setenv("DATAFLEX_CACHE", str(tmp_path / "cache"))
+    data = MixtureDataset(load_domains({"domains": {"a": {"train": str(tmp_path / "a.jsonl")}}}, 16,
+                                       progress=False).train)
+    sampler = DataAwareSampler(data.sizes, seed=0)
+    plan = plan_rows([], sampler.draw, data.lengths, 3, 16)
+    batch, padded = data.packed_batch(plan.ids, plan.rows, plan.offsets, 3), data.batch(plan.ids)
+    assert torch.equal(torch.from_numpy(data.lengths(plan.ids)), padded["loss_mask"].sum(-1).long())
+    seg = Segments.of(batch)
+    inside = torch.arange(16) < plan.lengths[:, None]
+    for key in ("input_ids", "labels", "loss_mask"):
+        assert torch.equal(seg.unpack(batch[key])[inside], padded[key][inside]), key
+
+
 # -- the loss: packed equals padded ----------------------------------------------------------------------------
 
 def packed_step(seed=0, rows=4):

@@ -116,7 +116,7 @@ class MixtureDataset:
             out[where] = self.sets[k].lengths(local[where].numpy())
         return out
 
-    def packed_batch(self, ids, rows, offsets, n_rows: int, first_row: int = 0, chunk: int = 256) -> dict:
+    def packed_batch(self, ids, rows, offsets, n_rows: int, first_row: int = 0) -> dict:
         """A packed batch (`dataflex.core.packing`): samples `ids` written back to back into `n_rows` rows of
         seq_len slots, sample i at row `rows[i] - first_row`, slots [offsets[i], offsets[i] + length),
         positions restarting at 0; `segment_ids` -1 and positions counting on from 0 on the slots left empty."""
@@ -129,16 +129,16 @@ class MixtureDataset:
         seg = torch.full((n_rows * T,), -1, dtype=torch.long)
         pos = torch.full((n_rows * T,), -1, dtype=torch.long)
         lengths = torch.from_numpy(self.lengths(ids)) if S else torch.zeros(0, dtype=torch.long)
-        for a in range(0, S, chunk):
-            part = slice(a, min(a + chunk, S))
-            inputs, labels, lmask = self.rows(ids[part])
-            n = lengths[part]
-            which = torch.repeat_interleave(torch.arange(len(n)), n)
-            starts = torch.cumsum(n, 0) - n
-            p = torch.arange(int(n.sum())) - starts[which]
-            dest = rows[part][which] * T + offsets[part][which] + p
-            flat[0][dest], flat[1][dest], mask[dest] = inputs[which, p], labels[which, p], lmask[which, p]
-            seg[dest], pos[dest] = which + a, p
+        which = torch.repeat_interleave(torch.arange(S), lengths)
+        p = torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+        dest = rows[which] * T + offsets[which] + p
+        seg[dest], pos[dest] = which, p
+        d, local = self.locate(ids) if S else (torch.zeros(0, dtype=torch.long),) * 2
+        for k in torch.unique(d).tolist():          # each domain's samples, their tokens only
+            mine = torch.nonzero(d == k).flatten()
+            slots = dest[(d == k)[which]]                   # in sample order, then position: as tokens() gives them
+            inputs, labels, lmask = self.sets[k].tokens(local[mine], lengths[mine])
+            flat[0][slots], flat[1][slots], mask[slots] = inputs, labels, lmask.bool()
         empty = seg < 0                     # positions of empty slots count 0, 1, ... within each gap
         if empty.any():
             e = empty.view(n_rows, T).long()

@@ -33,6 +33,13 @@ class SampleSet:
         ids = torch.as_tensor(ids, dtype=torch.long)
         return self.input_ids[ids], self.labels[ids], self.loss_mask[ids]
 
+    def tokens(self, ids, lengths) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first `lengths[i]` slots of each sample, concatenated: input ids, labels, loss mask (flat)."""
+        ids, n = torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(lengths, dtype=torch.long)
+        which = torch.repeat_interleave(ids, n)
+        p = torch.arange(int(n.sum())) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+        return self.input_ids[which, p], self.labels[which, p], self.loss_mask[which, p]
+
     def lengths(self, ids):
         """Slots each sample takes in a packed row: up to and including its last label token."""
         if self._lengths is None or len(self._lengths) != len(self):
