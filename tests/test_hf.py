@@ -341,7 +341,7 @@ def check_hf_run(run_dir: Path, tokenizer_dir: Path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["strategy"]["mixer"] == "bandit"
     ledger = pd.read_parquet(run_dir / "ledger")
-    assert len(ledger[ledger.selected]) == 16
+    assert ledger[ledger.selected].groupby("step")["row"].nunique().tolist() == [4] * 4     # packed: 4 rows a step
     data = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").exists() else None
     assert data is None or data["seq_len"] == 32
     cfg = (run_dir / "config.yaml").read_text()

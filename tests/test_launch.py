@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from dataflex.utils.dist import free_port
 
@@ -50,7 +51,11 @@ def check_outputs(run_dir: Path, steps: int, global_batch: int, ranks: set, wand
     ledger = pd.read_parquet(run_dir / "ledger")
     assert {"step", "rank", "sample_id", "domain", "selected", "weight", "loss"} <= set(ledger.columns)
     kept = ledger[ledger.selected]
-    assert len(kept) == steps * global_batch
+    if OmegaConf.load(run_dir / "config.yaml").trainer.get("packing"):     # rows of several samples: every row used
+        assert kept.groupby("step")["row"].nunique().tolist() == [global_batch] * steps
+        assert not kept.duplicated(["step", "sample_id"]).any()
+    else:
+        assert len(kept) == steps * global_batch
     assert set(kept["rank"]) == ranks
     samples = pd.read_parquet(run_dir / "samples.parquet")
     joined = kept.merge(samples, on="sample_id", suffixes=("", "_src"))

@@ -15,7 +15,7 @@ from dataflex.reweighters import LossReweighter
 from dataflex.selectors import LossSelector
 from dataflex.session.flex import DataFlex
 
-LEDGER_COLUMNS = ["step", "rank", "sample_id", "domain", "selected", "weight", "loss"]
+LEDGER_COLUMNS = ["step", "rank", "row", "sample_id", "domain", "selected", "weight", "loss"]
 
 
 def make_run(seed=0, burnout=1):

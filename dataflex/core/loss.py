@@ -15,6 +15,11 @@ Megatron and a plain `F.cross_entropy(..., ignore_index)` loop compute, and `sam
 per-sample means (Sow et al.'s README form). Both normalise by the weights' own total, so scaling
 every weight by a constant changes nothing.
 
+A packed batch (`dataflex.core.packing`: several samples a row, `segment_ids`, `sample_id` per sample)
+gives the same per-sample quantities: i runs over samples, not rows, and each sample's sums run over
+its own token slots; sample weights [S] and token weights [S, T] (a sample's token p at column p, the
+layout of its padded row) are per sample as before.
+
 The loss starts from the logits, or from the last hidden states and the output head (the lean path,
 `dataflex.core.lean_loss`: no [B, T, V] tensor); everything after the per-token loss is the same.
 
@@ -31,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from dataflex.core.lean_loss import LeanOutput, linear_cross_entropy
+from dataflex.core.packing import Segments
 
 REDUCTIONS = ("token", "sample")
 
@@ -71,20 +77,29 @@ def finite_tokens(token_loss: torch.Tensor, loss_mask: torch.Tensor) -> tuple[to
 
 def reduce_loss(token_loss: torch.Tensor, loss_mask: torch.Tensor, sample_weights: Optional[torch.Tensor] = None,
                 token_weights: Optional[torch.Tensor] = None, reduction: str = "token",
-                denominator: Optional[torch.Tensor] = None) -> torch.Tensor:
+                denominator: Optional[torch.Tensor] = None, segments: Optional[Segments] = None) -> torch.Tensor:
     """The formula of the module docstring. `denominator` replaces the local one (data parallelism:
-    the global denominator divided by the world size)."""
+    the global denominator divided by the world size). `segments`: the token loss and mask are packed
+    rows [R, T]; sample weights are per sample [S], token weights per sample [S, T]."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"loss reduction must be one of {REDUCTIONS}, got {reduction!r}")
     loss, mask = finite_tokens(token_loss, loss_mask)
-    u = mask if token_weights is None else mask * token_weights.to(mask)
-    s = torch.ones(loss.shape[0], dtype=loss.dtype, device=loss.device) if sample_weights is None \
-        else sample_weights.to(loss)
-    if reduction == "token":
-        num = (s.unsqueeze(1) * u * loss).sum()
-        den = (s.unsqueeze(1) * u).sum() if denominator is None else denominator
+    if segments is not None:
+        u = mask if token_weights is None else mask * segments.pack(token_weights.to(mask))
+        n = segments.n
     else:
-        per_sample = (u * loss).sum(-1) / u.sum(-1).clamp(min=torch.finfo(loss.dtype).tiny)
+        u = mask if token_weights is None else mask * token_weights.to(mask)
+        n = loss.shape[0]
+    s = torch.ones(n, dtype=loss.dtype, device=loss.device) if sample_weights is None else sample_weights.to(loss)
+    if reduction == "token":
+        s_tok = segments.spread(s) if segments is not None else s.unsqueeze(1)
+        num = (s_tok * u * loss).sum()
+        den = (s_tok * u).sum() if denominator is None else denominator
+    else:
+        if segments is not None:
+            per_sample = segments.sum(u * loss) / segments.sum(u).clamp(min=torch.finfo(loss.dtype).tiny)
+        else:
+            per_sample = (u * loss).sum(-1) / u.sum(-1).clamp(min=torch.finfo(loss.dtype).tiny)
         num = (s * per_sample).sum()
         den = s.sum() if denominator is None else denominator
     den = torch.as_tensor(den, dtype=loss.dtype, device=loss.device)
@@ -103,8 +118,9 @@ class LossWrapper:
 
     `weigh(signal, batch) -> dict | None` is where a run's plugins come in (the DataFlex session
     gathers the signal across ranks there). `signal` holds the local batch's detached
-    `loss` ([b] mean over finite label tokens), `tokens` ([b] finite label-token counts),
-    `token_loss` and `token_mask` ([b, T]). The answer may hold `sample_weights` [b],
+    `loss` ([b] mean over finite label tokens), `tokens` ([b] finite label-token counts), `labels`
+    ([b] label tokens), `token_loss` and `token_mask` ([b, T]; on a packed batch only while
+    `token_signal` is True). b counts samples, also on a packed batch. The answer may hold `sample_weights` [b],
     `token_weights` [b, T] and `denominator` (see `reduce_loss`). Without `weigh`, every weight is 1
     and the denominator is local. After each call `last` holds the local detached per-sample losses,
     ids, domains and the sample weights used.
@@ -115,6 +131,7 @@ class LossWrapper:
             raise ValueError(f"loss reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.weigh = weigh
         self.reduction = reduction
+        self.token_signal = True     # packed batches: unpack token losses into the signal ([S, T]) only when read
         self.last: dict = {}
 
     def __call__(self, logits=None, batch: Optional[dict] = None, *, hidden: Optional[torch.Tensor] = None,
@@ -126,26 +143,32 @@ class LossWrapper:
         return self.from_token_loss(per_token_loss(logits, batch["labels"], hidden=hidden, head=head), batch)
 
     def from_token_loss(self, token_loss: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Entry point for Megatron-core's `loss_func`, whose output tensor is the per-token loss."""
+        """Entry point for Megatron-core's `loss_func`, whose output tensor is the per-token loss.
+        On a packed batch every per-sample quantity is per sample (segment), not per row."""
+        seg = Segments.of(batch)
         safe, mask = finite_tokens(token_loss.detach(), batch["loss_mask"])
-        tokens = mask.sum(-1)
-        per_sample = (safe * mask).sum(-1) / tokens.clamp(min=1.0)
-        per_sample = torch.where(tokens > 0, per_sample, _all_nonfinite(token_loss.detach(), batch["loss_mask"]))
-        signal = {"loss": per_sample, "tokens": tokens, "token_loss": safe, "token_mask": mask}
+        total = (lambda x: x.sum(-1)) if seg is None else seg.sum
+        tokens, labels = total(mask), total(batch["loss_mask"].to(mask))
+        per_sample = total(safe * mask) / tokens.clamp(min=1.0)
+        per_sample = torch.where(tokens > 0, per_sample, _all_nonfinite(labels, per_sample))
+        signal = {"loss": per_sample, "tokens": tokens, "labels": labels}
+        if seg is None:
+            signal.update(token_loss=safe, token_mask=mask)
+        elif self.token_signal:          # per sample, [S, T]: what a padded batch gives
+            signal.update(token_loss=seg.unpack(safe), token_mask=seg.unpack(mask))
         answer = (self.weigh(signal, batch) if self.weigh else None) or {}
         weights = answer.get("sample_weights")
         self.last = {"loss": per_sample, "sample_id": batch.get("sample_id"), "domain": batch.get("domain"),
                      "weight": weights}
         return reduce_loss(token_loss, batch["loss_mask"], weights, answer.get("token_weights"), self.reduction,
-                           answer.get("denominator"))
+                           answer.get("denominator"), seg)
 
 
-def _all_nonfinite(token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def _all_nonfinite(labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The per-sample loss of a sample without a finite label token: NaN when it has label tokens
     (all non-finite), 0 when it has none (nothing to learn, as before)."""
-    has_labels = loss_mask.sum(-1) > 0
-    nan = torch.full(has_labels.shape, float("nan"), dtype=token_loss.dtype, device=token_loss.device)
-    return torch.where(has_labels, nan, torch.zeros_like(nan))
+    nan = torch.full(labels.shape, float("nan"), dtype=like.dtype, device=like.device)
+    return torch.where(labels > 0, nan, torch.zeros_like(nan))
 
 
 def el2n(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

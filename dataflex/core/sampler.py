@@ -4,7 +4,8 @@ Every rank holds the same sampler (same seed, same weights, same masks) and so c
 global batch with no broadcast; each rank then takes its own contiguous slice. Domains are drawn
 per sample from a torch.Generator owned by the sampler; within a domain, samples are visited in a
 seeded per-epoch permutation, skipping those a selector's keep mask excludes. `state_dict()` holds
-the generator's own state and the cursors, so a resumed sampler continues exactly.
+the generator's own state, the cursors and the samples waiting for a packed row (`pending`, see
+dataflex.core.packing), so a resumed sampler continues exactly.
 
 Memory does not grow with a domain's size: the per-epoch permutation is a keyed bijection on
 [0, N) (`FeistelPermutation`: a balanced Feistel network on the next even power of two, walked
@@ -89,6 +90,7 @@ class DataAwareSampler:
         self._kept = [0] * len(self.sizes)
         self._perm: list[Optional[FeistelPermutation]] = [None] * len(self.sizes)
         self.weights = torch.full((len(self.sizes),), 1.0 / len(self.sizes), dtype=torch.float64)
+        self.pending: list = []     # packed layout: samples drawn (and kept) that wait for the next step's rows
         if weights is not None:
             self.set_weights(weights)
 
@@ -228,7 +230,7 @@ class DataAwareSampler:
         return {"seed": self.seed, "sizes": list(self.sizes), "generator": self.generator.get_state(),
                 "cursor": list(self.cursor), "epoch": list(self.epoch), "weights": self.weights.clone(),
                 "keep": [None if b is None else torch.from_numpy(b.copy()) for b in self._bits],
-                "keep_format": "packbits"}
+                "keep_format": "packbits", "pending": list(self.pending)}
 
     def load_state_dict(self, state: dict) -> None:
         if list(state["sizes"]) != self.sizes:
@@ -237,6 +239,7 @@ class DataAwareSampler:
         self.generator.set_state(state["generator"])
         self.cursor, self.epoch = list(state["cursor"]), list(state["epoch"])
         self.weights = state["weights"].clone()
+        self.pending = [int(i) for i in state.get("pending", [])]
         self._bits, self._kept = [None] * len(self.sizes), [0] * len(self.sizes)
         for d, k in enumerate(state["keep"]):
             if k is None:

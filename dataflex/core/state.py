@@ -23,6 +23,7 @@ class DataState:
     candidate_losses: Optional[torch.Tensor] = None    # [C] probe losses, when a selector asked
     batch_ids: Optional[torch.Tensor] = None           # [B] the global batch trained on
     batch_domains: Optional[torch.Tensor] = None       # [B]
+    batch_rows: Optional[torch.Tensor] = None          # [B] packed layout: each sample's global row (else None)
     losses: Optional[torch.Tensor] = None              # [B] per-sample training losses, all ranks
                                                        # (a non-finite one reads as the finite mean)
     loss_finite: Optional[torch.Tensor] = None         # [B] bool: False where the loss was NaN/inf

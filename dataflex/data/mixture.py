@@ -107,6 +107,56 @@ class MixtureDataset:
             "domain": self.domain[ids],
         }
 
+    def lengths(self, ids) -> np.ndarray:
+        """Slots each global sample takes in a packed row (its label tokens)."""
+        d, local = self.locate(torch.atleast_1d(torch.as_tensor(ids, dtype=torch.long)))
+        out = np.empty(len(d), dtype=np.int64)
+        for k in torch.unique(d).tolist():
+            where = (d == k).numpy()
+            out[where] = self.sets[k].lengths(local[where].numpy())
+        return out
+
+    def packed_batch(self, ids, rows, offsets, n_rows: int, first_row: int = 0) -> dict:
+        """A packed batch (`dataflex.core.packing`): samples `ids` written back to back into `n_rows` rows of
+        seq_len slots, sample i at row `rows[i] - first_row`, slots [offsets[i], offsets[i] + length),
+        positions restarting at 0; `segment_ids` -1 and positions counting on from 0 on the slots left empty."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        rows = torch.as_tensor(rows, dtype=torch.long) - first_row
+        offsets = torch.as_tensor(offsets, dtype=torch.long)
+        T, S = self.seq_len, len(ids)
+        flat = [torch.zeros(n_rows * T, dtype=torch.long) for _ in range(2)]
+        mask = torch.zeros(n_rows * T, dtype=torch.bool)
+        seg = torch.full((n_rows * T,), -1, dtype=torch.long)
+        pos = torch.full((n_rows * T,), -1, dtype=torch.long)
+        lengths = torch.from_numpy(self.lengths(ids)) if S else torch.zeros(0, dtype=torch.long)
+        which = torch.repeat_interleave(torch.arange(S), lengths)
+        p = torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+        dest = rows[which] * T + offsets[which] + p
+        seg[dest], pos[dest] = which, p
+        d, local = self.locate(ids) if S else (torch.zeros(0, dtype=torch.long),) * 2
+        for k in torch.unique(d).tolist():          # each domain's samples, their tokens only
+            mine = torch.nonzero(d == k).flatten()
+            slots = dest[(d == k)[which]]                   # in sample order, then position: as tokens() gives them
+            inputs, labels, lmask = self.sets[k].tokens(local[mine], lengths[mine])
+            flat[0][slots], flat[1][slots], mask[slots] = inputs, labels, lmask.bool()
+        empty = seg < 0                     # positions of empty slots count 0, 1, ... within each gap
+        if empty.any():
+            e = empty.view(n_rows, T).long()
+            run_start = torch.diff(e, prepend=torch.zeros(n_rows, 1, dtype=torch.long), dim=1) == 1
+            idx = torch.arange(T).expand(n_rows, T)
+            start_at = torch.where(run_start, idx, torch.zeros_like(idx)).cummax(1).values
+            pos = torch.where(empty, (idx - start_at).reshape(-1), pos)
+        return {
+            "input_ids": flat[0].view(n_rows, T),
+            "labels": flat[1].view(n_rows, T),
+            "loss_mask": mask.view(n_rows, T).float(),
+            "position_ids": pos.view(n_rows, T),
+            "segment_ids": seg.view(n_rows, T),
+            "sample_id": ids,
+            "domain": self.domain[ids],
+            "row": rows + first_row,
+        }
+
     def describe(self) -> dict:
         """How to find a sample again without this process (RUN_DIR/data.json, read by launch/where.py)."""
         return {"seq_len": self.seq_len, "names": self.names, "sizes": self.sizes,

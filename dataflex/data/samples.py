@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
+import numpy as np
 import torch
 
 from dataflex.data.config import expand_paths, read_documents
@@ -19,6 +20,7 @@ class SampleSet:
     loss_mask: torch.Tensor          # [N, T] bool
     doc_ids: list = field(default_factory=list)
     chunks: list = field(default_factory=list)
+    _lengths: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -30,6 +32,22 @@ class SampleSet:
     def rows(self, ids):
         ids = torch.as_tensor(ids, dtype=torch.long)
         return self.input_ids[ids], self.labels[ids], self.loss_mask[ids]
+
+    def tokens(self, ids, lengths) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first `lengths[i]` slots of each sample, concatenated: input ids, labels, loss mask (flat)."""
+        ids, n = torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(lengths, dtype=torch.long)
+        which = torch.repeat_interleave(ids, n)
+        p = torch.arange(int(n.sum())) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+        return self.input_ids[which, p], self.labels[which, p], self.loss_mask[which, p]
+
+    def lengths(self, ids):
+        """Slots each sample takes in a packed row: up to and including its last label token."""
+        if self._lengths is None or len(self._lengths) != len(self):
+            T = self.seq_len
+            last = torch.where(self.loss_mask, torch.arange(1, T + 1), torch.zeros((), dtype=torch.long)).amax(-1) \
+                if len(self) else torch.zeros(0, dtype=torch.long)
+            self._lengths = last.numpy()
+        return self._lengths[np.asarray(ids, dtype=np.int64)]
 
 
 def chunk_documents(docs: Iterable[tuple[str, list[int]]], seq_len: int, pad_id: int) -> SampleSet:

@@ -144,6 +144,29 @@ class ShardSampleSet:
         """Position of each sample's document in the concatenation of the shards."""
         return np.searchsorted(self.sample_start, np.asarray(ids, dtype=np.int64), side="right") - 1
 
+    def lengths(self, ids) -> np.ndarray:
+        """Label tokens of each local sample (the slots it takes in a packed row): min(T, n - 1 - chunk * T)
+        for chunk `chunk` of a document of n tokens, from the shards' sequence lengths alone."""
+        shard, j, c = self.locate(np.atleast_1d(np.asarray(ids, dtype=np.int64)))
+        out = np.empty(len(shard), dtype=np.int64)
+        for s in np.unique(shard).tolist():
+            where = shard == s
+            out[where] = np.asarray(self.datasets[s].sequence_lengths)[j[where]]
+        return np.minimum(self.seq_len, out - 1 - c * self.seq_len)
+
+    def tokens(self, ids, lengths) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first `lengths[i]` slots of each local sample, concatenated (input ids, labels, loss mask): only
+        those tokens are read."""
+        T, parts = self.seq_len, []
+        for (s, j, c), n in zip(zip(*self.locate(np.atleast_1d(np.asarray(ids, dtype=np.int64)))), lengths):
+            parts.append(self.datasets[s].get(int(j), offset=int(c) * T, length=int(n) + 1).astype(np.int64))
+        if not parts:
+            empty = torch.zeros(0, dtype=torch.long)
+            return empty, empty, empty.bool()
+        inputs = np.concatenate([q[:-1] for q in parts])
+        labels = np.concatenate([q[1:] for q in parts])
+        return torch.from_numpy(inputs), torch.from_numpy(labels), torch.ones(len(inputs), dtype=torch.bool)
+
     def rows(self, ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """input_ids, labels ([B, T] long) and loss_mask ([B, T] bool) of local sample ids."""
         ids = np.atleast_1d(np.asarray(ids, dtype=np.int64))

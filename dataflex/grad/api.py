@@ -7,7 +7,7 @@ import torch
 
 from dataflex.grad.factored import factored_grads
 from dataflex.grad.ghost import capture, chunks
-from dataflex.grad.params import ParamSpec, PerSampleGrads, eval_mode
+from dataflex.grad.params import ParamSpec, PerSampleGrads, eval_mode, refuse_packed
 from dataflex.grad.projection import SparseProjector
 from dataflex.grad.vmap import vmap_grads
 from dataflex.models.forward import default_forward
@@ -17,7 +17,9 @@ def per_sample_grads(module: torch.nn.Module, batch: dict, params: ParamSpec = "
                      projector=None, chunk_size: int = 16, forward: Callable = default_forward,
                      train_mode: bool = False) -> PerSampleGrads:
     """Per-sample gradients of the chosen parameters: exact (`grads`), or `projected` by a
-    RademacherProjector, SparseProjector or FactoredProjector; `norms` are always exact."""
+    RademacherProjector, SparseProjector or FactoredProjector; `norms` are always exact. Padded batches
+    only (one sample a row): a packed one is refused."""
+    refuse_packed(batch, "per_sample_grads")
     if getattr(projector, "factored", False):
         return factored_grads(module, batch, params, projector, chunk_size, forward, train_mode)
     if isinstance(projector, SparseProjector) and projector.engine == "hooks":

@@ -32,7 +32,7 @@ from dataflex.grad import ghost
 from dataflex.grad.api import hook_projected_grads, per_sample_grads
 from dataflex.grad.factored import factored_grads
 from dataflex.grad.fallback import guarded_per_sample_grads
-from dataflex.grad.params import ParamSpec, PerSampleGrads
+from dataflex.grad.params import ParamSpec, PerSampleGrads, refuse_packed
 from dataflex.models.forward import default_forward
 from dataflex.models.hf import forward_for
 from dataflex.models.lean import lean_forward
@@ -112,6 +112,7 @@ class TorchInterface:
         or the model's raw outputs."""
         if output not in OUTPUTS:
             raise ValueError(f"probe output must be one of {OUTPUTS}, got {output!r}")
+        refuse_packed(batch, "probe")
         batch = self.to_device(batch)
         was_training = self.module.training
         self.module.eval()
@@ -153,6 +154,7 @@ class TorchInterface:
 
     def per_sample_grads(self, batch: dict, params: ParamSpec = "all", projector=None, chunk_size: int = 16,
                          train_mode: bool = False) -> PerSampleGrads:
+        refuse_packed(batch, "per_sample_grads")
         batch = self.to_device(batch)
         if getattr(projector, "factored", False):
             return factored_grads(self.module, batch, params, projector, chunk_size, self.forward, train_mode,
@@ -167,6 +169,7 @@ class TorchInterface:
     def per_sample_grad_norms(self, batch: dict, params: ParamSpec = "all", chunk_size: Optional[int] = None,
                               train_mode: bool = False) -> torch.Tensor:
         """[B] exact per-sample gradient norms over the chosen parameters, float32."""
+        refuse_packed(batch, "per_sample_grad_norms")
         batch = self.to_device(batch)
         return ghost.per_sample_grad_norms(self.module, batch, params, self.forward, chunk_size, train_mode,
                                            self._hook_call())
@@ -175,6 +178,7 @@ class TorchInterface:
                              train_mode: bool = False) -> torch.Tensor:
         """<g_i, target>: [B] for one target, [B, K] for K; `target` is name -> tensor or a flat
         vector in the order of select_params (see dataflex.grad.ghost.per_sample_grad_dots)."""
+        refuse_packed(batch, "per_sample_grad_dots")
         device = self.device
         batch, target = to_device(batch, device), target_to_device(target, device)
         return ghost.per_sample_grad_dots(self.module, batch, target, params, self.forward, chunk_size, train_mode,
@@ -182,6 +186,7 @@ class TorchInterface:
 
     def batch_grad(self, batch: dict, params: ParamSpec = "all", reduction: str = "mean") -> dict:
         """name -> gradient of the batch's mean (or summed) per-sample loss: a target for dots."""
+        refuse_packed(batch, "batch_grad")
         batch = self.to_device(batch)
         return ghost.batch_grad(self.module, batch, params, self.forward, reduction)
 

@@ -82,3 +82,10 @@ class PerSampleGrads:
         return load_weights_only(path, "per-sample gradient features")
 
 
+def refuse_packed(batch: dict, what: str) -> None:
+    """Gradient signals run on padded batches (one sample a row: `Signals` builds them from sample ids);
+    a packed training batch (`segment_ids`) would mix the samples of a row into one gradient."""
+    if "segment_ids" in batch:
+        raise ValueError(f"{what}: this batch is packed (several samples a row); per-sample gradients are computed "
+                         "on padded batches, one sample a row: pass MixtureDataset.batch(sample_ids) (what "
+                         "state.signals does), not the packed training batch")

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from dataflex.core.lean_loss import LeanOutput, head_params
+from dataflex.core.packing import segments_from_positions
 from dataprep.tokenizer import has_tokenizer
 
 # ------------------------------------------------------------------------------------------ models
@@ -39,14 +40,15 @@ def _under_functorch(t: torch.Tensor) -> bool:
         return False
 
 
-def causal_mask_4d(position_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], dtype: Optional[torch.dtype]):
-    """[B, 1, T, T] mask: causal, within each packed sequence (a new sequence starts wherever the
-    position does not advance by 1, as transformers reads packed position ids), and over the 2D
-    attention mask's tokens. Built from shapes and tensor ops only (no Python branch on values), so
-    it works under vmap. Boolean (True = attend) for SDPA, additive in `dtype` for eager attention."""
+def causal_mask_4d(position_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], dtype: Optional[torch.dtype],
+                   segment_ids: Optional[torch.Tensor] = None):
+    """[B, 1, T, T] mask: causal, within each packed sequence (`segment_ids` when given, else a new
+    sequence starts wherever the position does not advance by 1, as transformers reads packed position
+    ids), and over the 2D attention mask's tokens. Built from shapes and tensor ops only (no Python
+    branch on values), so it works under vmap. Boolean (True = attend) for SDPA, additive in `dtype`
+    for eager attention."""
     T = position_ids.shape[-1]
-    first = position_ids[..., :1] - 1
-    seg = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+    seg = segment_ids if segment_ids is not None else segments_from_positions(position_ids)
     keep = (seg.unsqueeze(-1) == seg.unsqueeze(-2))
     keep = keep & torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
     if attention_mask is not None:
@@ -58,7 +60,8 @@ def causal_mask_4d(position_ids: torch.Tensor, attention_mask: Optional[torch.Te
     return torch.where(keep, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=position_ids.device))
 
 
-def hf_forward(call: Callable, batch: dict, mask_dtype: Optional[torch.dtype] = None, lean: bool = False):
+def hf_forward(call: Callable, batch: dict, mask_dtype: Optional[torch.dtype] = None, lean: bool = False,
+               packed_mask: bool = True):
     """Logits of an HF causal LM (or peft model, DDP, DeepSpeed engine around one) on a dataflex batch.
 
     `use_cache=False` always; `position_ids` as given; `attention_mask` when the batch holds one
@@ -67,18 +70,25 @@ def hf_forward(call: Callable, batch: dict, mask_dtype: Optional[torch.dtype] = 
     tensor values (packed-sequence detection, SDPA's causal skip), so a ready 4D mask is passed
     instead, equal to what it would build.
 
+    A packed batch (`segment_ids`: several samples a row, positions restarting at each) gets that 4D
+    mask from its segments too (`packed_mask=True`, eager and SDPA attention); `packed_mask=False`
+    (flash-attention-2, whose varlen kernel reads packed position ids) passes the position ids alone.
+
     `lean=True`: a `dataflex.core.lean_loss.LeanOutput` (the decoder's last hidden states and `lm_head`)
     instead of the logits, the head run on one position only (`logits_to_keep=1`); None where the
     model cannot (no `logits_to_keep`, an adapter on the head): the caller takes the logits path."""
     if lean:
-        return _lean_hf_forward(call, batch, mask_dtype)
+        return _lean_hf_forward(call, batch, mask_dtype, packed_mask)
     ids = batch["input_ids"]
     pos = batch.get("position_ids")
     mask = batch.get("attention_mask")
     kwargs = {"use_cache": False}
     if pos is not None:
         kwargs["position_ids"] = pos
-    if _under_functorch(ids):
+    segments = batch.get("segment_ids")
+    if segments is not None and packed_mask:
+        kwargs["attention_mask"] = causal_mask_4d(pos, mask, mask_dtype, segments)
+    elif _under_functorch(ids):
         if pos is None:
             pos = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
         kwargs["attention_mask"] = causal_mask_4d(pos, mask, mask_dtype)
@@ -88,7 +98,7 @@ def hf_forward(call: Callable, batch: dict, mask_dtype: Optional[torch.dtype] = 
     return getattr(out, "logits", out)
 
 
-def _lean_hf_forward(call: Callable, batch: dict, mask_dtype: Optional[torch.dtype]):
+def _lean_hf_forward(call: Callable, batch: dict, mask_dtype: Optional[torch.dtype], packed_mask: bool = True):
     import inspect
 
     base = call
@@ -108,7 +118,7 @@ def _lean_hf_forward(call: Callable, batch: dict, mask_dtype: Optional[torch.dty
     captured = []
     hook = decoder.register_forward_hook(lambda _m, _a, out: captured.append(out))
     try:
-        hf_forward(partial(call, logits_to_keep=1), batch, mask_dtype)
+        hf_forward(partial(call, logits_to_keep=1), batch, mask_dtype, packed_mask=packed_mask)
     finally:
         hook.remove()
     out = captured[-1]
@@ -136,6 +146,7 @@ def forward_for(module, default: Optional[Callable] = None) -> Callable:
         return default
     cfg = _base_config(module)
     impl = getattr(cfg, "_attn_implementation", None) or "sdpa"
+    packed_mask = not str(impl).startswith("flash")     # flash-attention's varlen path reads packed position ids
     dtype = None
     if impl == "eager":                          # eager attention adds the mask to the scores
         try:
@@ -144,7 +155,7 @@ def forward_for(module, default: Optional[Callable] = None) -> Callable:
             dtype = torch.float32
         if not dtype.is_floating_point:
             dtype = torch.float32
-    return partial(hf_forward, mask_dtype=dtype)
+    return partial(hf_forward, mask_dtype=dtype, packed_mask=packed_mask)
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

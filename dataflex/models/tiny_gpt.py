@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dataflex.core.lean_loss import LeanOutput
+from dataflex.core.packing import block_causal_mask
 
 
 class LoRALinear(nn.Module):
@@ -44,7 +45,8 @@ class CausalSelfAttention(nn.Module):
         self.v = LoRALinear(d_model, d_model, lora_rank)
         self.o = LoRALinear(d_model, d_model, lora_rank)
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
+        """`mask` [B, 1, T, T] bool (True = attend; causal within each packed sample); None: causal."""
         B, T, C = x.shape
         h = self.n_heads
 
@@ -52,11 +54,21 @@ class CausalSelfAttention(nn.Module):
             return t.view(B, T, h, C // h).transpose(1, 2)
 
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(C // h)
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(B, T, C)
-        return self.o(y)
+        if mask is None:
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        if _under_functorch(x):        # torch.func has no batching rule for SDPA's CPU kernels
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(C // h)
+            y = att.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+def _under_functorch(t: torch.Tensor) -> bool:
+    try:
+        return torch._C._functorch.is_functorch_wrapped_tensor(t)
+    except AttributeError:  # pragma: no cover - older torch
+        return False
 
 
 class Block(nn.Module):
@@ -68,8 +80,8 @@ class Block(nn.Module):
         self.fc = nn.Linear(d_model, 4 * d_model)
         self.proj = nn.Linear(4 * d_model, d_model)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x, mask=None):
+        x = x + self.attn(self.ln1(x), mask)
         return x + self.proj(F.gelu(self.fc(self.ln2(x))))
 
 
@@ -88,14 +100,18 @@ class TinyGPT(nn.Module):
         self.head = nn.Linear(d_model, vocab_size, bias=False)
 
     def forward(self, input_ids, position_ids=None, lean: bool = False):
-        """Logits [B, T, V]; `lean=True`: the last hidden states and the head instead
+        """Logits [B, T, V]. Attention is causal and never crosses a restart of `position_ids` (packed rows
+        hold several samples, each counting from 0: `dataflex.core.packing`). `lean=True`: the last hidden states and the head instead
         (`dataflex.core.lean_loss.LeanOutput`), for the loss without logits."""
         B, T = input_ids.shape
+        mask = None
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        else:       # packed rows: attention stays inside each sample (a new one wherever positions restart)
+            mask = block_causal_mask(position_ids)
         x = self.tok_emb(input_ids) + self.pos_emb(position_ids)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, mask)
         if lean:
             return LeanOutput(self.ln_f(x), self.head)
         return self.head(self.ln_f(x))

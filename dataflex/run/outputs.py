@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-LEDGER_SCHEMA = pa.schema([("step", pa.int64()), ("rank", pa.int64()), ("sample_id", pa.int64()),
+LEDGER_SCHEMA = pa.schema([("step", pa.int64()), ("rank", pa.int64()), ("row", pa.int64()), ("sample_id", pa.int64()),
                            ("domain", pa.string()), ("selected", pa.bool_()), ("weight", pa.float64()),
                            ("loss", pa.float64())])
 

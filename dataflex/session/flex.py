@@ -7,6 +7,10 @@
         loss = flex.loss(model(batch["input_ids"], position_ids=batch["position_ids"]), batch)
         loss.backward(); optimizer.step(); optimizer.zero_grad()
         record = flex.end_step()                   # metrics and ledger rows of the step
+
+`packing=True`: each step fills `global_batch_size` rows of seq_len token slots with several samples
+back to back (dataflex.core.packing: first-fit, position ids restarting at each sample, what does not
+fit waits in the sampler's state for the next step). Every per-sample signal stays per sample.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 
 from dataflex.core.events import Event
 from dataflex.core.loss import LossWrapper
+from dataflex.core.packing import plan_rows
 from dataflex.core.plugin import Engine, Plugin
 from dataflex.core.sampler import DataAwareSampler
 from dataflex.core.state import DataState, per_domain_mean
@@ -32,7 +37,7 @@ class DataFlex:
                  seed: int = 0, rank: Optional[int] = None, world_size: Optional[int] = None,
                  initial_weights: str = "size", probe_batch_size: int = 64, check_ranks_every: int = 0,
                  loss_reduction: str = "token", datasets: Optional[dict] = None, optimizer=None,
-                 nonfinite: str = "drop", tokenizer=None):
+                 nonfinite: str = "drop", tokenizer=None, packing: bool = False, pack_lookahead: int = 16):
         self.optimizer = optimizer      # the training optimizer, read (never stepped) by Signals.optimizer_state
         self.tokenizer = tokenizer      # the run's tokenizer: plugins that read text (embedding selectors) decode with it
         self.data = train if isinstance(train, MixtureDataset) else MixtureDataset(train)
@@ -52,6 +57,9 @@ class DataFlex:
         self.loss = LossWrapper(weigh=self._weigh, reduction=loss_reduction)
         self.datasets = {k: as_mixture(k, v) for k, v in (datasets or {}).items() if v is not None}
         self._needs_tokens = any(getattr(p, "needs_token_losses", False) for p in self.engine.plugins)
+        self.packing, self.pack_lookahead = bool(packing), int(pack_lookahead)
+        self.loss.token_signal = self._needs_tokens     # packed batches unpack token losses only when read
+        self._plan, self._share = None, None
         self._weights = None
         self._local_labels, self._micro = None, None     # the step's local batch; micro-batches seen so far
         self._last_weights_digest = b""
@@ -72,7 +80,7 @@ class DataFlex:
         self.start()
         s = self.state
         s.step, s.metrics = self.step, {}
-        s.keep_mask = s.candidate_losses = s.losses = s.sample_weights = None
+        s.keep_mask = s.candidate_losses = s.losses = s.sample_weights = s.batch_rows = None
         s.token_losses = s.token_mask = s.token_weights = s.domain_loss_weights = None
         self._weights = None
         s.domain_weights = None
@@ -86,6 +94,8 @@ class DataFlex:
             self.sampler.set_pool(s.domain_weights, masks, proportional=follow_pool)
         s.domain_weights = self.sampler.weights
         selector = self.engine.of("selector")
+        if self.packing:
+            return self._next_packed(selector)
         n = round(self.global_batch_size * (selector.candidate_factor if selector else 1))
         s.candidate_ids = self.sampler.draw(n)
         s.candidate_domains = self.data.domain[s.candidate_ids]
@@ -103,6 +113,56 @@ class DataFlex:
         self._micro = None
         return batch
 
+    def _next_packed(self, selector) -> dict:
+        """The packed step: samples waiting from the last step first, then fresh draws, first-fit into
+        `global_batch_size` rows. With a selector, the fresh samples that would fill the rows set how many
+        it keeps (k), its candidates are those k and (candidate_factor - 1) k more draws, and the kept ones
+        are packed after the waiting ones; kept samples that do not fit wait for the next step."""
+        s, T, R = self.state, self.data.seq_len, self.global_batch_size
+        pending = list(self.sampler.pending)
+        if selector is None:
+            plan = plan_rows(pending, self.sampler.draw, self.data.lengths, R, T, self.pack_lookahead)
+            s.candidate_ids = plan.ids
+        else:
+            fresh = []
+
+            def draw(n):
+                fresh.append(self.sampler.draw(n))
+                return fresh[-1]
+            plan_rows(pending, draw, self.data.lengths, R, T, self.pack_lookahead)      # sizes the step: k
+            fresh = torch.cat(fresh) if fresh else torch.zeros(0, dtype=torch.long)
+            k = len(fresh)
+            extra = max(0, round(k * selector.candidate_factor) - k)
+            s.candidate_ids = torch.cat([fresh, self.sampler.draw(extra)]) if extra else fresh
+            s.candidate_domains = self.data.domain[s.candidate_ids]
+            s.global_batch_size = k
+            try:
+                if k:
+                    self.engine.fire(Event.AFTER_CANDIDATES)
+                else:
+                    s.keep_mask = torch.zeros(0, dtype=torch.bool)
+            finally:
+                s.global_batch_size = R
+            if int(s.keep_mask.sum()) != k:
+                raise RuntimeError(f"{selector.name} kept {int(s.keep_mask.sum())} samples, the packed step "
+                                   f"asked for {k}")
+            kept = s.candidate_ids[s.keep_mask].tolist()
+            plan = plan_rows(pending + kept, None, self.data.lengths, R, T)
+        self.sampler.pending = plan.carry
+        s.candidate_domains = self.data.domain[s.candidate_ids]
+        s.batch_ids, s.batch_rows = plan.ids, plan.rows
+        s.batch_domains = self.data.domain[s.batch_ids]
+        self._plan = plan
+        r0, r1, a, b = plan.rank_bounds(self.rank, self.world_size)
+        self._share = (a, b)
+        return self.data.packed_batch(plan.ids[a:b], plan.rows[a:b], plan.offsets[a:b], r1 - r0, r0)
+
+    def _mine(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a per-sample tensor of the global batch (its rows' samples when packed)."""
+        if self.packing:
+            return x[self._share[0]:self._share[1]]
+        return self.sampler.rank_slice(x)
+
     def _weigh(self, signal: dict, batch: dict) -> dict:
         """AFTER_LOSS: gather the step's losses, let reweighters weigh them, compose every weight.
 
@@ -115,7 +175,8 @@ class DataFlex:
             return self._weigh_micro(signal, batch)
         # one gather on the loss's device and one copy to the host: the step's only synchronisation
         device = signal["loss"].device
-        label_tokens = batch["loss_mask"].to(device, non_blocking=True).sum(-1).float()
+        label_tokens = (signal["labels"].to(device, non_blocking=True).float() if "labels" in signal   # packed rows
+                        else batch["loss_mask"].to(device, non_blocking=True).sum(-1).float())
         n = len(label_tokens)
         decisions = torch.tensor(decision_digest(s, self._last_weights_digest), dtype=torch.float32).expand(n, 4)
         local = torch.cat([torch.stack([signal["loss"].float(), signal["tokens"].float(), label_tokens], 1),
@@ -132,7 +193,7 @@ class DataFlex:
             self._weights = torch.zeros(len(losses), dtype=torch.float64)
             self._last_weights_digest = digest(self._weights)
             device = signal["loss"].device
-            return {"sample_weights": self.sampler.rank_slice(self._weights).to(device),
+            return {"sample_weights": self._mine(self._weights).to(device),
                     "denominator": torch.ones((), device=device)}
         self.engine.fire(Event.AFTER_LOSS)
         weights = compose_sample_weights(s, finite)
@@ -145,10 +206,10 @@ class DataFlex:
         self._weights = weights * len(weights) / weights.sum() if weights.sum() > 0 else weights
         self._last_weights_digest = digest(self._weights, token_weights)
         device = signal["loss"].device
-        answer = {"sample_weights": self.sampler.rank_slice(weights).to(device),
+        answer = {"sample_weights": self._mine(weights).to(device),
                   "denominator": (total / self.world_size).to(device)}
         if token_weights is not None:
-            answer["token_weights"] = self.sampler.rank_slice(token_weights).to(device)
+            answer["token_weights"] = self._mine(token_weights).to(device)
         return answer
 
     def _settle_losses(self, losses: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -178,7 +239,7 @@ class DataFlex:
         s.losses = torch.where(finite, losses, stand_in)  # a stand-in inside [min, max]
         s.metrics["reweighter/nonfinite"] = int((labels - tokens).sum())
         s.metrics["reweighter/nonfinite_samples"] = int((~finite).sum())
-        self._tokens = tokens
+        self._tokens, self._labels = tokens, labels
         return finite
 
     def _weigh_micro(self, signal: dict, batch: dict) -> dict:
@@ -262,8 +323,9 @@ class DataFlex:
         record["domain_loss"] = {d: float(means[i]) for i, d in enumerate(s.domains) if present[i]}
         if s.keep_mask is not None:
             record["selected_fraction"] = float(s.keep_mask.float().mean())
+        record.update(self._token_metrics())
         record.update(s.metrics)
-        record["ledger"] = self._ledger_rows()
+        record["ledger"] = self._packed_ledger_rows() if self.packing else self._ledger_rows()
         if self.world_size > 1 and self.check_ranks_every and self.step % self.check_ranks_every == 0:
             self._check_ranks_agree()
         self.step += 1
@@ -271,6 +333,38 @@ class DataFlex:
 
     def _check_ranks_agree(self) -> None:
         check_ranks_agree(self.state, self._weights)
+
+    def _token_metrics(self) -> dict:
+        """Label tokens trained this step (global), the token slots they had (rows x seq_len), and the
+        label tokens of each domain."""
+        s, labels = self.state, self._labels.double()
+        rows = self.global_batch_size if self.packing else len(s.batch_ids)
+        per_domain = torch.zeros(len(s.domains), dtype=torch.float64).index_add_(0, s.batch_domains, labels)
+        return {"tokens": int(labels.sum()), "token_slots": rows * self.data.seq_len,
+                "domain_tokens": {d: int(per_domain[i]) for i, d in enumerate(s.domains)}}
+
+    def _packed_ledger_rows(self) -> dict:
+        """One row per sample trained this step (its global row and rank), then the candidates a selector
+        did not keep (rank and row -1). Kept samples that wait for a later step's rows are written there."""
+        s, plan = self.state, self._plan
+        n = len(s.batch_ids)
+        weights = self._weights if self._weights is not None else torch.ones(n, dtype=torch.float64)
+        loss = torch.where(s.loss_finite, s.losses.double(), float("nan"))
+        rows_per_rank = self.global_batch_size // self.world_size
+        out = {"step": [self.step] * n, "rank": (plan.rows // rows_per_rank).tolist(), "row": plan.rows.tolist(),
+               "sample_id": s.batch_ids.tolist(), "domain": [s.domains[d] for d in s.batch_domains.tolist()],
+               "selected": [True] * n, "weight": weights.double().tolist(), "loss": loss.tolist()}
+        if s.keep_mask is not None:
+            dropped = ~s.keep_mask
+            closs = (s.candidate_losses.double()[dropped] if s.candidate_losses is not None
+                     else torch.full((int(dropped.sum()),), float("nan"), dtype=torch.float64))
+            m = int(dropped.sum())
+            for key, vals in (("step", [self.step] * m), ("rank", [-1] * m), ("row", [-1] * m),
+                              ("sample_id", s.candidate_ids[dropped].tolist()),
+                              ("domain", [s.domains[d] for d in s.candidate_domains[dropped].tolist()]),
+                              ("selected", [False] * m), ("weight", [0.0] * m), ("loss", closs.tolist())):
+                out[key] = out[key] + vals
+        return out
 
     def _ledger_rows(self) -> dict:
         s = self.state
@@ -285,7 +379,10 @@ class DataFlex:
         weight[kept] = weights.double()
         rank = torch.full((len(kept),), -1, dtype=torch.long)
         rank[kept] = torch.arange(B) // per_rank
-        return {"step": [self.step] * len(kept), "rank": rank.tolist(), "sample_id": s.candidate_ids.tolist(),
+        row = torch.full((len(kept),), -1, dtype=torch.long)
+        row[kept] = torch.arange(B)
+        return {"step": [self.step] * len(kept), "rank": rank.tolist(), "row": row.tolist(),
+                "sample_id": s.candidate_ids.tolist(),
                 "domain": [s.domains[d] for d in s.candidate_domains.tolist()], "selected": kept.tolist(),
                 "weight": weight.tolist(), "loss": loss.tolist()}
 

@@ -1,0 +1,153 @@
+"""Packed rows: several samples back to back in each row of `seq_len` token slots.
+
+A packed batch holds `input_ids`, `labels`, `loss_mask` and `position_ids` as [R, T] rows, plus
+`segment_ids` [R, T] (the local sample each token slot belongs to, -1 on slots no sample fills),
+`sample_id` and `domain` [S] (one per sample, in row order) and `row` [S] (each sample's global row).
+`position_ids` restart at 0 at every sample, so a sample's token p sits at position p exactly as in
+its padded row: models keep attention inside a sample from `segment_ids` or from the position ids
+(a new sample starts wherever the position does not advance by 1, transformers' packed convention).
+
+The step's plan (`plan_rows`) is a deterministic first-fit: samples left over from the previous step
+first, then fresh draws in chunks sized from the free slots, each sample into the first row with room;
+a sample that fits no row waits for the next step (`carry`), never dropped. Drawing stops when every
+slot is filled or `lookahead` samples are waiting.
+
+`Segments` maps between the packed rows and the per-sample layout ([S, T], a sample's token p at
+column p, what a padded batch holds): per-sample sums, unpacking, packing and spreading a per-sample
+value over its tokens, all differentiable where the values are.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def first_fit(lengths: Sequence[int], free: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, offset) of each sample, in order, placed into the first row with room for it ((-1, -1) where
+    none has); `free` [R] (slots left in each row) is updated in place."""
+    rows = np.full(len(lengths), -1, dtype=np.int64)
+    offsets = np.full(len(lengths), -1, dtype=np.int64)
+    for i, n in enumerate(lengths):
+        fits = np.flatnonzero(free >= n)
+        if len(fits):
+            r = int(fits[0])
+            rows[i], offsets[i] = r, seq_len - free[r]
+            free[r] -= n
+    return rows, offsets
+
+
+class Plan:
+    """One step's packing: samples in row order with their row and offset, and those left waiting."""
+
+    def __init__(self, ids, lengths, rows, offsets, carry, n_rows: int, seq_len: int):
+        order = np.lexsort((offsets, rows))
+        self.ids = torch.as_tensor(np.asarray(ids, dtype=np.int64)[order])
+        self.lengths = torch.as_tensor(np.asarray(lengths, dtype=np.int64)[order])
+        self.rows = torch.as_tensor(np.asarray(rows, dtype=np.int64)[order])
+        self.offsets = torch.as_tensor(np.asarray(offsets, dtype=np.int64)[order])
+        self.carry = [int(i) for i in carry]
+        self.n_rows, self.seq_len = int(n_rows), int(seq_len)
+
+    def rank_bounds(self, rank: int, world_size: int) -> tuple[int, int, int, int]:
+        """(first row, end row, first sample, end sample) of a rank's contiguous share of the rows."""
+        per = self.n_rows // world_size
+        r0, r1 = rank * per, (rank + 1) * per
+        s0 = int(torch.searchsorted(self.rows, torch.tensor(r0)))
+        s1 = int(torch.searchsorted(self.rows, torch.tensor(r1)))
+        return r0, r1, s0, s1
+
+    def slots_used(self) -> int:
+        return int(self.lengths.sum())
+
+
+def plan_rows(pending: Sequence[int], draw: Optional[Callable[[int], torch.Tensor]], lengths: Callable, n_rows: int,
+              seq_len: int, lookahead: int = 16, first_guess: Optional[float] = None) -> Plan:
+    """First-fit of `pending` (carried from the last step), then of fresh `draw(n)` ids, into `n_rows`
+    rows of `seq_len` slots. `lengths(ids)` gives each sample's slots (its label tokens). Deterministic
+    given the same pending ids and draws; nothing is dropped: a sample that does not fit is carried.
+    `draw=None`: place `pending` only."""
+    free = np.full(n_rows, seq_len, dtype=np.int64)
+    ids_all, len_all, row_all, off_all, carry = [], [], [], [], []
+
+    def place(ids):
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(ids):
+            return
+        lens = np.asarray(lengths(ids), dtype=np.int64)
+        if (lens > seq_len).any() or (lens < 0).any():
+            raise ValueError(f"sample lengths must lie in [0, {seq_len}], got {lens.max()}")
+        rows, offs = first_fit(lens.tolist(), free, seq_len)
+        ok = rows >= 0
+        ids_all.append(ids[ok]), len_all.append(lens[ok]), row_all.append(rows[ok]), off_all.append(offs[ok])
+        carry.extend(ids[~ok].tolist())
+        seen.append(lens)
+
+    seen: list = []
+    place(pending)
+    while draw is not None and free.sum() > 0 and len(carry) < lookahead:
+        lens = np.concatenate(seen) if seen else np.zeros(0)
+        mean = float(lens.mean()) if len(lens) else float(first_guess or max(1.0, seq_len / 4))
+        n = max(1, math.ceil(free.sum() / max(mean, 1.0)))
+        place(draw(n).numpy())
+    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64))
+    return Plan(cat(ids_all), cat(len_all), cat(row_all), cat(off_all), carry, n_rows, seq_len)
+
+
+def segments_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """[.., T] segment numbers: a new segment wherever the position does not advance by 1 (transformers'
+    packed convention). Tensor ops only, so it works under vmap."""
+    first = position_ids[..., :1] - 1
+    return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+
+
+def block_causal_mask(position_ids: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, 1, T, T] bool (True = attend): causal and within one sample. Samples from `segment_ids` when
+    given, else from the position ids."""
+    seg = segment_ids if segment_ids is not None else segments_from_positions(position_ids)
+    T = seg.shape[-1]
+    keep = seg.unsqueeze(-1) == seg.unsqueeze(-2)
+    keep = keep & torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
+    return keep.unsqueeze(-3)
+
+
+class Segments:
+    """Index maps of a packed batch between [R, T] token slots and the per-sample [S, T] layout."""
+
+    def __init__(self, segment_ids: torch.Tensor, position_ids: torch.Tensor, n: int):
+        self.valid = segment_ids >= 0
+        self.seg = segment_ids[self.valid]
+        self.pos = position_ids[self.valid]
+        self.n, self.shape = int(n), tuple(segment_ids.shape)
+        T = self.shape[-1]
+        self._flat = (segment_ids.clamp(min=0) * T + position_ids.clamp(min=0, max=T - 1))
+
+    @classmethod
+    def of(cls, batch: dict) -> Optional["Segments"]:
+        """The batch's segments when it is packed (holds `segment_ids`), else None."""
+        if "segment_ids" not in batch:
+            return None
+        return cls(batch["segment_ids"], batch["position_ids"], len(batch["sample_id"]))
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """[S] per-sample sums of a [R, T] tensor."""
+        return torch.zeros(self.n, dtype=x.dtype, device=x.device).index_add(0, self.seg, x[self.valid])
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[S, T]: each sample's token p at column p (0 beyond the sample), as its padded row holds it."""
+        out = torch.zeros((self.n, self.shape[-1]), dtype=x.dtype, device=x.device)
+        return out.index_put((self.seg, self.pos), x[self.valid])
+
+    def pack(self, y: torch.Tensor) -> torch.Tensor:
+        """[R, T] from a per-sample [S, T] tensor (0 on empty slots)."""
+        if self.n == 0:
+            return torch.zeros(self.shape, dtype=y.dtype, device=y.device)
+        return y.reshape(-1)[self._flat] * self.valid.to(y.dtype)
+
+    def spread(self, v: torch.Tensor) -> torch.Tensor:
+        """[R, T]: each sample's value on each of its token slots (0 on empty slots)."""
+        if self.n == 0:
+            return torch.zeros(self.shape, dtype=v.dtype, device=v.device)
+        return v[self._flat // self.shape[-1]] * self.valid.to(v.dtype)
