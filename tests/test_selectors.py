@@ -35,7 +35,7 @@ def test_loss_selector_arguments():
     for bad in (0, -0.1, 1.5):
         with pytest.raises(ValueError, match="keep_fraction"):
             LossSelector(bad)
-    with pytest.raises(ValueError, match=r"unknown selector .top.; available selectors: cluster_less, delta_loss, gradnorm, less, loss, near, random, rho, tracin, tsds"):
+    with pytest.raises(ValueError, match=r"unknown selector .top.; available selectors: bm25, cluster_less, delta_loss, gradnorm, length_matched, less, loss, near, random, rho, tracin, tsds"):
         SELECTORS.build("top")
 
 

@@ -26,6 +26,7 @@ from dataflex.core.sampler import DataAwareSampler
 from dataflex.core.state import DataState, per_domain_mean
 from dataflex.core.targets import evenly_spaced
 from dataflex.data.domains import MixtureDataset
+from dataflex.session.ledger import ledger_rows, packed_ledger_rows, token_metrics
 from dataflex.session.rank_check import check_ranks_agree, compare_digests, decision_digest, digest
 from dataflex.session.signals import Signals, as_mixture
 from dataflex.session.weighting import checked_token_weights, compose_sample_weights, lr_note
@@ -325,7 +326,7 @@ class DataFlex:
             record["selected_fraction"] = float(s.keep_mask.float().mean())
         record.update(self._token_metrics())
         record.update(s.metrics)
-        record["ledger"] = self._packed_ledger_rows() if self.packing else self._ledger_rows()
+        record["ledger"] = self._ledger_rows()
         if self.world_size > 1 and self.check_ranks_every and self.step % self.check_ranks_every == 0:
             self._check_ranks_agree()
         self.step += 1
@@ -335,56 +336,14 @@ class DataFlex:
         check_ranks_agree(self.state, self._weights)
 
     def _token_metrics(self) -> dict:
-        """Label tokens trained this step (global), the token slots they had (rows x seq_len), and the
-        label tokens of each domain."""
-        s, labels = self.state, self._labels.double()
-        rows = self.global_batch_size if self.packing else len(s.batch_ids)
-        per_domain = torch.zeros(len(s.domains), dtype=torch.float64).index_add_(0, s.batch_domains, labels)
-        return {"tokens": int(labels.sum()), "token_slots": rows * self.data.seq_len,
-                "domain_tokens": {d: int(per_domain[i]) for i, d in enumerate(s.domains)}}
-
-    def _packed_ledger_rows(self) -> dict:
-        """One row per sample trained this step (its global row and rank), then the candidates a selector
-        did not keep (rank and row -1). Kept samples that wait for a later step's rows are written there."""
-        s, plan = self.state, self._plan
-        n = len(s.batch_ids)
-        weights = self._weights if self._weights is not None else torch.ones(n, dtype=torch.float64)
-        loss = torch.where(s.loss_finite, s.losses.double(), float("nan"))
-        rows_per_rank = self.global_batch_size // self.world_size
-        out = {"step": [self.step] * n, "rank": (plan.rows // rows_per_rank).tolist(), "row": plan.rows.tolist(),
-               "sample_id": s.batch_ids.tolist(), "domain": [s.domains[d] for d in s.batch_domains.tolist()],
-               "selected": [True] * n, "weight": weights.double().tolist(), "loss": loss.tolist()}
-        if s.keep_mask is not None:
-            dropped = ~s.keep_mask
-            closs = (s.candidate_losses.double()[dropped] if s.candidate_losses is not None
-                     else torch.full((int(dropped.sum()),), float("nan"), dtype=torch.float64))
-            m = int(dropped.sum())
-            for key, vals in (("step", [self.step] * m), ("rank", [-1] * m), ("row", [-1] * m),
-                              ("sample_id", s.candidate_ids[dropped].tolist()),
-                              ("domain", [s.domains[d] for d in s.candidate_domains[dropped].tolist()]),
-                              ("selected", [False] * m), ("weight", [0.0] * m), ("loss", closs.tolist())):
-                out[key] = out[key] + vals
-        return out
+        rows = self.global_batch_size if self.packing else len(self.state.batch_ids)
+        return token_metrics(self.state, self._labels, rows * self.data.seq_len)
 
     def _ledger_rows(self) -> dict:
-        s = self.state
-        B, per_rank = self.global_batch_size, self.global_batch_size // self.world_size
-        kept = s.keep_mask if s.keep_mask is not None else torch.ones(len(s.candidate_ids), dtype=torch.bool)
-        weights = self._weights if self._weights is not None else torch.ones(B, dtype=torch.float64)
-        loss = torch.full((len(kept),), float("nan"), dtype=torch.float64)
-        if s.candidate_losses is not None:
-            loss[:] = s.candidate_losses.double()
-        loss[kept] = torch.where(s.loss_finite, s.losses.double(), float("nan"))
-        weight = torch.zeros(len(kept), dtype=torch.float64)
-        weight[kept] = weights.double()
-        rank = torch.full((len(kept),), -1, dtype=torch.long)
-        rank[kept] = torch.arange(B) // per_rank
-        row = torch.full((len(kept),), -1, dtype=torch.long)
-        row[kept] = torch.arange(B)
-        return {"step": [self.step] * len(kept), "rank": rank.tolist(), "row": row.tolist(),
-                "sample_id": s.candidate_ids.tolist(),
-                "domain": [s.domains[d] for d in s.candidate_domains.tolist()], "selected": kept.tolist(),
-                "weight": weight.tolist(), "loss": loss.tolist()}
+        if self.packing:
+            return packed_ledger_rows(self.state, self.step, self._weights, self._plan.rows,
+                                      self.global_batch_size // self.world_size)
+        return ledger_rows(self.state, self.step, self._weights, self.global_batch_size, self.world_size)
 
     def finish(self) -> dict:
         """FIT_END for the plugins; returns the files they export ({file name: JSON-able}), such as
