@@ -237,3 +237,33 @@ def test_sheared_learns_at_trainer_evaluations(tmp_path, domains_builder):
         for d in w:
             assert abs(line["domain_weights"][d] - w[d]) < 1e-5
     assert torch.allclose(flex.sampler.weights, own.sampler.weights, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ two ranks
+
+def test_two_ranks_under_torchrun_equal_one_process(tmp_path):
+    """DataFlex built before TrainingArguments (the README's order): under torchrun each rank still learns its
+    rank when training starts, and 2 ranks (gloo, CPU) train what 1 process trains."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)]), "OMP_NUM_THREADS": "1"}
+    script = str(tests / "hf_trainer_ranks.py")
+    from dataflex.utils.dist import free_port
+
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", script, str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=120)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "rank 1 of 2: flex rank 1 of 2" in two.stdout and "rank 0 of 2: flex rank 0 of 2" in two.stdout
+    one = subprocess.run([sys.executable, script, str(tmp_path / "one")], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = torch.load(tmp_path / "one" / "params.pt"), torch.load(tmp_path / "two" / "params.pt")
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=1e-5, msg=n)
+    la, lb = pd.read_parquet(tmp_path / "one" / "ledger"), pd.read_parquet(tmp_path / "two" / "ledger")
+    assert (la.sample_id.values == lb.sample_id.values).all() and set(lb["rank"]) == {0, 1}
+    torch.testing.assert_close(torch.tensor(la.weight.values), torch.tensor(lb.weight.values), rtol=1e-4, atol=1e-6)
