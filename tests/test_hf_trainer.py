@@ -254,12 +254,21 @@ def test_two_ranks_under_torchrun_equal_one_process(tmp_path):
     script = str(tests / "hf_trainer_ranks.py")
     from dataflex.utils.dist import free_port
 
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={free_port()}", script, str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=120)
+    def launch(cmd):        # its own process group: a hang kills the launcher and every rank it started
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            out, err = proc.communicate()
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    two = launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                  script, str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-3000:]
     assert "rank 1 of 2: flex rank 1 of 2" in two.stdout and "rank 0 of 2: flex rank 0 of 2" in two.stdout
-    one = subprocess.run([sys.executable, script, str(tmp_path / "one")], env=env, capture_output=True, text=True,
-                         timeout=120)
+    one = launch([sys.executable, script, str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = torch.load(tmp_path / "one" / "params.pt"), torch.load(tmp_path / "two" / "params.pt")
     for n in a:
