@@ -145,6 +145,14 @@ class LossWrapper:
     def from_token_loss(self, token_loss: torch.Tensor, batch: dict) -> torch.Tensor:
         """Entry point for Megatron-core's `loss_func`, whose output tensor is the per-token loss.
         On a packed batch every per-sample quantity is per sample (segment), not per row."""
+        answer = self.weigh_token_loss(token_loss.detach(), batch)
+        return reduce_loss(token_loss, batch["loss_mask"], answer.get("sample_weights"), answer.get("token_weights"),
+                           self.reduction, answer.get("denominator"), Segments.of(batch))
+
+    def weigh_token_loss(self, token_loss: torch.Tensor, batch: dict) -> dict:
+        """The signal of a batch's (detached) per-token loss, given to `weigh`; returns its answer
+        (`sample_weights`, `token_weights`, `denominator`, each optional) and sets `last`. Gradient
+        accumulation weighs the whole batch once, then reduces each micro-batch with its slice."""
         seg = Segments.of(batch)
         safe, mask = finite_tokens(token_loss.detach(), batch["loss_mask"])
         total = (lambda x: x.sum(-1)) if seg is None else seg.sum
@@ -160,8 +168,7 @@ class LossWrapper:
         weights = answer.get("sample_weights")
         self.last = {"loss": per_sample, "sample_id": batch.get("sample_id"), "domain": batch.get("domain"),
                      "weight": weights}
-        return reduce_loss(token_loss, batch["loss_mask"], weights, answer.get("token_weights"), self.reduction,
-                           answer.get("denominator"), seg)
+        return answer
 
 
 def _all_nonfinite(labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,8 @@ def input_hashes(paths: list[str], root: str) -> list[str]:
 def cache_key(groups: list[dict], tokenizer_sha: str, hashes: list[str]) -> str:
     """Independent of seq_len: the shards hold whole documents; sample indexes are keyed by seq_len."""
     spec = {"v": CACHE_VERSION, "tokenizer": tokenizer_sha, "hashes": hashes,
-            "groups": [{k: g[k] for k in ("name", "split", "key", "sources")} for g in groups]}
+            "groups": [{k: g[k] for k in ("name", "split", "key", "sources", "column", "hf_split") if k in g}
+                       for g in groups]}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -172,7 +173,7 @@ def _build_group(folder: str, g: dict, tokenizer, dtype: str, bar, fault: int, w
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dataflex.data.config import read_documents
+    from dataflex.data.config import hf_split, read_documents
     from dataprep.readers import Source
     from dataprep.writer import ShardWriter
 
@@ -211,7 +212,7 @@ def _build_group(folder: str, g: dict, tokenizer, dtype: str, bar, fault: int, w
                     for v in cols.values():
                         v.clear()
 
-            for doc in read_documents(src, g["key"]):
+            for doc in read_documents(src, g["key"], g.get("column", "text"), hf_split(g)):
                 pending.append(doc)
                 if len(pending) == 512:
                     flush()

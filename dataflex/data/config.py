@@ -46,18 +46,28 @@ def expand_paths(spec, key: str) -> list[Source]:
         raise DataConfigError(str(e)) from None
 
 
-def read_documents(src: Source, key: str = "data") -> Iterator[tuple[str, str]]:
+def read_documents(src: Source, key: str = "data", column: str = "text",
+                   split: str | None = None) -> Iterator[tuple[str, str]]:
     """(doc_id, text) pairs; doc_id is `path:line` (`path:row` for Parquet and datasets). Training is
-    strict where dataprep is forgiving: a malformed record stops the run, naming file and line."""
+    strict where dataprep is forgiving: a malformed record stops the run, naming file and line. `column`:
+    the text field (JSONL, Parquet, datasets); `split`: a saved `DatasetDict`'s split."""
     try:
-        records = read_source(src)      # a binary file is refused here, by its content
+        records = read_source(src, column, split=split)      # a binary file is refused here, by its content
     except InputError as e:
         raise DataConfigError(f"{e} ({key})") from None
-    for record in records:
+    records = iter(records)
+    while True:
+        try:                            # a reader that checks lazily (a dataset's column) raises here
+            record = next(records)
+        except StopIteration:
+            return
+        except InputError as e:
+            raise DataConfigError(f"{e} ({key})") from None
         if record.reason == "empty_text":
             continue
         if record.reason:
-            raise DataConfigError(f"{src.path}:{record.line}: {MALFORMED.get(record.reason, record.reason)} ({key})")
+            why = MALFORMED.get(record.reason, record.reason).replace("'text'", repr(column))
+            raise DataConfigError(f"{src.path}:{record.line}: {why} ({key})")
         yield f"{src.path}:{record.line}", record.text
 
 
@@ -80,16 +90,19 @@ def _groups(data: dict) -> list[dict]:
     groups = []
     for name, entry in data["domains"].items():
         entry = dict(entry) if not isinstance(entry, str) else {"train": entry}
-        bad = sorted(set(entry) - {"train", "val", "kind"})
+        bad = sorted(set(entry) - {"train", "val", "kind", "column", "split"})
         if bad:
-            raise DataConfigError(f"data.domains.{name}: unknown key(s) {bad}; expected train, val and kind")
+            raise DataConfigError(f"data.domains.{name}: unknown key(s) {bad}; expected train, val, kind, column "
+                                  "and split")
         if "train" not in entry:
             raise DataConfigError(f"data.domains.{name}.train: missing")
         for split in ("train", "val"):
             if entry.get(split):
                 key = f"data.domains.{name}.{split}"
-                groups.append({"name": name, "split": split, "key": key, "spec": entry[split],
-                               "sources": [(s.path, s.fmt) for s in expand_paths(entry[split], key)]})
+                group = {"name": name, "split": split, "key": key, "spec": entry[split],
+                         "sources": [(s.path, s.fmt) for s in expand_paths(entry[split], key)]}
+                group.update(_read_options(entry, split, key))
+                groups.append(group)
     seen = {}      # the same file in two domains would train on it twice, under two names
     for g in groups:
         for path, _ in g["sources"]:
@@ -99,6 +112,36 @@ def _groups(data: dict) -> list[dict]:
                 raise DataConfigError(f"{path}: in two domains ({other['key']} and {g['key']}); a file belongs to "
                                       "one domain")
     return groups + _target_groups(data)
+
+
+def _read_options(entry: dict, split: str, key: str) -> dict:
+    """A domain's `column:` (the text field, default `text`) and `split:` (a saved DatasetDict's split for
+    train, or {train: NAME, val: NAME}; default the split named like the config key: `train`, and
+    `validation` for val). Only what differs from the defaults is kept (it is part of the cache key)."""
+    out = {}
+    column = entry.get("column")
+    if column is not None:
+        if not isinstance(column, str) or not column:
+            raise DataConfigError(f"{key.rsplit('.', 1)[0]}.column: a column name, got {column!r}")
+        if column != "text":
+            out["column"] = column
+    names = entry.get("split")
+    if names is not None and not isinstance(names, str):
+        names = dict(names)
+        bad = sorted(set(names) - {"train", "val"})
+        if bad:
+            raise DataConfigError(f"{key.rsplit('.', 1)[0]}.split: unknown key(s) {bad}; expected train and val")
+        names = names.get(split)
+    elif split == "val":
+        names = None
+    if names:
+        out["hf_split"] = str(names)
+    return out
+
+
+def hf_split(group: dict) -> str:
+    """The DatasetDict split a group reads (a plain dataset or a file ignores it)."""
+    return group.get("hf_split") or ("train" if group["split"] == "train" else "validation")
 
 
 def _target_groups(data: dict) -> list[dict]:

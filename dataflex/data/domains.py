@@ -144,3 +144,59 @@ def _load_manifest(data: dict, seq_len: int, max_val_samples: Optional[int]) -> 
             elif len(samples):
                 val[name] = samples
     return Domains(tokenizer, train, val)
+
+
+def dataset_domain(data, seq_len: int, tokenizer=None, column: str = "text", split: Optional[str] = "train",
+                   name: str = "dataset"):
+    """One domain (a `SampleSet`) from Hugging Face `datasets`: a `Dataset`, a `DatasetDict` (its `split`),
+    or the folder of either saved with `save_to_disk`. What its columns hold decides how it is read:
+
+    - `input_ids` (a tokenized dataset): the token lists as they are, no re-tokenization, cut into samples
+      of `seq_len` labels like documents (the last one padded and masked);
+    - `prompt` and `completion`: one sample per record, prompt then completion then end-of-text, the loss on
+      the completion's tokens only (prompt tokens carry loss-mask 0), truncated to `seq_len` labels;
+    - otherwise the text column `column`: each record a document with end-of-text appended, tokenized
+      with `tokenizer` and cut into samples exactly as a data config's files are.
+
+    The samples are built in memory (this is for datasets that fit; a data config's saved-dataset folder
+    goes through the memory-mapped token cache instead). Streaming (`IterableDataset`) is refused."""
+    import datasets
+    import torch
+
+    from dataflex.data.samples import SampleSet, chunk_documents
+
+    source = str(data) if isinstance(data, (str, Path)) else name
+    if isinstance(data, (str, Path)):
+        data = datasets.load_from_disk(str(data))
+    if isinstance(data, (datasets.IterableDataset, datasets.IterableDatasetDict)):
+        raise DataConfigError(f"{name}: a streaming dataset cannot be a domain (dataflex draws samples by id): "
+                              "save it with `Dataset.from_generator(...)`/`save_to_disk` or load it without "
+                              "streaming=True")
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DataConfigError(f"{name}: the DatasetDict has splits {list(data)}, none named {split!r} (split=)")
+        data = data[split]
+    cols = data.column_names
+    need_tokenizer = "input_ids" not in cols
+    if need_tokenizer and tokenizer is None:
+        raise DataConfigError(f"{name}: columns {cols} hold text: pass tokenizer= (dataflex.load_tokenizer(PATH))")
+    pad = getattr(tokenizer, "eos_id", None) or 0
+    if "input_ids" in cols:
+        docs = ((f"{source}:{i}", ids) for i, ids in enumerate(data["input_ids"]))
+        return chunk_documents(docs, seq_len, pad)
+    if "prompt" in cols and "completion" in cols:
+        inputs = torch.full((len(data), seq_len), pad, dtype=torch.long)
+        labels, mask = inputs.clone(), torch.zeros(len(data), seq_len, dtype=torch.bool)
+        for i, rec in enumerate(data):
+            prompt, completion = tokenizer.encode(rec["prompt"]), tokenizer.encode(rec["completion"])
+            tokens = (prompt + completion + [tokenizer.eos_id])[:seq_len + 1]
+            n = len(tokens) - 1
+            inputs[i, :n], labels[i, :n] = torch.tensor(tokens[:-1]), torch.tensor(tokens[1:])
+            mask[i, max(len(prompt) - 1, 0):n] = True        # label t is token t+1: completion tokens only
+        return SampleSet(inputs, labels, mask, [f"{source}:{i}" for i in range(len(data))], [0] * len(data))
+    if column not in cols:
+        raise DataConfigError(f"{name}: no column {column!r} (column=); columns: {cols}")
+    rows = [(i, t) for i, t in enumerate(data[column]) if isinstance(t, str) and t.strip()]
+    encoded = tokenizer.encode_batch([t for _, t in rows]) if rows else []
+    docs = ((f"{source}:{i}", ids + [tokenizer.eos_id]) for (i, _), ids in zip(rows, encoded))
+    return chunk_documents(docs, seq_len, pad)

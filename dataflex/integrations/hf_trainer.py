@@ -2,55 +2,129 @@
 
     from dataflex.integrations.hf_trainer import DataFlexTrainer
     flex = dataflex.DataFlex(domains.train, global_batch_size=16, plugins=[BanditMixer(), LossReweighter()])
-    trainer = DataFlexTrainer(model=model, args=TrainingArguments(output_dir=..., max_steps=100), flex=flex)
+    trainer = DataFlexTrainer(model=model, args=TrainingArguments(output_dir=..., max_steps=100), flex=flex,
+                              eval_dataset=domains.val)      # optional: dataflex's validation sets
     trainer.train()                        # RUN_DIR (args.output_dir) gets metrics.jsonl and ledger/
 
-What changes against a plain Trainer, and nothing else:
+What changes against a plain Trainer, and nothing else (docs/integrations/huggingface-trainer.md):
 - the train dataloader is `DataFlexLoader`: each optimizer step asks `flex.next_batch()` at the
   moment the step starts (current domain weights and keep masks; this rank's slice of the global
-  batch, so Accelerate does not shard it again);
+  batch, so Accelerate does not shard it again), split into `gradient_accumulation_steps`
+  micro-batches of `per_device_train_batch_size`;
+- the global batch is DataFlex's `global_batch_size`, which must equal `per_device_train_batch_size
+  x gradient_accumulation_steps x world size`; a `per_device_train_batch_size` left at Trainer's default
+  follows dataflex's, any other value that disagrees is refused;
+- rank and world size are read when training (or an evaluation) starts, not when DataFlex is built,
+  so DataFlex may be created before `TrainingArguments` under torchrun;
 - `compute_loss` runs the model without `labels=` (dataflex.models.hf.hf_forward) and returns
   `flex.loss(logits, batch)` (with `lean_loss=True`, the default, from the hidden states and
-  `lm_head` instead of the logits: dataflex.core.lean_loss), the plugins' weighted token mean with the global denominator (already
-  averaged over ranks, not rescaled by Trainer);
+  `lm_head` instead of the logits: dataflex.core.lean_loss), the plugins' weighted token mean with
+  the global denominator (already averaged over ranks, not rescaled by Trainer). With k > 1
+  micro-batches the plugins weigh the whole batch once, from a no-gradient forward of its
+  micro-batches at the step's first one, and each micro-batch returns its share of the one-batch loss
+  (the accumulated gradient is the one-batch gradient; the extra forward costs about a third of a step);
 - `DataFlexCallback.on_step_end` calls `flex.end_step()` (mixers learn) and writes the record:
   metrics.jsonl, ledger/, samples.parquet and summary.json under `run_dir` (default args.output_dir);
-  Trainer's training logs get `dataflex/train_loss` and `dataflex/weight/<domain>`.
+  Trainer's training logs (and so W&B, TensorBoard, every `report_to`) get `dataflex/train_loss`,
+  `dataflex/weight/<domain>`, `dataflex/loss/<domain>` and the plugins' statistics (`dataflex/<name>`);
+- every Trainer checkpoint holds `dataflex_state.pt` (sampler, plugins, step: a weights-only file);
+  `train(resume_from_checkpoint=...)` restores it, so the run continues exactly where it stopped
+  (with or without `ignore_data_skip`: dataflex's position is its own state, never skipped batches),
+  and the run folder's records after the checkpoint are dropped;
+- `eval_dataset` may be dataflex's validation sets (a `MixtureDataset` or `{domain: SampleSet}`, such as
+  `domains.val`): `evaluate()` is `flex.evaluate` (per-domain mean sample loss, `eval_<domain>_loss`,
+  `eval_loss` their mean over domains) and fires EVAL_END, so mixers that learn at evaluations do.
+  Any other eval dataset goes through Trainer's own evaluation; a batch there that carries dataflex's
+  `loss_mask` is scored with dataflex's labels (already shifted) and mask.
 
 `DataFlexTrainerMixin` goes in front of any Trainer subclass (`class T(DataFlexTrainerMixin, SFTTrainer)`).
-The global batch is `flex.global_batch_size` (per_device_train_batch_size is not used for training);
-`gradient_accumulation_steps` must be 1 (one dataflex step per optimizer step); `max_steps` must be set.
-Evaluation batches without `loss_mask` go through the Trainer's own compute_loss.
+`max_steps` must be set.
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 from functools import partial
+from pathlib import Path
 from typing import Optional
 
-from transformers import Trainer, TrainerCallback
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from dataflex.core.loss import per_token_loss, reduce_loss
+from dataflex.data.mixture import MixtureDataset
 from dataflex.data.provenance import sample_table
 from dataflex.grad.interface import TorchInterface
 from dataflex.models.hf import forward_for
 from dataflex.models.lean import lean_forward
-from dataflex.run.outputs import RunOutputs
+from dataflex.run.outputs import RunOutputs, flatten_for_wandb, truncate_run
 from dataflex.utils import dist
+from dataflex.utils.errors import UserError
+
+STATE_FILE = "dataflex_state.pt"      # in every Trainer checkpoint folder
+_DEFAULT_PER_DEVICE = TrainingArguments.__dataclass_fields__["per_device_train_batch_size"].default
+
+
+def split_batch(batch: dict, parts: int) -> list:
+    """`parts` micro-batches of a batch dict: every tensor whose first dimension is the batch's is cut in
+    `parts` equal consecutive slices; anything else is shared."""
+    if parts == 1:
+        return [batch]
+    B = len(batch["input_ids"])
+    if B % parts:
+        raise ValueError(f"a batch of {B} samples does not split into {parts} micro-batches")
+    m = B // parts
+    return [{k: v[j * m:(j + 1) * m] if torch.is_tensor(v) and v.dim() and len(v) == B else v
+             for k, v in batch.items()} for j in range(parts)]
+
+
+def resolve_ranks(flex) -> None:
+    """Bind a DataFlex session to the process group as it is now: under torchrun the group exists only once
+    `TrainingArguments` (Accelerate) has made it, which may be after DataFlex was built."""
+    rank, world = dist.rank(), dist.world_size()
+    if (flex.rank, flex.world_size) == (rank, world):
+        return
+    if getattr(flex, "_started", False) or flex.world_size != 1:
+        raise RuntimeError(f"DataFlex was set up for rank {flex.rank} of {flex.world_size}, this process is rank "
+                           f"{rank} of {world}: build DataFlex without rank=/world_size= (they are read when "
+                           "training starts) or with this job's values")
+    if flex.global_batch_size % world:
+        raise ValueError(f"global batch size {flex.global_batch_size} must divide by the {world} ranks")
+    flex.rank, flex.world_size = rank, world
+    flex.sampler.rank, flex.sampler.world_size = rank, world
+    flex.state.world_size = world
+
+
+def as_eval_set(data):
+    """dataflex's validation sets as one MixtureDataset (a MixtureDataset, or {domain: SampleSet} such as
+    `domains.val`); None for anything else (a Trainer dataset)."""
+    if isinstance(data, MixtureDataset):
+        return data
+    if isinstance(data, dict) and data and all(hasattr(v, "rows") and hasattr(v, "seq_len") for v in data.values()):
+        return MixtureDataset(data)
+    return None
 
 
 class DataFlexLoader:
-    """What Trainer iterates: `steps` batches, each drawn by the sampler when the step asks for it."""
+    """What Trainer iterates: for each remaining step, the batch `flex.next_batch()` draws when the step asks
+    for it, as `micro_batches` micro-batches. `len()` is the whole run (Trainer's epoch arithmetic);
+    iteration starts at `flex.step` (a resumed session continues: nothing is drawn to be skipped)."""
 
-    def __init__(self, flex, steps: int):
-        self.flex, self.steps = flex, int(steps)
+    def __init__(self, flex, steps: int, micro_batches: int = 1):
+        self.flex, self.steps, self.micro_batches = flex, int(steps), int(micro_batches)
         self.dataset = flex.data
+        self.batch: Optional[dict] = None       # the current step's whole (this rank's) batch
 
     def __len__(self) -> int:
-        return self.steps
+        return self.steps * self.micro_batches
 
     def __iter__(self):
-        for _ in range(self.steps):
-            yield self.flex.next_batch()
+        for _ in range(self.flex.step, self.steps):
+            self.batch = self.flex.next_batch()
+            for j, part in enumerate(split_batch(self.batch, self.micro_batches)):
+                yield {**part, "flex_micro": j}
 
 
 class DataFlexCallback(TrainerCallback):
@@ -63,6 +137,12 @@ class DataFlexCallback(TrainerCallback):
         self.started = time.time()
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if self.flex.step != state.global_step:
+            raise UserError(f"DataFlexTrainer: dataflex is at step {self.flex.step}, Trainer at step "
+                            f"{state.global_step}: resume from a checkpoint DataFlexTrainer wrote (it holds {STATE_FILE})")
+        if self.flex.step and dist.rank() == 0:      # a resume: drop what the folder recorded after the checkpoint
+            truncate_run(Path(self.run_dir), self.flex.step)
+        dist.barrier()
         self.out = RunOutputs(self.run_dir, enabled=dist.rank() == 0, flush_every=self.flush_every)
         self.out.track_samples(self.flex.data.describe(), partial(sample_table, self.flex.data))
         self.started = time.time()
@@ -75,14 +155,24 @@ class DataFlexCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         for name, content in self.flex.finish().items():
             if dist.rank() == 0:
-                import json
-                from pathlib import Path
                 (Path(self.run_dir) / name).write_text(json.dumps(content, indent=2) + "\n")
         summary = {"strategy": {p.family: p.name for p in self.flex.engine.plugins},
                    "steps": self.flex.step, "wall_time_s": time.time() - self.started,
                    "domain_weights": self.out.last("domain_weights"), "world_size": self.flex.world_size,
                    "backend": "hf-trainer", "run_dir": str(self.run_dir)}
         self.out.finish(summary, plot=self.plot)
+
+
+def log_entries(record: dict) -> dict:
+    """A step record as flat Trainer log entries: `dataflex/train_loss`, `dataflex/weight/<domain>`,
+    `dataflex/loss/<domain>` and every plugin statistic as `dataflex/<name>`."""
+    flat = flatten_for_wandb({k: v for k, v in record.items() if k != "ledger"})
+    out = {}
+    for k, v in flat.items():
+        k = k.replace("domain_weights/", "weight/", 1) if k.startswith("domain_weights/") else k
+        k = k.replace("domain_loss/", "loss/", 1) if k.startswith("domain_loss/") else k
+        out[f"dataflex/{k}"] = v
+    return out
 
 
 class DataFlexTrainerMixin:
@@ -93,39 +183,132 @@ class DataFlexTrainerMixin:
     def __init__(self, *args, flex, run_dir: Optional[str] = None, lean_loss: bool = True, **kwargs):
         self.flex = flex
         self.flex_lean_loss = lean_loss     # the loss from hidden states + lm_head, no logits (dataflex.core.lean_loss)
+        if as_eval_set(kwargs.get("eval_dataset")) is not None:
+            kwargs["eval_dataset"] = as_eval_set(kwargs["eval_dataset"])
         super().__init__(*args, **kwargs)
-        if self.args.gradient_accumulation_steps != 1:
-            raise ValueError("DataFlexTrainer: gradient_accumulation_steps must be 1 (one dataflex step per "
-                             "optimizer step); raise DataFlex's global_batch_size instead")
         if self.args.max_steps is None or self.args.max_steps <= 0:
             raise ValueError("DataFlexTrainer: set TrainingArguments(max_steps=N); dataflex draws batches forever")
         if flex.interface is None:       # probes and gradients for selectors / reweighters that ask for them
             flex.interface = TorchInterface(self.model)
         self._flex_forward = forward_for(self.model)
+        self._flex_loader: Optional[DataFlexLoader] = None
+        self._flex_answer: dict = {}
         self.flex_callback = DataFlexCallback(flex, run_dir or self.args.output_dir)
         self.add_callback(self.flex_callback)
 
-    def log(self, logs, *args, **kwargs):
-        last = self.flex_callback.last
-        if last and "loss" in logs:       # training logs: the step's dataflex loss and domain weights
-            logs = {**logs, "dataflex/train_loss": last["train_loss"],
-                    **{f"dataflex/weight/{d}": w for d, w in last["domain_weights"].items()}}
-        return super().log(logs, *args, **kwargs)
+    # -- the batch: ranks, sizes, micro-batches ------------------------------------------------------------------
+    def _flex_micro_batches(self) -> int:
+        """Micro-batches per step; checks dataflex's global batch against Trainer's batch arguments."""
+        resolve_ranks(self.flex)
+        k, world, B = self.args.gradient_accumulation_steps, self.flex.world_size, self.flex.global_batch_size
+        if B % (k * world):
+            raise ValueError(f"DataFlexTrainer: DataFlex's global batch {B} does not split into "
+                             f"gradient_accumulation_steps={k} x {world} ranks")
+        micro = B // (k * world)
+        per_device = self.args.per_device_train_batch_size
+        if per_device != micro and per_device != _DEFAULT_PER_DEVICE:
+            raise ValueError(f"DataFlexTrainer: per_device_train_batch_size={per_device} x gradient_accumulation_steps="
+                             f"{k} x {world} ranks = {per_device * k * world}, but DataFlex's global batch is {B}: "
+                             f"set per_device_train_batch_size={micro} (or leave it out: it follows DataFlex's)")
+        self._train_batch_size = micro          # Trainer's samples/s and logs count the batch dataflex draws
+        return k
 
     def get_train_dataloader(self):
-        return DataFlexLoader(self.flex, self.args.max_steps)
+        self._flex_loader = DataFlexLoader(self.flex, self.args.max_steps, self._flex_micro_batches())
+        return self._flex_loader
+
+    def get_resumed_dataloader(self, dataloader, num_batches: int):
+        return dataloader           # the loader starts at flex.step: a restored session skips nothing
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def _inner_training_loop(self, *args, **kwargs):
+        checkpoint = kwargs.get("resume_from_checkpoint")
+        if checkpoint is not None:
+            self._flex_load(checkpoint)
+        return super()._inner_training_loop(*args, **kwargs)
+
+    def _flex_load(self, checkpoint) -> None:
+        from dataflex.utils.safeload import load_weights_only
+
+        path = Path(checkpoint) / STATE_FILE
+        if not path.is_file():
+            raise UserError(f"resume_from_checkpoint={checkpoint}: no {STATE_FILE} in it (not written by "
+                            "DataFlexTrainer?): dataflex cannot continue its sampler and plugins from there")
+        resolve_ranks(self.flex)
+        saved = load_weights_only(path, "resume_from_checkpoint: dataflex state")
+        self.flex.load_state_dict(saved["flex"])
+
+    def _save_checkpoint(self, model, trial):
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        state = self.flex.state_dict()               # every rank: it compares the ranks' decisions
+        if self.flex_callback.out is not None:
+            self.flex_callback.out.flush()           # the ledger up to the checkpoint is on disk
+        if self.args.should_save:                    # before Trainer's files: a folder with trainer_state.json has it
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / (STATE_FILE + ".tmp")
+            torch.save({"format": 1, "global_step": self.state.global_step, "flex": state}, tmp)
+            os.replace(tmp, folder / STATE_FILE)
+        return super()._save_checkpoint(model, trial)
+
+    # -- the loss ------------------------------------------------------------------------------------------------
+    def _flex_outputs(self, model, inputs, lean: bool):
+        out = lean_forward(self._flex_forward, model, inputs) if lean else None   # None: the model cannot
+        return self._flex_forward(model, inputs) if out is None else out
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if "loss_mask" not in inputs or not model.training:
+        micro = inputs.pop("flex_micro", None)
+        if "loss_mask" not in inputs:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        logits = None
-        if getattr(self, "flex_lean_loss", False) and not return_outputs:
-            logits = lean_forward(self._flex_forward, model, inputs)     # None: the model cannot, logits below
-        if logits is None:
-            logits = self._flex_forward(model, inputs)
-        loss = self.flex.loss(logits, inputs)
+        lean = getattr(self, "flex_lean_loss", False) and not return_outputs
+        if not model.training:       # an evaluation batch in dataflex's layout: its labels and mask, no plugin
+            logits = self._flex_outputs(model, inputs, lean)
+            loss = reduce_loss(per_token_loss(logits, inputs["labels"]), inputs["loss_mask"])
+            return (loss, {"logits": logits}) if return_outputs else loss
+        k = self.args.gradient_accumulation_steps
+        if k == 1 or micro is None:
+            logits = self._flex_outputs(model, inputs, lean)
+            loss = self.flex.loss(logits, inputs)
+            return (loss, {"logits": logits}) if return_outputs else loss
+        if micro == 0:               # weigh the whole batch once, from its micro-batches' losses
+            whole = self._prepare_inputs(self._flex_loader.batch)
+            with torch.no_grad():
+                token_loss = torch.cat([per_token_loss(self._flex_outputs(model, part, True), part["labels"])
+                                        for part in split_batch(whole, k)])
+            self._flex_answer = self.flex.loss.weigh_token_loss(token_loss, whole)
+        answer, m = self._flex_answer, len(inputs["input_ids"])
+        part = slice(micro * m, (micro + 1) * m)
+        sample_weights, token_weights = answer.get("sample_weights"), answer.get("token_weights")
+        logits = self._flex_outputs(model, inputs, lean)
+        loss = reduce_loss(per_token_loss(logits, inputs["labels"]), inputs["loss_mask"],
+                           None if sample_weights is None else sample_weights[part],
+                           None if token_weights is None else token_weights[part], self.flex.loss.reduction,
+                           answer.get("denominator"))
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    # -- evaluation and logs -------------------------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        data = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(data, str) and isinstance(self.eval_dataset, dict):
+            data = self.eval_dataset[data]
+        val = as_eval_set(data)
+        if val is None:
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        resolve_ranks(self.flex)
+        start = time.time()
+        losses = self.flex.evaluate(val)           # per-domain mean sample loss; EVAL_END for the plugins
+        metrics = {f"{metric_key_prefix}_{d}_loss": v for d, v in losses.items()}
+        metrics[f"{metric_key_prefix}_loss"] = sum(losses.values()) / max(len(losses), 1)
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def log(self, logs, *args, **kwargs):
+        last = self.flex_callback.last
+        if last and "loss" in logs:       # training logs: the last step's dataflex record
+            logs = {**logs, **log_entries(last)}
+        return super().log(logs, *args, **kwargs)
 
 
 class DataFlexTrainer(DataFlexTrainerMixin, Trainer):
