@@ -121,7 +121,8 @@ def workdir_like_the_clone(tmp_path: Path) -> Path:
 
 
 def prepare(page: str, work: Path) -> None:
-    if page == "docs/integrations/huggingface.md":    # a tiny random Llama and its tokenizer at models/my-model
+    if page in ("docs/integrations/huggingface.md", "docs/integrations/huggingface-trainer.md"):
+        # a tiny random Llama and its tokenizer at models/my-model
         from test_hf import save_tiny
         save_tiny(work / "models" / "my-model", "llama")
 
