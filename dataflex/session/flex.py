@@ -27,6 +27,7 @@ from dataflex.core.state import DataState, per_domain_mean
 from dataflex.core.targets import evenly_spaced
 from dataflex.data.domains import MixtureDataset
 from dataflex.session.ledger import ledger_rows, packed_ledger_rows, token_metrics
+from dataflex.session.micro import MicroBatches
 from dataflex.session.rank_check import check_ranks_agree, compare_digests, decision_digest, digest
 from dataflex.session.signals import Signals, as_mixture
 from dataflex.session.weighting import checked_token_weights, compose_sample_weights, lr_note
@@ -62,7 +63,7 @@ class DataFlex:
         self.loss.token_signal = self._needs_tokens     # packed batches unpack token losses only when read
         self._plan, self._share = None, None
         self._weights = None
-        self._local_labels, self._micro = None, None     # the step's local batch; micro-batches seen so far
+        self._micro = None      # the step's micro-batches seen so far (session/micro.py)
         self._last_weights_digest = b""
         if nonfinite not in NONFINITE:
             raise ValueError(f"trainer.nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
@@ -110,8 +111,7 @@ class DataFlex:
             s.batch_ids = s.candidate_ids
         s.batch_domains = self.data.domain[s.batch_ids]
         batch = self.data.batch(self.sampler.rank_slice(s.batch_ids))
-        self._local_labels = batch["loss_mask"].sum(-1)      # host: the micro-batch path's denominator
-        self._micro = None
+        self._micro = MicroBatches(batch["loss_mask"].sum(-1))      # host: the micro-batch path's denominator
         return batch
 
     def _next_packed(self, selector) -> dict:
@@ -172,8 +172,8 @@ class DataFlex:
         whose loss is not finite; token weights (a token-level reweighter) multiply on top. The
         loss wrapper normalises by the weights' global total (`dataflex.core.loss.reduce_loss`)."""
         s = self.state
-        if self._micro is not None or (self._local_labels is not None and len(signal["loss"]) < len(self._local_labels)):
-            return self._weigh_micro(signal, batch)
+        if self._micro is not None and self._micro.splits(len(signal["loss"])):
+            return self._micro.weigh(self, signal, batch)
         # one gather on the loss's device and one copy to the host: the step's only synchronisation
         device = signal["loss"].device
         label_tokens = (signal["labels"].to(device, non_blocking=True).float() if "labels" in signal   # packed rows
@@ -243,59 +243,6 @@ class DataFlex:
         self._tokens, self._labels = tokens, labels
         return finite
 
-    def _weigh_micro(self, signal: dict, batch: dict) -> dict:
-        """One micro-batch of the step (Megatron's schedule calls the loss_func once per micro-batch, in
-        order, each on the next rows of the local batch; every data-parallel rank runs as many).
-
-        Its per-sample signals are gathered over the ranks and kept; when the local batch is complete
-        they form the step's global losses, as one call with the whole batch would (end_step, the mixers
-        and the ledger see all of them). A micro-batch's backward runs before the next one's forward, so
-        its weights cannot depend on later losses: the weights known before any loss (the mixer's
-        domain loss weights, `apply=loss`) apply, the denominator is the global batch's weighted label
-        tokens (gathered once, at the first micro-batch) over the number of micro-batches (the scalar is
-        averaged over micro-batches, as Megatron's schedule and `loss / accumulation_steps` do), and plugins that weigh by the step's losses
-        (AFTER_LOSS: reweighters) are refused here: `backend=megatron` weighs the whole batch forward-only
-        first, and so can a loop of your own (`flex.loss.from_token_loss` on the whole local batch)."""
-        s = self.state
-        device = signal["loss"].device
-        if self._micro is None:
-            weighing = [p.name for p in self.engine.plugins if Event.AFTER_LOSS in getattr(p, "events", ())]
-            if weighing:
-                raise RuntimeError(
-                    f"{', '.join(weighing)} weigh(s) samples by the step's losses, which needs the whole local batch "
-                    f"({len(self._local_labels)} samples) before the first backward; flex.loss got a micro-batch of "
-                    f"{len(signal['loss'])}. Use one micro-batch per step, backend=megatron (it weighs the batch "
-                    "forward-only first), or call flex.loss.from_token_loss once on the whole local batch's "
-                    "per-token losses")
-            labels_all = dist.all_gather_cat(self._local_labels.float().to(device)).cpu().double()
-            weights = compose_sample_weights(s, torch.ones(len(labels_all), dtype=torch.bool))
-            total = (weights * labels_all).sum() if self.loss.reduction == "token" else weights.sum()
-            if total <= 0:
-                raise FloatingPointError(f"step {self.step}: the global batch has no label token to train on")
-            self._micro = {"parts": [], "rows": 0, "weights": weights, "total": total}
-        m = self._micro
-        n, offset = len(signal["loss"]), m["rows"]
-        if offset + n > len(self._local_labels):
-            raise RuntimeError(f"flex.loss got {offset + n} samples in micro-batches this step, the local batch "
-                               f"has {len(self._local_labels)}: call flex.next_batch() once per step")
-        label_tokens = batch["loss_mask"].to(device, non_blocking=True).sum(-1).float()
-        local = torch.stack([signal["loss"].float(), signal["tokens"].float(), label_tokens], 1)
-        m["parts"].append(dist.all_gather_cat(local).cpu().view(-1, n, 3))      # [ranks, n, 3]
-        m["rows"] += n
-        weights = self.sampler.rank_slice(m["weights"])[offset:offset + n].to(device)
-        weights = weights * torch.isfinite(signal["loss"]).to(weights.dtype)
-        # the micro-batch's scalar is its share of the global loss times the number of micro-batches: the schedule
-        # (Megatron's, or a loop's `loss / accumulation_steps`) averages over micro-batches
-        scale = len(self._local_labels) / n
-        answer = {"sample_weights": weights, "denominator": (m["total"] / (self.world_size * scale)).to(device)}
-        if m["rows"] == len(self._local_labels):        # the step's last micro-batch: the whole batch's signals
-            gathered = torch.cat(m["parts"], 1).reshape(-1, 3)      # rank-major: the global batch's order
-            finite = self._settle_losses(gathered[:, 0], gathered[:, 1], gathered[:, 2])
-            w = m["weights"] * finite.double()
-            self._weights = w * len(w) / w.sum() if w.sum() > 0 else w
-            self._last_weights_digest = digest(self._weights)
-        return answer
-
     def check_ranks(self) -> None:
         """Compare the last step's decisions, its final weights included, across ranks now (one
         collective); called at every checkpoint and at the end of the run."""
@@ -306,10 +253,10 @@ class DataFlex:
         """Let mixers learn from the step; return its metrics and ledger rows."""
         s = self.state
         if s.losses is None:
-            if self._micro is not None:
-                raise RuntimeError(f"end_step() after micro-batches of {self._micro['rows']} of the local batch's "
-                                   f"{len(self._local_labels)} samples: every micro-batch of the step goes through "
-                                   "flex.loss first")
+            if self._micro is not None and self._micro.rows:
+                raise RuntimeError(f"end_step() after micro-batches of {self._micro.rows} of the local batch's "
+                                   f"{len(self._micro.local_labels)} samples: every micro-batch of the step goes "
+                                   "through flex.loss first")
             raise RuntimeError("end_step() before flex.loss(...): the step's per-sample losses are missing")
         if not self.skip_step:          # a skipped step teaches the mixers nothing
             self.engine.fire(Event.BATCH_END)
