@@ -5,9 +5,9 @@ from dataflex.selectors.bm25 import BM25Selector, bm25_scores
 from dataflex.selectors.cluster_less import ClusterLessSelector, cluster_scores, kmeans, representatives
 from dataflex.selectors.delta_loss import DeltaLossSelector, delta_scores
 from dataflex.selectors.gradnorm import GradNormSelector
+from dataflex.selectors.length_matched import LengthMatchedSelector, length_matched
 from dataflex.selectors.less.math import adam_feature, less_scores
 from dataflex.selectors.less.plugin import LessSelector
-from dataflex.selectors.length_matched import LengthMatchedSelector, length_matched
 from dataflex.selectors.loss import LossSelector, select_top_loss
 from dataflex.selectors.near import NearSelector, near_scores
 from dataflex.selectors.random import RandomSelector, select_random

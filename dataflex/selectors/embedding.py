@@ -37,6 +37,7 @@ from dataflex.core.events import Event
 from dataflex.core.plugin import Selector
 from dataflex.core.state import DataState, keep_pool
 from dataflex.data.config import resolve
+from dataflex.selectors.pool import PoolChoice
 from dataflex.utils import dist
 from dataflex.utils.files import atomic_json, atomic_write
 from dataprep.tokenizer import DEFAULT_TOKENIZER
@@ -196,7 +197,7 @@ def as_list(spec: Union[str, Sequence[str]]) -> list:
     return [spec] if isinstance(spec, str) else list(spec)
 
 
-class EmbeddingSelector(Selector):
+class EmbeddingSelector(PoolChoice, Selector):
     """Selects once, at the first step, from embeddings of the pool and of the target set (one or
     several `target` specs, dataflex.core.targets), and keeps the choice through the pool masks. With no
     mixer the session draws domains in proportion to what each kept. Subclasses implement
@@ -261,18 +262,5 @@ class EmbeddingSelector(Selector):
     def apply_keep(self, state: DataState, keep: torch.Tensor) -> None:
         self.pool_counts = keep_pool(state, keep)
 
-    def exports(self, state: DataState) -> dict:
-        if self.kept_ids is None:
-            return {}
-        return {self.export_name: {"sample_ids": self.kept_ids.tolist(), "scores": self.scores[self.kept_ids].tolist(),
-                                   "kept_per_domain": dict(zip(state.domains, self.pool_counts)),
-                                   "keep_fraction": self.keep_fraction, "target": self.target,
-                                   "embedder": str(embedder_path(self.embedder))}}
-
-    def state_dict(self) -> dict:
-        return {"phase": self.phase, "kept_ids": self.kept_ids, "scores": self.scores,
-                "pool_counts": None if self.pool_counts is None else list(self.pool_counts)}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.phase, self.kept_ids, self.scores = sd["phase"], sd["kept_ids"], sd["scores"]
-        self.pool_counts = None if sd["pool_counts"] is None else list(sd["pool_counts"])
+    def describe(self) -> dict:
+        return {"keep_fraction": self.keep_fraction, "target": self.target, "embedder": str(embedder_path(self.embedder))}

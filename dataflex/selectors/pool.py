@@ -22,37 +22,15 @@ def sample_lengths(dataset, ids: torch.Tensor, chunk: int = 4096) -> torch.Tenso
     return torch.cat(out).long() if out else torch.zeros(0, dtype=torch.long)
 
 
-class PoolSelector(Selector):
-    events = (Event.BEFORE_SAMPLE, Event.AFTER_CANDIDATES)
+class PoolChoice:
+    """A selector's choice of pool samples made once (`phase`, `kept_ids`, `scores`, `pool_counts`): saved with
+    the checkpoint and exported as `export_name` with `describe()`'s settings. Shared by the pool selectors here
+    and the embedding selectors."""
     export_name = "selection.json"
-
-    def __init__(self):
-        self.phase = "init"
-        self.kept_ids: Optional[torch.Tensor] = None
-        self.scores: Optional[torch.Tensor] = None
-        self.pool_counts: Optional[list] = None
-
-    def choose(self, state: DataState) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
 
     def describe(self) -> dict:
         """What the export records besides the choice (the settings)."""
         return {}
-
-    def apply(self, event, state: DataState) -> None:
-        if event == Event.AFTER_CANDIDATES:      # pass-through: the pool masks did the selecting
-            state.keep_mask = torch.ones(len(state.candidate_ids), dtype=torch.bool)
-            return
-        if self.phase == "init":
-            keep, scores = self.choose(state)
-            keep = dist.broadcast_object(keep.clone())         # one decision for every rank
-            self.scores = dist.broadcast_object(scores.double().clone())
-            self.kept_ids = torch.nonzero(keep).flatten()
-            self.pool_counts = keep_pool(state, keep)
-            self.phase = "selected"
-        state.metrics["selector/phase"] = self.phase
-        for name, n in zip(state.domains, self.pool_counts or []):
-            state.metrics[f"selector/kept/{name}"] = n
 
     def exports(self, state: DataState) -> dict:
         if self.kept_ids is None:
@@ -68,3 +46,31 @@ class PoolSelector(Selector):
     def load_state_dict(self, sd: dict) -> None:
         self.phase, self.kept_ids, self.scores = sd["phase"], sd["kept_ids"], sd["scores"]
         self.pool_counts = None if sd["pool_counts"] is None else list(sd["pool_counts"])
+
+
+class PoolSelector(PoolChoice, Selector):
+    events = (Event.BEFORE_SAMPLE, Event.AFTER_CANDIDATES)
+
+    def __init__(self):
+        self.phase = "init"
+        self.kept_ids: Optional[torch.Tensor] = None
+        self.scores: Optional[torch.Tensor] = None
+        self.pool_counts: Optional[list] = None
+
+    def choose(self, state: DataState) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def apply(self, event, state: DataState) -> None:
+        if event == Event.AFTER_CANDIDATES:      # pass-through: the pool masks did the selecting
+            state.keep_mask = torch.ones(len(state.candidate_ids), dtype=torch.bool)
+            return
+        if self.phase == "init":
+            keep, scores = self.choose(state)
+            keep = dist.broadcast_object(keep.clone())         # one decision for every rank
+            self.scores = dist.broadcast_object(scores.double().clone())
+            self.kept_ids = torch.nonzero(keep).flatten()
+            self.pool_counts = keep_pool(state, keep)
+            self.phase = "selected"
+        state.metrics["selector/phase"] = self.phase
+        for name, n in zip(state.domains, self.pool_counts or []):
+            state.metrics[f"selector/kept/{name}"] = n
