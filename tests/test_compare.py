@@ -51,7 +51,8 @@ def make_run(folder: Path, strategy: dict, overrides: list, seed: int, means: li
     if ledger:
         (folder / "ledger").mkdir()
         n = len(ledger["domain"])
-        table = {"step": [0] * n, "rank": [0] * n, "sample_id": list(range(n)), "loss": [1.0] * n, **ledger}
+        table = {"step": [0] * n, "rank": [0] * n, "row": list(range(n)), "sample_id": list(range(n)), "loss": [1.0] * n,
+                 **ledger}
         pd.DataFrame(table)[LEDGER_SCHEMA.names].to_parquet(folder / "ledger" / "part-0000000-0000000.parquet")
     return folder
 

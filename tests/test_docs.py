@@ -83,6 +83,10 @@ CHECKS = {
                                      "assert flex.state.losses.shape == (8,) and torch.isfinite(flex.state.losses).all()",
     "docs/integrations/huggingface.md": "import pandas as pd\nassert flex.step == 3, flex.step\n"
                                         "assert len(pd.read_parquet('outputs/hf-trainer/ledger')) == 24",
+    "docs/integrations/huggingface-trainer.md":
+        "import os\nassert trainer.state.global_step == 4, trainer.state.global_step\n"
+        "assert os.path.isfile('runs/hf/checkpoint-2/dataflex_state.pt')\n"
+        "assert set(flex.data.names) == {'code', 'chat'} and len(flex.data) == 32",
     "docs/guides/writing-a-plugin.md": "assert flex.step == 5 and isinstance(flex.engine.of('mixer'), EasyFirst)",
     "docs/guides/data-preparation.md": "assert len(kept) == 2 and dict(steps[-1].stats.dropped) == {'near_duplicate': 1}",
 }

@@ -229,8 +229,8 @@ def test_tied_weights():
     t = torch.randn(flat.shape[1], dtype=torch.float64)
     rel_close(per_sample_grad_dots(model, batch, t.float()), flat @ t)
     proj = FactoredProjector(2048, seed=0)
-    torch.testing.assert_close(per_sample_grads(model, batch, projector=proj).projected,
-                               proj.project_grads(exact.grads), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(per_sample_grads(model, batch, projector=proj).projected,     # float32 sums of
+                               proj.project_grads(exact.grads), rtol=1e-4, atol=5e-6)           # 2048-wide products
 
 
 class ScaledGPT(TinyGPT):

@@ -251,6 +251,8 @@ def test_two_ranks_under_torchrun_equal_one_process(tmp_path):
 
     tests = Path(__file__).parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)]), "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):   # another test's process group
+        env.pop(var, None)
     script = str(tests / "hf_trainer_ranks.py")
     from dataflex.utils.dist import free_port
 

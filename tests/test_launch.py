@@ -78,9 +78,10 @@ def test_deepspeed_launcher_main_command(tmp_path):
 def test_two_processes_all_three_families(tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
+    # padded rows: the selector keeps exactly half of each step's candidates (packed steps: tests/test_packing.py)
     run(deepspeed("--num_gpus", "2", str(ROOT / "launch" / "train.py"), "+mixer=bandit", "+selector=loss",
-                         "+reweighter=loss", "reweighter.burnout_steps=2", "backend.zero_stage=2", "logger=none", *FAST,
-                         f"hydra.run.dir={tmp_path / 'run'}"), cwd=cwd)
+                  "+reweighter=loss", "reweighter.burnout_steps=2", "backend.zero_stage=2", "logger=none",
+                  "trainer.packing=false", *FAST, f"hydra.run.dir={tmp_path / 'run'}"), cwd=cwd)
     ledger, summary = check_outputs(tmp_path / "run", 6, 8, {0, 1}, wandb=False)
     assert summary["world_size"] == 2
     assert (ledger.groupby("step").selected.mean() == 0.5).all()
