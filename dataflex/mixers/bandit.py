@@ -153,7 +153,8 @@ class BanditMixer(Mixer):
         rewards, _ = state.domain_mean(state.losses, state.batch_domains)
         counts = torch.bincount(state.batch_domains, minlength=K)
         probs = self.sampling_distribution(state) if self.apply_to == "loss" else self.policy
-        if self.apply_to == "sample" and self.draw == "sample" and state.draw_probabilities is not None:
+        if self.apply_to == "sample" and self.draw == "sample" and self.weight_unit(state) == "token" \
+                and state.draw_probabilities is not None:
             probs = state.draw_probabilities    # unit=token: samples are drawn with pi_i / L_i, normalised
         estimate, mask = exp3_estimate(rewards * self.reward_scale, counts, probs, self.estimator)
         self.reward_hat = exp3_update(self.reward_hat, estimate, mask, self.alpha, self.variant)
