@@ -122,3 +122,20 @@ def test_sampler_token_weights_follow_pool_masks_and_resume():
     assert torch.equal(other.draw(50), s.draw(50))
     with pytest.raises(ValueError, match="lengths"):
         DataAwareSampler(data.sizes).set_weights([1, 1, 1], unit="token")
+
+
+def test_bandit_under_the_token_unit_weighs_rewards_by_the_draw_probabilities(monkeypatch):
+    import dataflex.mixers.bandit as bandit
+
+    seen = []
+    estimate = bandit.exp3_estimate
+    monkeypatch.setattr(bandit, "exp3_estimate", lambda r, c, probs, e: seen.append(probs.clone()) or estimate(r, c, probs, e))
+    flex = DataFlex(unequal_domains(n_docs=40), global_batch_size=8, packing=True, plugins=[bandit.BanditMixer()])
+    for _ in range(3):
+        batch = flex.next_batch()
+        flex.loss.from_token_loss(torch.ones(batch["labels"].shape), batch)
+        flex.end_step()
+    mixer = flex.engine.of("mixer")
+    assert len(seen) == 3 and torch.equal(seen[-1], flex.sampler.weights)
+    pi = mixer.policy / flex.sampler.mean_tokens()
+    assert torch.allclose(flex.sampler.weights, pi / pi.sum())         # drawn with pi_i / L_i
