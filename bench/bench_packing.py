@@ -8,6 +8,12 @@ useful-token fraction = label tokens / token slots:
           (size-proportional domain weights, seed 0), samples waiting for a row counted when they train.
 Planning cost per step: drawing and first-fit (`plan_rows`), and building the packed batch (`packed_batch`),
 medians over the steps; at seq_len 512 also one TinyGPT forward+backward on a packed batch for scale.
+Training throughput (`throughput`): label tokens trained per second, packed vs padded, TinyGPT (the benchmarks'
+shape) at seq_len `--tput-seq-len` (1024) with `--tput-rows` rows a step, in one process: two DataFlex sessions
+(trainer.packing=true and false, seed 0, size-proportional draws) with a model and AdamW each, stepped in
+alternating blocks of `--tput-steps` steps for `--tput-rounds` rounds after one warm-up step each; a step is
+next_batch, forward (lean loss), backward, optimizer step and end_step. Reported: each layout's label tokens per
+second and the ratio packed / padded from the same run (load shifts both alike).
 Results: bench/results/packing.json (date, commit, machine, load at start and end).
 """
 from __future__ import annotations
@@ -20,11 +26,60 @@ import time
 from common import MODEL, ROOT, environment, load_domains, markdown_table, save_json, setup_torch  # noqa: E402
 
 
+def throughput(T: int, rows: int, steps: int, rounds: int) -> dict:
+    """Label tokens per second packed vs padded, interleaved in one process (see the module docstring)."""
+    torch = setup_torch()
+    from dataflex.models.tiny_gpt import TinyGPT
+    from dataflex.session.flex import DataFlex
+
+    domains = load_domains(T)
+    runs = {}
+    for layout in ("padded", "packed"):
+        model = TinyGPT(vocab_size=domains.tokenizer.vocab_size, seq_len=T, seed=0, **MODEL)
+        runs[layout] = {"flex": DataFlex(domains.train, rows, seed=0, packing=layout == "packed"), "model": model,
+                        "opt": torch.optim.AdamW(model.parameters(), lr=1e-3), "tokens": 0, "seconds": 0.0,
+                        "steps": 0}
+
+    def step(run):
+        flex, model, opt = run["flex"], run["model"], run["opt"]
+        t0 = time.perf_counter()
+        batch = flex.next_batch()
+        loss = flex.loss(model(batch["input_ids"], position_ids=batch["position_ids"], lean=True), batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        record = flex.end_step()
+        return time.perf_counter() - t0, record["tokens"]
+
+    for run in runs.values():       # warm-up: allocator, first data reads
+        step(run)
+    for _ in range(rounds):
+        for run in runs.values():
+            for _ in range(steps):
+                seconds, tokens = step(run)
+                run["seconds"] += seconds
+                run["tokens"] += tokens
+                run["steps"] += 1
+    out = {"seq_len": T, "rows": rows, "steps_per_block": steps, "rounds": rounds, "model": dict(MODEL)}
+    for layout, run in runs.items():
+        out[layout] = {"label_tokens_per_s": round(run["tokens"] / run["seconds"], 1),
+                       "step_ms_mean": round(1000 * run["seconds"] / run["steps"], 1),
+                       "label_tokens_per_step": round(run["tokens"] / run["steps"], 1), "steps": run["steps"]}
+    out["ratio_packed_vs_padded"] = round(out["packed"]["label_tokens_per_s"] / out["padded"]["label_tokens_per_s"], 2)
+    print(f"throughput at seq_len {T}: padded {out['padded']['label_tokens_per_s']} label tok/s, packed "
+          f"{out['packed']['label_tokens_per_s']} label tok/s: {out['ratio_packed_vs_padded']}x", file=sys.stderr)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048, 4096])
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--tput-seq-len", type=int, default=1024)
+    ap.add_argument("--tput-rows", type=int, default=4)
+    ap.add_argument("--tput-steps", type=int, default=3)
+    ap.add_argument("--tput-rounds", type=int, default=4)
     args = ap.parse_args(argv)
     load_start = os.getloadavg()
     torch = setup_torch()
@@ -73,13 +128,19 @@ def main(argv=None):
         results.append(row)
         print(f"seq_len {T}: padded {padded:.3f}, packed {packed:.3f}, plan {row['plan_ms_median']} ms, "
               f"build {row['build_ms_median']} ms", file=sys.stderr)
+    tput = throughput(args.tput_seq_len, args.tput_rows, args.tput_steps, args.tput_rounds)
     payload = {"bench": "packing", "command": "OMP_NUM_THREADS=2 python bench/bench_packing.py " + " ".join(argv or sys.argv[1:]),
-               "rows": args.rows, "steps": args.steps, "results": results, "environment": environment(),
+               "rows": args.rows, "steps": args.steps, "results": results, "throughput": tput,
+               "environment": environment(),
                "machine": environment()["cpu"], "load_start": load_start, "load_end": os.getloadavg()}
     path = save_json("packing.json", payload)
     print(markdown_table(["seq_len", "padded", "packed", "plan ms", "build ms"],
                          [[r["seq_len"], r["padded_fraction"], r["packed_fraction"], r["plan_ms_median"],
                            r["build_ms_median"]] for r in results]))
+    print(markdown_table(["seq_len", "layout", "label tokens/s", "step ms", "label tokens/step"],
+                         [[tput["seq_len"], k, tput[k]["label_tokens_per_s"], tput[k]["step_ms_mean"],
+                           tput[k]["label_tokens_per_step"]] for k in ("padded", "packed")]))
+    print(f"throughput ratio packed / padded: {tput['ratio_packed_vs_padded']}x")
     print(f"saved {path.relative_to(ROOT)}")
 
 

@@ -334,3 +334,8 @@ def test_launch_train_packed_ledger_holds_each_trained_sample_once(tmp_path):
         assert sum(x["domain_tokens"].values()) == x["tokens"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["tokens"] == sum(x["tokens"] for x in steps)
+    share = summary["token_share"]                  # no mixer: size-proportional draws, in samples
+    assert share["unit"] == "sample" and set(share["target"]) == set(share["achieved"]) == set(summary["domain_weights"])
+    for d, n in share["achieved"].items():
+        assert n == pytest.approx(sum(x["domain_tokens"][d] for x in steps) / summary["tokens"])
+    assert sum(share["target"].values()) == pytest.approx(1.0)

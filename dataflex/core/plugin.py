@@ -69,9 +69,22 @@ class Mixer(Plugin):
               expectation the gradient is the same as sampling from w (`domain_loss_weights`).
     The mixture the mixer chose is `self.mixture` and, under `loss`, logged as `mixer/weight/<domain>`
     (the run's `domain_weights` is then q).
+
+    and `unit="token" | "sample"` (`mixer.unit=...`), what its weights are shares of:
+      token   label tokens: the sampler draws domain d with probability ∝ w_d / L_d (L_d: the mean label
+              tokens of a sample of domain d, `DataAwareSampler.mean_tokens`), so the expected share of
+              trained tokens from d is w_d; domain sizes (weights="size", q under `apply=loss`) are
+              counted in label tokens (`domain_sizes`);
+      sample  samples drawn (what every mixer meant before packing);
+      None    (the default) token under packing (`state.packing`), sample otherwise.
     """
-    SETTINGS = {"apply": ("sample", "loss")}
-    EXTRA_PARAMETERS = {"apply": ("str", "sample")}     # added to every subclass's __init__ below
+    SETTINGS = {"apply": ("sample", "loss"), "unit": ("token", "sample")}
+    EXTRA_PARAMETERS = {"apply": ("str", "sample"), "unit": ("Optional[str]", None)}   # added to every subclass's __init__
+    family = "mixer"
+    events = (Event.FIT_START, Event.BEFORE_SAMPLE, Event.BATCH_END, Event.EVAL_END)
+    apply_to: str = "sample"
+    unit: Optional[str] = None
+    mixture: Optional[torch.Tensor] = None
     family = "mixer"
     events = (Event.FIT_START, Event.BEFORE_SAMPLE, Event.BATCH_END, Event.EVAL_END)
     apply_to: str = "sample"
@@ -80,13 +93,22 @@ class Mixer(Plugin):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         init = cls.__dict__.get("__init__")
-        if init is None or "apply" in inspect.signature(init).parameters:
+        if init is None:
+            return
+        own = inspect.signature(init).parameters
+        added = [k for k in ("apply", "unit") if k not in own]     # a subclass may take either itself
+        if not added:
             return
 
         @functools.wraps(init)
-        def __init__(self, *args, apply: str = "sample", **kw):
+        def __init__(self, *args, **kw):
+            apply = kw.pop("apply", "sample") if "apply" in added else None
+            unit = kw.pop("unit", None) if "unit" in added else None
             init(self, *args, **kw)
-            self.apply_to = check_apply(apply)
+            if "apply" in added:
+                self.apply_to = check_apply(apply)
+            if "unit" in added:
+                self.unit = check_unit(unit)
 
         cls.__init__ = __init__
 
@@ -100,9 +122,22 @@ class Mixer(Plugin):
         pass
 
     def sampling_distribution(self, state: DataState) -> torch.Tensor:
-        """q under apply=loss: the domain sizes (the sampler's distribution without a mixer)."""
-        q = torch.tensor(state.domain_sizes, dtype=torch.float64)
+        """q under apply=loss, in the mixer's unit: the domain sizes (what the sampler draws without a mixer;
+        in label tokens under unit=token, which gives the same draws)."""
+        q = self.domain_sizes(state)
         return q / q.sum()
+
+    def domain_sizes(self, state: DataState) -> torch.Tensor:
+        """[K] each domain's size in the mixer's unit: samples, or label tokens (samples x mean label tokens)
+        under unit=token, so that weights="size" means the data eaten whole in either unit."""
+        sizes = torch.tensor(state.domain_sizes, dtype=torch.float64)
+        if self.weight_unit(state) == "token" and state.domain_mean_tokens is not None:
+            sizes = sizes * torch.as_tensor(state.domain_mean_tokens, dtype=torch.float64)
+        return sizes
+
+    def weight_unit(self, state: DataState) -> str:
+        """The unit of this mixer's weights: `unit`, or token under packing and sample otherwise."""
+        return self.unit or ("token" if getattr(state, "packing", False) else "sample")
 
     def apply(self, event, state):
         # FIT_START sets up; an event before it (the run's evaluation before the first step) sets up first
@@ -115,16 +150,23 @@ class Mixer(Plugin):
             w = torch.as_tensor(self.weights(state), dtype=torch.float64)
             w = w / w.sum()
             self.mixture = w
-            if self.apply_to == "loss":
+            unit = self.weight_unit(state)
+            if self.apply_to == "loss":     # q and w in the same unit
                 q = self.sampling_distribution(state)
-                state.domain_weights = q
+                state.domain_weights, state.weight_unit = q, unit
                 state.domain_loss_weights = domain_loss_weights(w, q)
                 for d, name in enumerate(state.domains):
                     state.metrics[f"mixer/weight/{name}"] = float(w[d])
             else:
-                state.domain_weights = w
+                state.domain_weights, state.weight_unit = w, unit
         else:
             self.update(event, state)
+
+
+def check_unit(unit: Optional[str]) -> Optional[str]:
+    if unit is not None and unit not in ("token", "sample"):
+        raise ValueError(f"mixer.unit must be 'token' or 'sample', got {unit!r}")
+    return unit
 
 
 def check_apply(apply: str) -> str:

@@ -7,6 +7,12 @@ seeded per-epoch permutation, skipping those a selector's keep mask excludes. `s
 the generator's own state, the cursors and the samples waiting for a packed row (`pending`, see
 dataflex.core.packing), so a resumed sampler continues exactly.
 
+Weights come in a unit (`set_weights(w, unit=...)`): `sample` shares are the draw probabilities; `token`
+shares (label tokens) are turned into draw probabilities p_d ∝ w_d / L_d with L_d the mean label tokens
+of a sample of domain d's pool (`mean_tokens`, from the data's sample lengths), so the expected share of
+label tokens drawn from domain d is w_d. `target` keeps the weights as given, `weights` the draw
+probabilities, `token_shares()` the expected token share of the current draws.
+
 Memory does not grow with a domain's size: the per-epoch permutation is a keyed bijection on
 [0, N) (`FeistelPermutation`: a balanced Feistel network on the next even power of two, walked
 until it lands inside [0, N)), computed on demand from (seed, domain, epoch), so a domain's state
@@ -20,6 +26,8 @@ import numpy as np
 import torch
 
 _EPOCH_STRIDE = 1_000_003
+UNITS = ("token", "sample")
+MEAN_SAMPLES = 1 << 20
 _M1, _M2, _GOLD = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -72,7 +80,8 @@ def _perm_key(seed: int, domain: int, epoch: int) -> int:
 
 class DataAwareSampler:
     def __init__(self, domain_sizes: Sequence[int], seed: int = 0, rank: int = 0, world_size: int = 1,
-                 weights: Optional[Sequence[float]] = None, domain_names: Optional[Sequence[str]] = None):
+                 weights: Optional[Sequence[float]] = None, domain_names: Optional[Sequence[str]] = None,
+                 lengths=None):
         if any(n <= 0 for n in domain_sizes):
             empty = [domain_names[i] if domain_names else i for i, n in enumerate(domain_sizes) if n <= 0]
             raise ValueError(f"empty domain(s) {empty}: every domain needs at least one sample")
@@ -91,11 +100,17 @@ class DataAwareSampler:
         self._perm: list[Optional[FeistelPermutation]] = [None] * len(self.sizes)
         self.weights = torch.full((len(self.sizes),), 1.0 / len(self.sizes), dtype=torch.float64)
         self.pending: list = []     # packed layout: samples drawn (and kept) that wait for the next step's rows
+        self.lengths = lengths      # global ids -> label tokens of each sample (unit=token needs it)
+        self._mean: list[Optional[float]] = [None] * len(self.sizes)
+        self.unit, self.target = "sample", self.weights
         if weights is not None:
             self.set_weights(weights)
 
     # -- decisions that plugins feed in -------------------------------------------------------
-    def set_weights(self, weights) -> None:
+    def set_weights(self, weights, unit: str = "sample") -> None:
+        """Weights in `unit`: `sample` (draw probabilities) or `token` (shares of label tokens)."""
+        if unit not in UNITS:
+            raise ValueError(f"weight unit must be one of {UNITS}, got {unit!r}")
         w = torch.as_tensor(weights, dtype=torch.float64).flatten().clone()
         if w.numel() != len(self.sizes) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"domain weights must be {len(self.sizes)} finite non-negative numbers "
@@ -104,12 +119,45 @@ class DataAwareSampler:
             if self._bits[d] is not None and self._kept[d] == 0:
                 raise ValueError(f"domain {self.names[d]!r} has weight {w[d]:.3g} but its keep mask excludes "
                                  "every sample")
-        self.weights = w / w.sum()
+        self.target, self.unit = w / w.sum(), unit
+        self.weights = self._draw_probabilities()
+
+    def _draw_probabilities(self) -> torch.Tensor:
+        if self.unit == "sample":
+            return self.target.clone()
+        mean = self.mean_tokens()
+        if ((mean <= 0) & (self.target > 0)).any():
+            bad = [self.names[d] for d in torch.nonzero((mean <= 0) & (self.target > 0)).flatten().tolist()]
+            raise ValueError(f"domain(s) {bad} have token weight but no label tokens")
+        p = torch.where(self.target > 0, self.target / mean.clamp(min=1e-12), torch.zeros_like(self.target))
+        return p / p.sum()
+
+    def mean_tokens(self) -> torch.Tensor:
+        """[K] mean label tokens of a sample of each domain's pool (its kept samples under a keep mask): over
+        every sample, or 2^20 evenly spaced ones of a larger pool. Cached until the domain's mask changes."""
+        if self.lengths is None:
+            raise ValueError("token weights (mixer.unit=token) need the samples' lengths: build the sampler "
+                             "with lengths=MixtureDataset.lengths")
+        for d in range(len(self.sizes)):
+            if self._mean[d] is None:
+                local = (np.arange(self.sizes[d], dtype=np.int64) if self._bits[d] is None
+                         else np.flatnonzero(np.unpackbits(self._bits[d], count=self.sizes[d])))
+                if len(local) > MEAN_SAMPLES:
+                    local = local[np.linspace(0, len(local) - 1, MEAN_SAMPLES).astype(np.int64)]
+                n = np.asarray(self.lengths(self.offsets[d] + local), dtype=np.float64)
+                self._mean[d] = float(n.mean()) if len(n) else 0.0
+        return torch.tensor(self._mean, dtype=torch.float64)
+
+    def token_shares(self) -> torch.Tensor:
+        """[K] the expected share of label tokens each domain gets under the current draw probabilities."""
+        t = self.weights * self.mean_tokens()
+        return t / t.sum() if t.sum() > 0 else t
 
     def set_keep_mask(self, domain: int, mask: Optional[torch.Tensor], check: bool = True) -> None:
         """Restrict a domain to the samples where `mask` is True (None lifts the restriction). Stored as
         a bitset; `keep_mask(domain)` gives it back as a bool tensor. `check=False` skips the check
         against the current weights (`set_pool` checks weights and masks together)."""
+        self._mean[domain] = None
         if mask is None:
             self._bits[domain], self._kept[domain] = None, 0
             return
@@ -123,26 +171,30 @@ class DataAwareSampler:
                              "which still has positive weight")
         self._bits[domain], self._kept[domain] = np.packbits(mask.numpy()), kept
 
-    def set_pool(self, weights=None, masks: Optional[dict] = None, proportional: bool = False) -> None:
+    def set_pool(self, weights=None, masks: Optional[dict] = None, proportional: bool = False,
+                 unit: Optional[str] = None) -> None:
         """New keep masks ({domain: mask | None}) and weights applied together, then validated together:
         a domain whose mask excluded every sample comes back with a new mask and weight in one call.
         `weights=None` keeps the current weights; `proportional=True` sets them to `pool_sizes()` (what
-        a run without a mixer draws: each domain in proportion to what it keeps). On an error nothing
-        changes."""
-        saved = (list(self._bits), list(self._kept), self.weights)
+        a run without a mixer draws: each domain in proportion to what it keeps, in samples). `unit`: that
+        of `weights` (None: the current one); token weights are converted again after a mask changes the
+        pools' mean lengths. On an error nothing changes."""
+        saved = (list(self._bits), list(self._kept), self.weights, self.target, self.unit, list(self._mean))
         try:
             for domain, mask in (masks or {}).items():
                 self.set_keep_mask(domain, mask, check=False)
             if proportional:
-                weights = self.pool_sizes()
+                weights, unit = self.pool_sizes(), "sample"
             if weights is not None:
-                self.set_weights(weights)                 # checks the weights against the new masks
+                self.set_weights(weights, unit or self.unit)     # checks the weights against the new masks
+            elif masks and self.unit == "token":
+                self.weights = self._draw_probabilities()
             for d in range(len(self.sizes)):              # the current weights against the new masks
                 if self._bits[d] is not None and self._kept[d] == 0 and self.weights[d] > 0:
                     raise ValueError(f"keep mask excludes every sample of domain {self.names[d]!r}, "
                                      "which still has positive weight")
         except Exception:
-            self._bits, self._kept, self.weights = saved
+            self._bits, self._kept, self.weights, self.target, self.unit, self._mean = saved
             raise
 
     def pool_sizes(self) -> list:
@@ -230,7 +282,8 @@ class DataAwareSampler:
         return {"seed": self.seed, "sizes": list(self.sizes), "generator": self.generator.get_state(),
                 "cursor": list(self.cursor), "epoch": list(self.epoch), "weights": self.weights.clone(),
                 "keep": [None if b is None else torch.from_numpy(b.copy()) for b in self._bits],
-                "keep_format": "packbits", "pending": list(self.pending)}
+                "keep_format": "packbits", "pending": list(self.pending), "unit": self.unit,
+                "target": self.target.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         if list(state["sizes"]) != self.sizes:
@@ -239,6 +292,8 @@ class DataAwareSampler:
         self.generator.set_state(state["generator"])
         self.cursor, self.epoch = list(state["cursor"]), list(state["epoch"])
         self.weights = state["weights"].clone()
+        self.unit = state.get("unit", "sample")
+        self.target = state.get("target", self.weights).clone()
         self.pending = [int(i) for i in state.get("pending", [])]
         self._bits, self._kept = [None] * len(self.sizes), [0] * len(self.sizes)
         for d, k in enumerate(state["keep"]):
@@ -250,3 +305,4 @@ class DataAwareSampler:
             self._bits[d] = bits
             self._kept[d] = int(np.unpackbits(bits, count=self.sizes[d]).sum())
         self._perm = [None] * len(self.sizes)
+        self._mean = [None] * len(self.sizes)

@@ -14,7 +14,11 @@ class DataState:
     global_batch_size: int
     world_size: int = 1
     step: int = 0
-    domain_weights: Optional[torch.Tensor] = None      # [K], float64, sums to 1
+    domain_weights: Optional[torch.Tensor] = None      # [K], float64, sums to 1, in `weight_unit`
+    weight_unit: str = "sample"                        # "token" | "sample": what domain_weights are shares of
+    packing: bool = False                              # packed rows (the default mixer unit is then token)
+    domain_mean_tokens: Optional[torch.Tensor] = None  # [K] mean label tokens of a sample of each domain's pool
+    draw_probabilities: Optional[torch.Tensor] = None  # [K] the sampler's per-sample domain probabilities
     candidate_ids: Optional[torch.Tensor] = None       # [C] global sample ids drawn this step
     candidate_domains: Optional[torch.Tensor] = None   # [C]
     keep_mask: Optional[torch.Tensor] = None           # [C] bool, set by a selector

@@ -178,7 +178,7 @@ class ADOMixer(Mixer):
         self.total: Optional[torch.Tensor] = None   # samples seen per domain
 
     def setup(self, state: DataState) -> None:
-        self.prior = resolve_weights(self.prior_spec, state.domains, state.domain_sizes)
+        self.prior = resolve_weights(self.prior_spec, state.domains, self.domain_sizes(state).tolist())
         if self.history is None:
             self.history, self.p_avg, self.p = self.prior.clone(), self.prior.clone(), self.prior.clone()
 

@@ -91,7 +91,7 @@ class AioliMixer(Mixer):
             raise ValueError(f"aioli: update_steps ({self.update_steps}) must exceed the LearnParams steps "
                              f"lp_rounds * K * lp_steps = {self.lp_duration}")
         self.W = aioli_mixtures(K, self.f)
-        self.prior = resolve_weights(self.prior_spec, state.domains, state.domain_sizes) \
+        self.prior = resolve_weights(self.prior_spec, state.domains, self.domain_sizes(state).tolist()) \
             if self.prior_spec is not None else None
         if self.p is None:
             self.p = torch.full((K,), 1.0 / K, dtype=torch.float64)

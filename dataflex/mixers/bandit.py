@@ -129,7 +129,7 @@ class BanditMixer(Mixer):
             raise ValueError("bandit: draw=step picks the batch's domain, so it needs apply=sample")
         if self.explore_floor * state.num_domains > 1:
             raise ValueError(f"bandit: explore_floor {self.explore_floor} > 1/K for {state.num_domains} domains")
-        self.initial = resolve_weights(self.initial_weights, state.domains, state.domain_sizes)
+        self.initial = resolve_weights(self.initial_weights, state.domains, self.domain_sizes(state).tolist())
         if self.reward_hat is None:
             self.reward_hat = torch.zeros(state.num_domains, dtype=torch.float64)
 
@@ -153,6 +153,9 @@ class BanditMixer(Mixer):
         rewards, _ = state.domain_mean(state.losses, state.batch_domains)
         counts = torch.bincount(state.batch_domains, minlength=K)
         probs = self.sampling_distribution(state) if self.apply_to == "loss" else self.policy
+        if self.apply_to == "sample" and self.draw == "sample" and self.weight_unit(state) == "token" \
+                and state.draw_probabilities is not None:
+            probs = state.draw_probabilities    # unit=token: samples are drawn with pi_i / L_i, normalised
         estimate, mask = exp3_estimate(rewards * self.reward_scale, counts, probs, self.estimator)
         self.reward_hat = exp3_update(self.reward_hat, estimate, mask, self.alpha, self.variant)
         self.t += 1

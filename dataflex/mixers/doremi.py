@@ -69,7 +69,7 @@ class DoReMiMixer(Mixer):
         self.updates = 0
 
     def setup(self, state: DataState) -> None:
-        self.alpha_ref = resolve_weights(self.reference_weights, state.domains, state.domain_sizes)
+        self.alpha_ref = resolve_weights(self.reference_weights, state.domains, self.domain_sizes(state).tolist())
         if self.alpha is None:
             self.alpha = self.alpha_ref.clone()
             self.excess = torch.zeros(state.num_domains, dtype=torch.float64)

@@ -79,7 +79,7 @@ class ShearedMixer(Mixer):
     def setup(self, state: DataState) -> None:
         self.reference = read_reference(self.reference_spec, state.domains)
         if self.alpha is None:
-            self.alpha = resolve_weights(self.initial_weights, state.domains, state.domain_sizes)
+            self.alpha = resolve_weights(self.initial_weights, state.domains, self.domain_sizes(state).tolist())
 
     def weights(self, state: DataState) -> torch.Tensor:
         if self.delta is not None:   # the last update's statistics on every step's log line

@@ -86,7 +86,7 @@ class StaticMixer(Mixer):
         self._weights = None
 
     def setup(self, state: DataState) -> None:
-        self._weights = resolve_weights(self.spec, state.domains, state.domain_sizes, self.temperature)
+        self._weights = resolve_weights(self.spec, state.domains, self.domain_sizes(state).tolist(), self.temperature)
 
     def weights(self, state: DataState) -> torch.Tensor:
         return self._weights

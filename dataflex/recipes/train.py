@@ -233,8 +233,8 @@ def train(cfg, hc, ckpt):
     totals = run_totals()
     summary = {"strategy": strategy, "steps": flex.step, "tokens": totals["tokens"], "wall_time_s": totals["wall_time_s"],
                "val_loss_initial": first_val, "val_loss": out.last("val_loss"),
-               "domain_weights": out.last("domain_weights"), "world_size": world, "backend": cfg.backend.name,
-               "run_dir": str(run_dir)}
+               "domain_weights": out.last("domain_weights"), "token_share": flex.token_shares(),   # target vs achieved
+               "world_size": world, "backend": cfg.backend.name, "run_dir": str(run_dir)}
     if out.last("target_loss") is not None:     # a data config with a `target`: its loss at the last evaluation
         summary["target_loss"] = out.last("target_loss")
     if stop.requested:

@@ -52,14 +52,16 @@ class DataFlex:
         sizes = self.data.sizes
         start = torch.tensor(sizes, dtype=torch.float64) if initial_weights == "size" else None
         self._size_weights = initial_weights == "size"
-        self.sampler = DataAwareSampler(sizes, seed, self.rank, self.world_size, start, self.data.names)
-        self.state = DataState(self.data.names, sizes, global_batch_size, self.world_size)
+        self.sampler = DataAwareSampler(sizes, seed, self.rank, self.world_size, start, self.data.names,
+                                        lengths=self.data.lengths)
+        self.state = DataState(self.data.names, sizes, global_batch_size, self.world_size, packing=bool(packing))
         self.state.signals = Signals(self)
         self.engine = Engine(plugins, self.state)
         self.loss = LossWrapper(weigh=self._weigh, reduction=loss_reduction)
         self.datasets = {k: as_mixture(k, v) for k, v in (datasets or {}).items() if v is not None}
         self._needs_tokens = any(getattr(p, "needs_token_losses", False) for p in self.engine.plugins)
         self.packing, self.pack_lookahead = bool(packing), int(pack_lookahead)
+        self._token_totals = {"tokens": 0.0, "domain": [0.0] * len(sizes), "expected": [0.0] * len(sizes)}
         self.loss.token_signal = self._needs_tokens     # packed batches unpack token losses only when read
         self._plan, self._share = None, None
         self._weights = None
@@ -76,6 +78,7 @@ class DataFlex:
     def start(self) -> None:
         if not self._started:
             self._started = True
+            self.state.domain_mean_tokens = self.sampler.mean_tokens()
             self.engine.fire(Event.FIT_START)
 
     def next_batch(self) -> dict:
@@ -85,7 +88,8 @@ class DataFlex:
         s.keep_mask = s.candidate_losses = s.losses = s.sample_weights = s.batch_rows = None
         s.token_losses = s.token_mask = s.token_weights = s.domain_loss_weights = None
         self._weights = None
-        s.domain_weights = None
+        s.domain_weights, s.weight_unit = None, "sample"
+        s.domain_mean_tokens = self.sampler.mean_tokens()       # cached by the sampler until a pool changes
         self.engine.fire(Event.BEFORE_SAMPLE)
         # weights and pool masks apply together and are validated together (a domain masked to nothing
         # can come back); without a mixer, domains are drawn in proportion to what their pools keep
@@ -93,8 +97,9 @@ class DataFlex:
         follow_pool = bool(masks) and s.domain_weights is None and self._size_weights \
             and self.engine.of("mixer") is None
         if s.domain_weights is not None or masks:
-            self.sampler.set_pool(s.domain_weights, masks, proportional=follow_pool)
-        s.domain_weights = self.sampler.weights
+            self.sampler.set_pool(s.domain_weights, masks, proportional=follow_pool, unit=s.weight_unit)
+        s.domain_weights, s.weight_unit = self.sampler.target, self.sampler.unit     # in the mixer's unit
+        s.draw_probabilities = self.sampler.weights                                 # per drawn sample
         selector = self.engine.of("selector")
         if self.packing:
             return self._next_packed(selector)
@@ -284,7 +289,24 @@ class DataFlex:
 
     def _token_metrics(self) -> dict:
         rows = self.global_batch_size if self.packing else len(self.state.batch_ids)
-        return token_metrics(self.state, self._labels, rows * self.data.seq_len)
+        metrics = token_metrics(self.state, self._labels, rows * self.data.seq_len)
+        t = self._token_totals      # the run's achieved token shares and the expected ones, token-weighted
+        t["tokens"] += metrics["tokens"]
+        expected = self.sampler.token_shares().tolist()
+        for d, name in enumerate(self.state.domains):
+            t["domain"][d] += metrics["domain_tokens"][name]
+            t["expected"][d] += metrics["tokens"] * expected[d]
+        return metrics
+
+    def token_shares(self) -> dict:
+        """The run's share of label tokens per domain: `achieved` (trained) next to `target` (what the
+        draws were set to give: each step's expected token share, weighted by the step's tokens; a mixer
+        with unit=token gets its weights back), and the unit the mixer's weights were in at the end."""
+        t, names = self._token_totals, self.state.domains
+        n = max(t["tokens"], 1.0)
+        return {"unit": self.state.weight_unit,
+                "target": {d: t["expected"][i] / n for i, d in enumerate(names)},
+                "achieved": {d: t["domain"][i] / n for i, d in enumerate(names)}}
 
     def _ledger_rows(self) -> dict:
         if self.packing:
@@ -331,10 +353,13 @@ class DataFlex:
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         self.check_ranks()
-        return {"step": self.step, "sampler": self.sampler.state_dict(), "engine": self.engine.state_dict()}
+        return {"step": self.step, "sampler": self.sampler.state_dict(), "engine": self.engine.state_dict(),
+                "token_totals": {k: (list(v) if isinstance(v, list) else v) for k, v in self._token_totals.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.start()
         self.step = state["step"]
         self.sampler.load_state_dict(state["sampler"])
         self.engine.load_state_dict(state["engine"])
+        if "token_totals" in state:
+            self._token_totals = {k: (list(v) if isinstance(v, list) else v) for k, v in state["token_totals"].items()}
