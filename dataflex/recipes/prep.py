@@ -19,8 +19,16 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from dataflex.utils.paths import configs_dir
 
 
+def main():
+    """launch/prep.py and `dataflex prep`: the command line's config files checked for alias bombs, then Hydra."""
+    from dataflex.run.config import check_yaml_aliases
+
+    check_yaml_aliases(sys.argv[1:], str(configs_dir()), "prep", "prep")
+    return hydra_main()
+
+
 @hydra.main(config_path=str(configs_dir()), config_name="prep", version_base=None)
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     from dataflex.utils.console import quiet_third_party
 
     quiet_third_party(bool(OmegaConf.select(cfg, "prep.execution.verbose", default=False)))

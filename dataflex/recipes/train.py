@@ -31,6 +31,7 @@ from dataflex.run.config import (  # noqa: E402
     check_known_keys,
     check_override_typos,
     check_plugin_settings,
+    check_yaml_aliases,
     reference_keys,
 )
 from dataflex.run.faults import fault  # noqa: E402
@@ -53,6 +54,7 @@ from dataflex.utils.paths import configs_dir
 
 sys.argv = sys.argv[:1] + prepare_argv(sys.argv[1:])
 check_override_typos(sys.argv[1:], str(configs_dir()))
+check_yaml_aliases(sys.argv[1:], str(configs_dir()), "train", "train")   # no alias bomb reaches Hydra
 
 from functools import partial
 
