@@ -72,3 +72,84 @@ def test_alias_bomb_in_a_data_config_is_refused_at_once(tmp_path, prog):
     assert "Traceback" not in proc.stderr
     assert time.time() - started < 60           # the import of torch, not the bomb (41 s before)
     assert digest(tmp_path) == before            # nothing written: no run folder, no output folder
+
+
+# ------------------------------------------------------------- tracebacks where a message belongs
+
+GOOD_LINES = "".join('{"text": "document %d has a few words in it."}\n' % i for i in range(50))
+
+
+def bad_inputs(tmp_path: Path) -> dict:
+    """case -> (data config text, the start of the message after `train: error: `)."""
+    import gzip
+    import os
+
+    import pandas as pd
+
+    (tmp_path / "good.jsonl").write_text(GOOD_LINES)
+    pd.DataFrame({"body": ["hello world"] * 5}).to_parquet(tmp_path / "notext.parquet")
+    packed = gzip.compress(GOOD_LINES.encode() * 40)
+    (tmp_path / "cut.jsonl.gz").write_bytes(packed[: len(packed) // 2])
+    os.symlink(tmp_path / "loopb", tmp_path / "loopa")
+    os.symlink(tmp_path / "loopa", tmp_path / "loopb")
+
+    def config(bad: str) -> str:
+        return (f"tokenizer: {TOKENIZER}\ncache: {tmp_path / 'cache'}\ndomains:\n  good: {{train: {tmp_path / 'good.jsonl'}}}\n"
+                f"  bad: {{train: '{bad}'}}\n")
+
+    return {
+        "parquet": (config(tmp_path / "notext.parquet"),
+                    f"{tmp_path / 'notext.parquet'}: Parquet file has no column 'text'"),
+        "gz": (config(tmp_path / "cut.jsonl.gz"),
+               f"{tmp_path / 'cut.jsonl.gz'}: compressed file is truncated or damaged"),
+        "loop": (config(tmp_path / "loopa"),
+                 f"data.domains.bad.train: '{tmp_path / 'loopa'}' is a symbolic link that leads nowhere (a link loop"),
+        "list": ("- good.jsonl\n- other.jsonl\n", "data: the data config ("),
+        "interp": (config("${nosuch.key}"),
+                   "data.domains.bad.train: Interpolation key 'nosuch.key' not found: an interpolation ${...} there "
+                   "names a key the config does not have"),
+    }
+
+
+@pytest.mark.parametrize("case", ["parquet", "gz", "loop", "list", "interp"])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
+    text, message = bad_inputs(tmp_path)[case]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "bad.yaml").write_text(text)
+    inputs = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and not p.is_symlink()}
+    proc = run([PY, TRAIN, "backend=torch", "logger=none", "--config-dir", str(tmp_path), "data=bad",
+                "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}"], check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"train: error: {message}" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "full_key" not in proc.stderr
+    assert {p: p.read_bytes() for p in inputs} == inputs            # the user's files untouched
+    assert not (tmp_path / "run").exists()                          # no run folder left behind
+
+
+def test_config_that_is_not_yaml_is_one_line(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "bad.yaml").write_text("domains:\n  a: {train: ${x}}\n")
+    before = digest(tmp_path)
+    proc = run([PY, TRAIN, "backend=torch", "logger=none", "--config-dir", str(tmp_path), "data=bad",
+                f"hydra.run.dir={tmp_path / 'run'}"], check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"train: error: {tmp_path / 'data' / 'bad.yaml'}:2:" in proc.stderr and "not valid YAML" in proc.stderr
+    assert "Traceback" not in proc.stderr and digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", ["tokenizer", "interp"])
+def test_prep_bad_input_is_one_line_and_exit_2(tmp_path, case):
+    (tmp_path / "good.jsonl").write_text(GOOD_LINES)
+    (tmp_path / "tok.json").write_text('{"model": {"type": "BPE", "vocab": ')     # cut short
+    (tmp_path / "data").mkdir()
+    tok, train = (tmp_path / "tok.json", tmp_path / "good.jsonl") if case == "tokenizer" else (TOKENIZER, "${nosuch}")
+    (tmp_path / "data" / "bad.yaml").write_text(f"tokenizer: {tok}\ndomains:\n  good:\n    train: {train}\n")
+    before = digest(tmp_path)
+    proc = run([PY, PREP, "--config-dir", str(tmp_path), "data=bad", f"prep.output_dir={tmp_path / 'out'}"],
+               check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    message = (f"data.tokenizer: {tmp_path / 'tok.json'} is not a readable tokenizer (" if case == "tokenizer" else
+               "prep: error: data.domains.good.train: Interpolation key 'nosuch' not found")
+    assert message in proc.stderr and "Traceback" not in proc.stderr and "full_key" not in proc.stderr
+    assert all(digest(tmp_path).get(k) == v for k, v in before.items())       # the user's files untouched
+    assert not (tmp_path / "out" / "shards").exists()

@@ -38,8 +38,10 @@ def hydra_main(cfg: DictConfig) -> None:
 
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
-    except Exception as e:
-        sys.exit(f"prep: bad config: {e}")
+    except Exception as e:      # e.g. a ${key} naming no key: one line, exit 2
+        key = getattr(e, "full_key", None)
+        print(f"prep: error: {key + ': ' if key else ''}{str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
     before = previous_recipe(resolved["prep"].get("output_dir"))
     try:
         path = prepare(resolved["data"], resolved["prep"])

@@ -95,6 +95,11 @@ def check_config(cfg) -> None:
         raise ConfigError(f"trainer.global_batch_size={tr['global_batch_size']}: must divide by "
                           f"trainer.nprocs={tr['nprocs']} (each rank takes an equal share)")
     data = cfg.get("data") if hasattr(cfg, "get") else None
+    if isinstance(data, (list, tuple)) or type(data).__name__ == "ListConfig":
+        raise ConfigError(f"data: the data config{_file_of('data')} is a YAML list (lines starting with '- '); a data "
+                          "config is a mapping: `tokenizer: PATH` and `domains: {NAME: {train: PATH}}`, or "
+                          "`manifest: PATH`")
+    check_interpolations(cfg)
     if hasattr(data, "get"):      # domain and subtask names become folder names: checked before any file is touched
         from dataflex.data.config import check_names
 
@@ -102,6 +107,34 @@ def check_config(cfg) -> None:
             check_names(data)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+
+def _file_of(group: str) -> str:
+    """` (FILE)`: the file Hydra chose for a group, when inside a Hydra job; else nothing."""
+    try:
+        from dataflex.run.launching import config_file
+
+        return f" ({config_file(group)})"
+    except Exception:       # no Hydra job (a test, the API): the message names the key alone
+        return ""
+
+
+def check_interpolations(cfg) -> None:
+    """A `${key}` that names no key of the config: one line naming where it is, not OmegaConf's error block."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationKeyError
+
+    if not OmegaConf.is_config(cfg):
+        return
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationKeyError as e:
+        key = getattr(e, "full_key", None) or "config"
+        group = str(key).split(".", 1)[0].split("[", 1)[0]
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}: an interpolation ${{...}} there names a key the config "
+                          f"does not have{_file_of(group) if group in ('data', 'model') else ''}") from None
+    except Exception:       # other resolvers (`${hydra:...}` outside a job, `???`): judged where they are used
+        return
 
 
 def check_deepspeed_config(cfg, world_size: int) -> None:
@@ -338,15 +371,26 @@ def check_yaml_aliases(argv: list[str], config_dir: str, prog: str, config_name:
                        limit: int = YAML_ALIAS_LIMIT) -> None:
     """Refuse, before Hydra composes them, config files whose aliases expand past `limit` (a few hundred bytes
     of nested aliases would otherwise cost minutes and gigabytes): `PROG: error: FILE: more than N YAML
-    aliases (an alias bomb?)`, exit 2. A file that is not valid YAML is left to Hydra's own message."""
+    aliases (an alias bomb?)`, exit 2; a file that is not valid YAML: `PROG: error: FILE:LINE:COL: not valid
+    YAML: ...`, exit 2 (not Hydra's traceback)."""
     import yaml
 
     for path in named_yaml_files(argv, config_dir, config_name):
         try:
             with open(path, encoding="utf-8", errors="replace") as f:
                 uses = yaml_alias_uses(f.read(), limit)
-        except (OSError, yaml.YAMLError):
+        except OSError:
             continue
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+            what = "; ".join(x for x in (e.context, e.problem) if x)
+            hint = " (a ${...} inside {...} needs quotes: '${...}')" if "but got '{'" in what else ""
+            print(f"{prog}: error: {path}{where}: not valid YAML: {what}{hint}", file=sys.stderr)
+            sys.exit(2)
+        except yaml.YAMLError as e:
+            print(f"{prog}: error: {path}: not valid YAML: {str(e).splitlines()[0]}", file=sys.stderr)
+            sys.exit(2)
         if uses > limit:
             print(f"{prog}: error: {path}: more than {limit:,} YAML aliases (an alias bomb?); a config uses "
                   "a few aliases at most", file=sys.stderr)
