@@ -153,3 +153,100 @@ def test_prep_bad_input_is_one_line_and_exit_2(tmp_path, case):
     assert message in proc.stderr and "Traceback" not in proc.stderr and "full_key" not in proc.stderr
     assert all(digest(tmp_path).get(k) == v for k, v in before.items())       # the user's files untouched
     assert not (tmp_path / "out" / "shards").exists()
+
+
+# ------------------------------------------------------------------ a plugin's target, before step 0
+
+FAST = ["backend=torch", "logger=none", "model.d_model=32", "model.seq_len=64", "trainer.global_batch_size=4",
+        "trainer.max_val_samples=8"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["+selector=less", "selector.target=cod", "trainer.max_steps=1"],      # the run ends inside LESS's warm-up
+     "train: error: selector.target=cod: the data config has no target set and no domain named 'cod' (domains: "
+     "prose, code, math, noise; did you mean 'code'?)"),
+    (["+selector=tracin", "trainer.max_steps=1"],
+     "train: error: selector.target=target: the data config has no target set (`target: {val: PATH}`"),
+    (["+reweighter=anchor", "reweighter.anchor=cod", "trainer.max_steps=1"],
+     "train: error: reweighter.anchor=cod: the data config has no target set and no domain named 'cod'"),
+    (["+reweighter=rho1", "reweighter.reference=REF", "reweighter.burnout_steps=5", "trainer.max_steps=1"],
+     "train: error: reweighter.reference=REF: no checkpoint under REF"),
+], ids=["less-warmup", "tracin", "anchor", "rho1-reference"])
+def test_a_plugins_target_is_checked_before_the_first_step(tmp_path, overrides, message):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "train.log").write_text("an earlier run without checkpoints\n")
+    before = digest(tmp_path)
+    overrides = [o.replace("REF", str(ref)) for o in overrides]
+    proc = run([PY, TRAIN, *FAST, *overrides, f"hydra.run.dir={tmp_path / 'run'}"], check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message.replace("REF", str(ref)) in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists() and digest(tmp_path) == before
+
+
+# ---------------------------------------------------------- a failed run's folder; what a resume says
+
+USER_ERROR_MIXER = """
+from dataflex.events import Event
+from dataflex.mixers import StaticMixer
+from dataflex.utils.errors import ConfigError
+
+
+class FailsAtStep2(StaticMixer):
+    def apply(self, event, state):
+        super().apply(event, state)
+        if event == Event.BATCH_END and state.step >= 2:
+            raise ConfigError("mixer.weights: the user's to fix")
+"""
+
+
+def test_a_failed_runs_folder_does_not_block_its_retry(tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "failing.py").write_text(USER_ERROR_MIXER)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    run_dir = tmp_path / "run"
+    args = [PY, TRAIN, *FAST, "trainer.max_steps=4", "trainer.eval_every=2", f"hydra.run.dir={run_dir}"]
+    proc = run(args + ["+mixer=static", "mixer._target_=failing.FailsAtStep2"], check=False, timeout=300)
+    assert proc.returncode == 2 and "train: error: mixer.weights: the user's to fix" in proc.stderr, proc.stderr[-2000:]
+    assert (run_dir / "metrics.jsonl").is_file() and (run_dir / ".failed").is_file()    # its traces, marked
+    proc = run(args + ["+mixer=static"], check=False, timeout=300)                         # the retry, fixed
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"note: {run_dir} holds only a failed run's outputs" in proc.stderr
+    assert (run_dir / "summary.json").is_file() and not (run_dir / ".failed").exists()
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert sum('"train_loss"' in x for x in lines) == 4          # the retry's steps only, not appended
+
+
+def test_a_killed_or_finished_run_still_holds_its_folder(tmp_path):
+    from dataflex.run.checkpoints import mark_complete
+    from dataflex.run.launching import mark_failed_run, prepare_run_dir
+    from dataflex.utils.errors import RunError
+
+    killed = tmp_path / "killed"          # kill -9: no mark, so the folder is the user's to judge
+    killed.mkdir()
+    (killed / "metrics.jsonl").write_text('{"step": 0}\n')
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "metrics.jsonl").write_text('{"step": 0}\n')
+    (finished / "summary.json").write_text("{}")
+    mark_failed_run(finished)             # a summary: never marked
+    resumable = tmp_path / "resumable"
+    (resumable / "checkpoints" / "step_0000002").mkdir(parents=True)
+    mark_complete(resumable / "checkpoints" / "step_0000002", 2)
+    (resumable / "metrics.jsonl").write_text('{"step": 0}\n')
+    mark_failed_run(resumable)            # a complete checkpoint: continue it, never reuse it
+    for folder in (killed, finished, resumable):
+        before = digest(folder)
+        with pytest.raises(RunError, match="already holds a run"):
+            prepare_run_dir(folder, None, False)
+        assert digest(folder) == before
+
+
+def test_a_resume_says_what_it_resumed(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [PY, TRAIN, *FAST, "trainer.checkpoint_every=2", "trainer.eval_every=2", f"hydra.run.dir={run_dir}"]
+    run(args + ["trainer.max_steps=2"], timeout=300)
+    proc = run(args + ["trainer.max_steps=4", "trainer.resume=latest"], timeout=300)
+    ckpt = (run_dir / "checkpoints" / "step_0000002").resolve()
+    assert f"resumed from step 2 (checkpoint {ckpt})" in proc.stdout

@@ -30,6 +30,7 @@ from dataflex.run.config import (  # noqa: E402
     check_deepspeed_config,
     check_known_keys,
     check_override_typos,
+    check_plugin_needs,
     check_plugin_settings,
     check_yaml_aliases,
     reference_keys,
@@ -38,6 +39,7 @@ from dataflex.run.faults import fault  # noqa: E402
 from dataflex.run.launching import (  # noqa: E402
     config_file,
     launch_ranks,
+    mark_failed_run,
     needs_launch,
     port_clash_message,
     prepare_argv,
@@ -92,11 +94,12 @@ def main(cfg):
     quiet_third_party(bool(cfg.logger.get("verbose", False)))
     lock = hold_run_folder(run_dir) if writer else None     # one writer per run folder (exit 2 if one runs)
     fresh = writer and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", LOCK_NAME}
-    done = False
+    done = owned = False
     try:
         with ConsoleLog(run_dir / "train.log") if writer else contextlib.nullcontext():
             try:
                 cfg, ckpt = settle(cfg, hc, run_dir, writer)
+                owned = writer and not needs_launch(cfg.trainer.nprocs)    # the folder is this run's now
                 if needs_launch(cfg.trainer.nprocs):
                     result = launch_ranks(rank_script(), cfg.trainer.nprocs, cfg.backend.name)
                 else:
@@ -109,6 +112,8 @@ def main(cfg):
     finally:
         if not done and fresh:
             remove_failed_run(run_dir, explicit=any(o.startswith("hydra.run.dir=") for o in hc.overrides.task))
+        if not done and owned:      # its outputs, if any are left and nothing can continue them: the retry reuses it
+            mark_failed_run(run_dir)
         if lock is not None:
             lock.release()
 
@@ -175,6 +180,7 @@ def train(cfg, hc, ckpt):
                     loss_reduction=tr.loss_reduction, nonfinite=tr.nonfinite, datasets={"val": val, "target": domains.target},
                     optimizer=getattr(backend, "optimizer", None), tokenizer=domains.tokenizer,
                     packing=packing_for(cfg))
+    check_plugin_needs([g for g in PLUGIN_GROUPS if cfg.get(g)], plugins, flex.state.domains, flex.datasets)
 
     strategy = run_strategy(cfg, hc, ckpt, PLUGIN_GROUPS)
     out = RunOutputs(run_dir, enabled=rank == 0, flush_every=tr.ledger_flush_every,
@@ -189,6 +195,8 @@ def train(cfg, hc, ckpt):
         before = client.get("run", before)
         first_val = before.get("val_loss_initial", {})
         flex.state.val_loss = dict(before.get("val_loss_state", {}))
+        if rank == 0:       # said at once, before the first step
+            print(f"resumed from step {flex.step} (checkpoint {Path(tr.resume).resolve()})", flush=True)
     else:
         first_val = flex.evaluate(val) if val else {}
         if first_val:

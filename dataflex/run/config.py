@@ -395,3 +395,39 @@ def check_yaml_aliases(argv: list[str], config_dir: str, prog: str, config_name:
             print(f"{prog}: error: {path}: more than {limit:,} YAML aliases (an alias bomb?); a config uses "
                   "a few aliases at most", file=sys.stderr)
             sys.exit(2)
+
+
+# ------------------------------------------------------------------- what a plugin needs, up front
+
+def check_plugin_needs(groups: list, plugins: list, domains: list, datasets: dict) -> None:
+    """Before the first step (and so even for a run that ends inside a plugin's warm-up): every target a plugin
+    aims at (`target`, the anchor's `anchor`) is a domain or a dataset the run has (the data config's `target`,
+    `val`), and every reference run (`reference=RUN_DIR` of doremi, rho, rho1) holds a checkpoint."""
+    for group, plugin in zip(groups, plugins):
+        for attr in ("target", "anchor"):
+            specs = getattr(plugin, attr, None)
+            specs = [specs] if isinstance(specs, str) else specs if isinstance(specs, (list, tuple)) else []
+            for spec in specs:
+                if not isinstance(spec, str) or spec in domains or datasets.get(spec) is not None:
+                    continue
+                if spec == "target":
+                    raise ConfigError(f"{group}.{attr}=target: the data config has no target set (`target: {{val: "
+                                      f"PATH}}` or `target: {{TASK: PATH}}`); or aim at a domain: {group}.{attr}=DOMAIN "
+                                      f"(domains: {', '.join(domains)})")
+                if spec == "val":
+                    raise ConfigError(f"{group}.{attr}=val: the run has no validation set (no domain has `val` files)"
+                                      f" and no domain named 'val' (domains: {', '.join(domains)})")
+                import difflib
+
+                close = difflib.get_close_matches(spec, list(domains), n=1)
+                raise ConfigError(f"{group}.{attr}={spec}: the data config has no target set and no domain named "
+                                  f"{spec!r} (domains: {', '.join(domains)}"
+                                  + (f"; did you mean {close[0]!r}?" if close else "") + ")")
+        spec = getattr(plugin, "reference_spec", None)
+        if isinstance(spec, (str, os.PathLike)) and getattr(plugin, "reference", "") is None:
+            from dataflex.run.reference import find_checkpoint
+
+            try:
+                find_checkpoint(spec)
+            except FileNotFoundError as e:
+                raise ConfigError(f"{group}.reference={spec}: {e}") from None
