@@ -109,11 +109,23 @@ def check_config(cfg) -> None:
             raise ConfigError(str(e)) from None
 
 
+def config_file(group: str) -> str:
+    """The YAML file Hydra chose for a config group, for error messages."""
+    from hydra.core.hydra_config import HydraConfig
+
+    runtime = HydraConfig.get().runtime
+    choice = runtime.choices.get(group)
+    for source in runtime.config_sources:
+        if source.provider in ("main", "command-line") and source.schema == "file":
+            path = os.path.join(source.path, group, f"{choice}.yaml")
+            if os.path.exists(path):
+                return path
+    return f"{group}={choice}"
+
+
 def _file_of(group: str) -> str:
     """` (FILE)`: the file Hydra chose for a group, when inside a Hydra job; else nothing."""
     try:
-        from dataflex.run.launching import config_file
-
         return f" ({config_file(group)})"
     except Exception:       # no Hydra job (a test, the API): the message names the key alone
         return ""

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from dataflex.run.checkpoints import checkpoint_run_folder
-from dataflex.run.config import _override_key
+from dataflex.run.config import _override_key, config_file  # noqa: F401  (config_file: re-exported)
 from dataflex.run.lock import LOCK_NAME
 from dataflex.utils.dist import free_port
 from dataflex.utils.errors import RunError
@@ -68,20 +68,6 @@ def prepare_argv(argv: list[str]) -> list[str]:
         out += ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=disabled",
                 "hydra/hydra_logging=disabled"]
     return out
-
-
-def config_file(group: str) -> str:
-    """The YAML file Hydra chose for a config group, for error messages."""
-    from hydra.core.hydra_config import HydraConfig
-
-    runtime = HydraConfig.get().runtime
-    choice = runtime.choices.get(group)
-    for source in runtime.config_sources:
-        if source.provider in ("main", "command-line") and source.schema == "file":
-            path = os.path.join(source.path, group, f"{choice}.yaml")
-            if os.path.exists(path):
-                return path
-    return f"{group}={choice}"
 
 
 def needs_launch(nprocs: int) -> bool:
