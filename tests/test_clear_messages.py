@@ -250,3 +250,58 @@ def test_a_resume_says_what_it_resumed(tmp_path):
     proc = run(args + ["trainer.max_steps=4", "trainer.resume=latest"], timeout=300)
     ckpt = (run_dir / "checkpoints" / "step_0000002").resolve()
     assert f"resumed from step 2 (checkpoint {ckpt})" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------- disk full
+
+NO_SPACE_AT_STEP_4 = """
+import errno, runpy, sys, torch
+real = torch.save
+def save(obj, f, *a, **k):
+    if "step_0000004" in str(f):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+    return real(obj, f, *a, **k)
+torch.save = save
+sys.argv = [sys.argv[1]] + sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_disk_full_at_a_checkpoint_names_disk_and_path(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run([PY, "-c", NO_SPACE_AT_STEP_4, TRAIN, *FAST, "trainer.max_steps=6", "trainer.checkpoint_every=2",
+                "trainer.eval_every=2", f"hydra.run.dir={run_dir}"], check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("train: error:"))
+    assert line.startswith(f"train: error: disk full: no space left to write {run_dir / 'checkpoints'}"
+                           f"/step_0000004.tmp/state.pt.tmp (the disk mounted at /"), line
+    assert "while saving checkpoint step_0000004" in line and "trainer.resume=latest" in line
+    assert "Traceback" not in proc.stderr
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["step_0000002"]                    # the earlier one intact, no .tmp debris
+    assert not (run_dir / ".failed").exists()           # resumable: never reused as a failed run's folder
+    proc = run([PY, TRAIN, *FAST, "trainer.max_steps=6", "trainer.checkpoint_every=2", "trainer.eval_every=2",
+                f"hydra.run.dir={run_dir}", "trainer.resume=latest"], timeout=300)
+    assert "resumed from step 2" in proc.stdout
+
+
+def test_disk_full_in_the_data_cache_names_disk_and_path(tmp_path, monkeypatch):
+    import errno
+
+    import dataflex.data.domains as domains
+    from dataflex.utils.errors import DataConfigError
+
+    target = tmp_path / "cache" / "abc" / "good" / "train" / "shards" / "good_train_00000.bin.tmp"
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(domains, "ensure_cache", no_space)
+    (tmp_path / "good.jsonl").write_text(GOOD_LINES)
+    before = digest(tmp_path)
+    data = {"tokenizer": TOKENIZER, "cache": str(tmp_path / "cache"), "domains": {"good": {"train": str(tmp_path / "good.jsonl")}}}
+    with pytest.raises(DataConfigError) as e:
+        domains.load_domains(data, 64)
+    assert str(e.value).startswith(f"disk full: no space left to write {target} (the disk mounted at /")
+    assert "while building the data cache" in str(e.value) and "data.cache=DIR" in str(e.value)
+    assert digest(tmp_path) == before

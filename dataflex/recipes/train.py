@@ -297,11 +297,19 @@ def save_checkpoint(backend, path: Path, step: int, client: dict, strategy: dict
     if writer and tmp.exists():
         shutil.rmtree(tmp)
     barrier()
-    backend.save(tmp, client)
+    try:
+        backend.save(tmp, client)
+    except (OSError, RuntimeError) as e:
+        raise_if_disk_full(e, tmp, path)
+        raise
     barrier()
     if writer:
         fault("checkpoint", step)       # tests: DATAFLEX_FAULT=checkpoint:N kills the run mid-save
-        mark_complete(tmp, step, strategy=strategy)
+        try:
+            mark_complete(tmp, step, strategy=strategy)
+        except OSError as e:
+            raise_if_disk_full(e, tmp, path)
+            raise
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -310,6 +318,22 @@ def save_checkpoint(backend, path: Path, step: int, client: dict, strategy: dict
             latest.write_text(path.name)
             os.replace(latest, path.parent / "latest")
     barrier()
+
+
+def raise_if_disk_full(exc: BaseException, tmp: Path, path: Path) -> None:
+    """A checkpoint that ran out of disk: its partial `.tmp` folder removed, and one line naming the disk and
+    the path (not the C++ writer's traceback); the previous checkpoints are intact."""
+    import shutil
+
+    from dataflex.data.domains import disk_full
+
+    full = disk_full(exc, getattr(exc, "filename", None) or tmp)
+    if full is None:
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise RunError(f"{full}, while saving checkpoint {path.name}: its partial folder was removed and the earlier "
+                   f"checkpoints in {path.parent} are intact; free space, then continue with trainer.resume=latest"
+                   ) from None
 
 
 if __name__ == "__main__":
