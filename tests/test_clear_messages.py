@@ -305,3 +305,22 @@ def test_disk_full_in_the_data_cache_names_disk_and_path(tmp_path, monkeypatch):
     assert str(e.value).startswith(f"disk full: no space left to write {target} (the disk mounted at /")
     assert "while building the data cache" in str(e.value) and "data.cache=DIR" in str(e.value)
     assert digest(tmp_path) == before
+
+
+# ------------------------------------------------------------------------- W&B: one run across a resume
+
+def test_a_resume_continues_the_same_wandb_run(tmp_path):
+    """WANDB_MODE=offline (test_launch.run sets it): the id is kept in the checkpoint's completion marker and
+    the resumed training opens the same W&B run, so the dashboard shows every step in one run."""
+    import json
+
+    run_dir = tmp_path / "run"
+    args = [PY, TRAIN, *[a for a in FAST if a != "logger=none"], "logger=wandb", "trainer.checkpoint_every=2",
+            "trainer.eval_every=2", f"hydra.run.dir={run_dir}"]
+    run(args + ["trainer.max_steps=2"], timeout=300)
+    from dataflex.run.checkpoints import COMPLETE
+
+    wandb_id = json.loads((run_dir / "checkpoints" / "step_0000002" / COMPLETE).read_text())["wandb_id"]
+    run(args + ["trainer.max_steps=4", "trainer.resume=latest"], timeout=300)
+    runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(f"-{wandb_id}") for name in runs), runs

@@ -20,6 +20,7 @@ from pathlib import Path
 import dataflex.run.reference  # noqa: E402,F401  (plugins' `reference=RUN_DIR` loads through it)
 from dataflex.run.checkpoints import (  # noqa: E402
     TMP_SUFFIX,
+    checkpoint_info,
     checkpoint_run_folder,
     mark_complete,
     resolve_resume,
@@ -183,8 +184,9 @@ def train(cfg, hc, ckpt):
     check_plugin_needs([g for g in PLUGIN_GROUPS if cfg.get(g)], plugins, flex.state.domains, flex.datasets)
 
     strategy = run_strategy(cfg, hc, ckpt, PLUGIN_GROUPS)
+    wandb_id = checkpoint_info(Path(tr.resume)).get("wandb_id") if tr.resume else None   # continue its W&B run
     out = RunOutputs(run_dir, enabled=rank == 0, flush_every=tr.ledger_flush_every,
-                     wandb_run=start_wandb(cfg, run_dir, strategy) if rank == 0 else None)
+                     wandb_run=start_wandb(cfg, run_dir, strategy, wandb_id) if rank == 0 else None)
     out.write_config(OmegaConf.to_container(cfg, resolve=True))
     out.track_samples(flex.data.describe(), partial(sample_table, flex.data))
     before = {"tokens": 0, "wall_time_s": 0.0}    # what the run did before its checkpoint (a resume)
@@ -209,7 +211,8 @@ def train(cfg, hc, ckpt):
         out.flush()                 # records up to the checkpoint are on disk before it counts
         run = dict(run_totals(), val_loss_initial=first_val, val_loss_state=dict(flex.state.val_loss))
         save_checkpoint(backend, run_dir / "checkpoints" / f"step_{done:07d}", done,
-                        {"flex": flex.state_dict(), "rng": torch.get_rng_state(), "run": run}, strategy)
+                        {"flex": flex.state_dict(), "rng": torch.get_rng_state(), "run": run}, strategy,
+                        wandb_id=getattr(out.wandb, "id", None))
     tokens = 0
     stop = PoliteStop.install()     # SIGTERM / Ctrl-C: finish the step, save, record, exit 143 / 130
     progress = tqdm(range(flex.step, tr.max_steps), desc="train", disable=rank != 0, initial=flex.step,
@@ -280,7 +283,8 @@ def eval_record(flex, step: int, val_loss: dict, limit: int | None) -> dict:
     return record
 
 
-def save_checkpoint(backend, path: Path, step: int, client: dict, strategy: dict | None = None) -> None:
+def save_checkpoint(backend, path: Path, step: int, client: dict, strategy: dict | None = None,
+                    wandb_id: str | None = None) -> None:
     """Atomic: the back end writes into `step_N.tmp`, rank 0 marks it complete and renames it to `step_N`
     (DeepSpeed's `latest` is written after that); a kill at any point leaves the previous checkpoints
     intact and at most a `.tmp` folder that resume skips and the next save replaces."""
@@ -306,7 +310,7 @@ def save_checkpoint(backend, path: Path, step: int, client: dict, strategy: dict
     if writer:
         fault("checkpoint", step)       # tests: DATAFLEX_FAULT=checkpoint:N kills the run mid-save
         try:
-            mark_complete(tmp, step, strategy=strategy)
+            mark_complete(tmp, step, strategy=strategy, **({"wandb_id": wandb_id} if wandb_id else {}))
         except OSError as e:
             raise_if_disk_full(e, tmp, path)
             raise
