@@ -28,7 +28,7 @@ def test_pipe_and_html_in_domain_names_are_escaped(tmp_path):
         make_run(root / "v0" / str(seed), "static", seed, 3.0 + 0.1 * seed)
         make_run(root / "v1" / str(seed), "bandit", seed, 2.8 + 0.1 * seed)
     strategies = group_runs(find_runs(root))
-    page = write_report(root, strategies, pick_baseline(strategies), tmp_path / "page")
+    write_report(root, strategies, pick_baseline(strategies), tmp_path / "page")
     md = (tmp_path / "page" / "report.md").read_text()
     assert "<img" not in md and "&lt;img src=x onerror=alert(1)&gt;&amp;" in md
     assert "a\\|b" in md
