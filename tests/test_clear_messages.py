@@ -171,7 +171,9 @@ FAST = ["backend=torch", "logger=none", "model.d_model=32", "model.seq_len=64", 
      "train: error: reweighter.anchor=cod: the data config has no target set and no domain named 'cod'"),
     (["+reweighter=rho1", "reweighter.reference=REF", "reweighter.burnout_steps=5", "trainer.max_steps=1"],
      "train: error: reweighter.reference=REF: no checkpoint under REF"),
-], ids=["less-warmup", "tracin", "anchor", "rho1-reference"])
+    (["+mixer=sheared", "mixer.reference=null", "trainer.max_steps=1"],      # its constructor's ValueError
+     "train: error: mixer: sheared needs exactly one of reference_loss ({domain: loss}) or reference (RUN_DIR)"),
+], ids=["less-warmup", "tracin", "anchor", "rho1-reference", "sheared-constructor"])
 def test_a_plugins_target_is_checked_before_the_first_step(tmp_path, overrides, message):
     ref = tmp_path / "ref"
     ref.mkdir()

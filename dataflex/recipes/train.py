@@ -34,6 +34,7 @@ from dataflex.run.config import (  # noqa: E402
     check_plugin_needs,
     check_plugin_settings,
     check_yaml_aliases,
+    instantiate_plugin,
     reference_keys,
 )
 from dataflex.run.faults import fault  # noqa: E402
@@ -174,7 +175,7 @@ def train(cfg, hc, ckpt):
                             weight_decay=tr.weight_decay, warmup_steps=tr.warmup_steps, max_steps=tr.max_steps,
                             grad_clip=tr.grad_clip, zero_stage=cfg.backend.get("zero_stage", 0),
                             bf16=cfg.backend.get("bf16", False), options=cfg.backend, seed=tr.seed)
-    plugins = [instantiate(cfg[group]) for group in PLUGIN_GROUPS if cfg.get(group)]
+    plugins = [instantiate_plugin(group, cfg[group]) for group in PLUGIN_GROUPS if cfg.get(group)]
     flex = DataFlex(domains.train, tr.global_batch_size, plugins, backend.interface, seed=tr.seed,
                     rank=backend.data_parallel_rank, world_size=backend.data_parallel_size,   # Megatron: the data-parallel ones
                     probe_batch_size=tr.probe_batch_size, check_ranks_every=tr.check_ranks_every,

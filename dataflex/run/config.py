@@ -443,3 +443,18 @@ def check_plugin_needs(groups: list, plugins: list, domains: list, datasets: dic
                 find_checkpoint(spec)
             except FileNotFoundError as e:
                 raise ConfigError(f"{group}.reference={spec}: {e}") from None
+
+
+def instantiate_plugin(group: str, node):
+    """A plugin built from its config group; a ValueError its constructor raises over its settings (sheared
+    given neither reference) is the user's to fix: one `train: error: GROUP: ...` line, not Hydra's block."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ValueError):
+            raise ConfigError(f"{group}: {cause}") from None
+        raise
