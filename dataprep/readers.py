@@ -86,6 +86,9 @@ def expand_entry(entry: str, key: str) -> list[Source]:
         matches = sorted(glob.glob(entry, recursive=True))
         if not matches:
             raise InputError(f"{key}: no input matches the pattern {entry!r}")
+    elif os.path.islink(entry) and not os.path.exists(entry):
+        raise InputError(f"{key}: {entry!r} is a symbolic link that leads nowhere (a link loop or a missing "
+                         f"target: {os.readlink(entry)!r})")
     elif not os.path.exists(entry):
         raise InputError(f"{key}: input not found: {entry!r} (relative paths resolve against the current "
                          f"directory {os.getcwd()!r})")
@@ -250,9 +253,31 @@ def read_source(src: Source, text_key: str = "text", text_split: str = "paragrap
     if src.fmt in ("jsonl", "text"):
         check_not_binary(src.path)
     if src.fmt == "jsonl":
-        return read_jsonl(src.path, text_key)
+        return _whole(src.path, read_jsonl(src.path, text_key))
     if src.fmt == "parquet":
         return read_parquet(src.path, text_key)
     if src.fmt == "hf":
         return read_hf(src.path, text_key, split)
-    return read_text(src.path, text_split)
+    return _whole(src.path, read_text(src.path, text_split))
+
+
+def _decompression_errors() -> tuple:
+    import zlib
+
+    errors = [EOFError, zlib.error, gzip.BadGzipFile]
+    try:
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _whole(path: str, records: Iterator[Record]) -> Iterator[Record]:
+    """A compressed file that ends early or is damaged (a truncated `.gz`) is named, not a traceback."""
+    try:
+        yield from records
+    except _decompression_errors() as e:
+        raise InputError(f"{path}: compressed file is truncated or damaged ({e}); re-download or re-compress it, "
+                         "or leave it out of the data config") from None

@@ -33,7 +33,10 @@ class Tokenizer:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {self.path}")
-        self._tok = _HFTokenizer.from_file(str(self.path))
+        try:
+            self._tok = _HFTokenizer.from_file(str(self.path))
+        except Exception as e:      # the tokenizers library raises a bare Exception for a damaged file
+            raise ValueError(f"data.tokenizer: {self.path} is not a readable tokenizer ({e})") from None
         self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
         eos = self._tok.token_to_id(EOS_TOKEN)
         if eos is None:     # the folder's declared eos_token (tokenizer_config.json), else a usual name; never 0

@@ -88,9 +88,42 @@ def load_domains(data_cfg, seq_len: int, max_val_samples: Optional[int] = None,
     return Domains(tokenizer, train, val, target)
 
 
+def disk_full(exc: BaseException, path) -> Optional[str]:
+    """`disk full: PATH ...` naming the disk (its mount point, free and total space) when `exc` is a write
+    that ran out of space: OSError ENOSPC, or torch's C++ writer failing (`file write failed`) on a disk with
+    under 64 MiB free; else None."""
+    import errno
+    import shutil
+
+    nospace = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    at = os.path.abspath(str(path))
+    disk = at
+    while not os.path.exists(disk) and os.path.dirname(disk) != disk:
+        disk = os.path.dirname(disk)
+    try:
+        usage = shutil.disk_usage(disk)
+    except OSError:
+        usage = None
+    if not nospace and not (isinstance(exc, RuntimeError) and "write failed" in str(exc) and usage is not None
+                            and usage.free < 64 << 20):
+        return None
+    while not os.path.ismount(disk) and os.path.dirname(disk) != disk:
+        disk = os.path.dirname(disk)
+    room = f", {usage.free / 2**20:,.0f} MiB free of {usage.total / 2**30:,.1f} GiB" if usage else ""
+    return f"disk full: no space left to write {at} (the disk mounted at {disk}{room})"
+
+
 def _load_groups(data: dict, groups: list, tokenizer, seq_len: int, max_val_samples, progress: Optional[bool] = None):
     progress = _is_builder() if progress is None else progress
-    folder, cache, _ = ensure_cache(groups, tokenizer, data.get("cache"), builder=_is_builder(), progress=progress)
+    try:
+        folder, cache, _ = ensure_cache(groups, tokenizer, data.get("cache"), builder=_is_builder(),
+                                        progress=progress)
+    except OSError as e:
+        full = disk_full(e, getattr(e, "filename", None) or data.get("cache") or "data cache")
+        if full is None:
+            raise
+        raise DataConfigError(f"{full}, while building the data cache: free space there, or set data.cache=DIR "
+                              "on a disk with room (the cache holds every domain tokenized once)") from None
     train, val, target, subtasks = {}, {}, None, {}
     for g, rec in zip(groups, cache["groups"]):
         limit = max_val_samples if g["split"] == "val" else None

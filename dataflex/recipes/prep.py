@@ -19,8 +19,16 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from dataflex.utils.paths import configs_dir
 
 
+def main():
+    """launch/prep.py and `dataflex prep`: the command line's config files checked for alias bombs, then Hydra."""
+    from dataflex.run.config import check_yaml_aliases
+
+    check_yaml_aliases(sys.argv[1:], str(configs_dir()), "prep", "prep")
+    return hydra_main()
+
+
 @hydra.main(config_path=str(configs_dir()), config_name="prep", version_base=None)
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     from dataflex.utils.console import quiet_third_party
 
     quiet_third_party(bool(OmegaConf.select(cfg, "prep.execution.verbose", default=False)))
@@ -30,8 +38,10 @@ def main(cfg: DictConfig) -> None:
 
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
-    except Exception as e:
-        sys.exit(f"prep: bad config: {e}")
+    except Exception as e:      # e.g. a ${key} naming no key: one line, exit 2
+        key = getattr(e, "full_key", None)
+        print(f"prep: error: {key + ': ' if key else ''}{str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
     before = previous_recipe(resolved["prep"].get("output_dir"))
     try:
         path = prepare(resolved["data"], resolved["prep"])

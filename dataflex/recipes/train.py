@@ -20,6 +20,7 @@ from pathlib import Path
 import dataflex.run.reference  # noqa: E402,F401  (plugins' `reference=RUN_DIR` loads through it)
 from dataflex.run.checkpoints import (  # noqa: E402
     TMP_SUFFIX,
+    checkpoint_info,
     checkpoint_run_folder,
     mark_complete,
     resolve_resume,
@@ -30,13 +31,17 @@ from dataflex.run.config import (  # noqa: E402
     check_deepspeed_config,
     check_known_keys,
     check_override_typos,
+    check_plugin_needs,
     check_plugin_settings,
+    check_yaml_aliases,
+    instantiate_plugin,
     reference_keys,
 )
 from dataflex.run.faults import fault  # noqa: E402
 from dataflex.run.launching import (  # noqa: E402
     config_file,
     launch_ranks,
+    mark_failed_run,
     needs_launch,
     port_clash_message,
     prepare_argv,
@@ -53,6 +58,7 @@ from dataflex.utils.paths import configs_dir
 
 sys.argv = sys.argv[:1] + prepare_argv(sys.argv[1:])
 check_override_typos(sys.argv[1:], str(configs_dir()))
+check_yaml_aliases(sys.argv[1:], str(configs_dir()), "train", "train")   # no alias bomb reaches Hydra
 
 from functools import partial
 
@@ -90,11 +96,12 @@ def main(cfg):
     quiet_third_party(bool(cfg.logger.get("verbose", False)))
     lock = hold_run_folder(run_dir) if writer else None     # one writer per run folder (exit 2 if one runs)
     fresh = writer and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", LOCK_NAME}
-    done = False
+    done = owned = False
     try:
         with ConsoleLog(run_dir / "train.log") if writer else contextlib.nullcontext():
             try:
                 cfg, ckpt = settle(cfg, hc, run_dir, writer)
+                owned = writer and not needs_launch(cfg.trainer.nprocs)    # the folder is this run's now
                 if needs_launch(cfg.trainer.nprocs):
                     result = launch_ranks(rank_script(), cfg.trainer.nprocs, cfg.backend.name)
                 else:
@@ -107,6 +114,8 @@ def main(cfg):
     finally:
         if not done and fresh:
             remove_failed_run(run_dir, explicit=any(o.startswith("hydra.run.dir=") for o in hc.overrides.task))
+        if not done and owned:      # its outputs, if any are left and nothing can continue them: the retry reuses it
+            mark_failed_run(run_dir)
         if lock is not None:
             lock.release()
 
@@ -166,17 +175,19 @@ def train(cfg, hc, ckpt):
                             weight_decay=tr.weight_decay, warmup_steps=tr.warmup_steps, max_steps=tr.max_steps,
                             grad_clip=tr.grad_clip, zero_stage=cfg.backend.get("zero_stage", 0),
                             bf16=cfg.backend.get("bf16", False), options=cfg.backend, seed=tr.seed)
-    plugins = [instantiate(cfg[group]) for group in PLUGIN_GROUPS if cfg.get(group)]
+    plugins = [instantiate_plugin(group, cfg[group]) for group in PLUGIN_GROUPS if cfg.get(group)]
     flex = DataFlex(domains.train, tr.global_batch_size, plugins, backend.interface, seed=tr.seed,
                     rank=backend.data_parallel_rank, world_size=backend.data_parallel_size,   # Megatron: the data-parallel ones
                     probe_batch_size=tr.probe_batch_size, check_ranks_every=tr.check_ranks_every,
                     loss_reduction=tr.loss_reduction, nonfinite=tr.nonfinite, datasets={"val": val, "target": domains.target},
                     optimizer=getattr(backend, "optimizer", None), tokenizer=domains.tokenizer,
                     packing=packing_for(cfg))
+    check_plugin_needs([g for g in PLUGIN_GROUPS if cfg.get(g)], plugins, flex.state.domains, flex.datasets)
 
     strategy = run_strategy(cfg, hc, ckpt, PLUGIN_GROUPS)
+    wandb_id = checkpoint_info(Path(tr.resume)).get("wandb_id") if tr.resume else None   # continue its W&B run
     out = RunOutputs(run_dir, enabled=rank == 0, flush_every=tr.ledger_flush_every,
-                     wandb_run=start_wandb(cfg, run_dir, strategy) if rank == 0 else None)
+                     wandb_run=start_wandb(cfg, run_dir, strategy, wandb_id) if rank == 0 else None)
     out.write_config(OmegaConf.to_container(cfg, resolve=True))
     out.track_samples(flex.data.describe(), partial(sample_table, flex.data))
     before = {"tokens": 0, "wall_time_s": 0.0}    # what the run did before its checkpoint (a resume)
@@ -187,6 +198,8 @@ def train(cfg, hc, ckpt):
         before = client.get("run", before)
         first_val = before.get("val_loss_initial", {})
         flex.state.val_loss = dict(before.get("val_loss_state", {}))
+        if rank == 0:       # said at once, before the first step
+            print(f"resumed from step {flex.step} (checkpoint {Path(tr.resume).resolve()})", flush=True)
     else:
         first_val = flex.evaluate(val) if val else {}
         if first_val:
@@ -199,7 +212,8 @@ def train(cfg, hc, ckpt):
         out.flush()                 # records up to the checkpoint are on disk before it counts
         run = dict(run_totals(), val_loss_initial=first_val, val_loss_state=dict(flex.state.val_loss))
         save_checkpoint(backend, run_dir / "checkpoints" / f"step_{done:07d}", done,
-                        {"flex": flex.state_dict(), "rng": torch.get_rng_state(), "run": run}, strategy)
+                        {"flex": flex.state_dict(), "rng": torch.get_rng_state(), "run": run}, strategy,
+                        wandb_id=getattr(out.wandb, "id", None))
     tokens = 0
     stop = PoliteStop.install()     # SIGTERM / Ctrl-C: finish the step, save, record, exit 143 / 130
     progress = tqdm(range(flex.step, tr.max_steps), desc="train", disable=rank != 0, initial=flex.step,
@@ -270,7 +284,8 @@ def eval_record(flex, step: int, val_loss: dict, limit: int | None) -> dict:
     return record
 
 
-def save_checkpoint(backend, path: Path, step: int, client: dict, strategy: dict | None = None) -> None:
+def save_checkpoint(backend, path: Path, step: int, client: dict, strategy: dict | None = None,
+                    wandb_id: str | None = None) -> None:
     """Atomic: the back end writes into `step_N.tmp`, rank 0 marks it complete and renames it to `step_N`
     (DeepSpeed's `latest` is written after that); a kill at any point leaves the previous checkpoints
     intact and at most a `.tmp` folder that resume skips and the next save replaces."""
@@ -287,11 +302,19 @@ def save_checkpoint(backend, path: Path, step: int, client: dict, strategy: dict
     if writer and tmp.exists():
         shutil.rmtree(tmp)
     barrier()
-    backend.save(tmp, client)
+    try:
+        backend.save(tmp, client)
+    except (OSError, RuntimeError) as e:
+        raise_if_disk_full(e, tmp, path)
+        raise
     barrier()
     if writer:
         fault("checkpoint", step)       # tests: DATAFLEX_FAULT=checkpoint:N kills the run mid-save
-        mark_complete(tmp, step, strategy=strategy)
+        try:
+            mark_complete(tmp, step, strategy=strategy, **({"wandb_id": wandb_id} if wandb_id else {}))
+        except OSError as e:
+            raise_if_disk_full(e, tmp, path)
+            raise
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -300,6 +323,22 @@ def save_checkpoint(backend, path: Path, step: int, client: dict, strategy: dict
             latest.write_text(path.name)
             os.replace(latest, path.parent / "latest")
     barrier()
+
+
+def raise_if_disk_full(exc: BaseException, tmp: Path, path: Path) -> None:
+    """A checkpoint that ran out of disk: its partial `.tmp` folder removed, and one line naming the disk and
+    the path (not the C++ writer's traceback); the previous checkpoints are intact."""
+    import shutil
+
+    from dataflex.data.domains import disk_full
+
+    full = disk_full(exc, getattr(exc, "filename", None) or tmp)
+    if full is None:
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise RunError(f"{full}, while saving checkpoint {path.name}: its partial folder was removed and the earlier "
+                   f"checkpoints in {path.parent} are intact; free space, then continue with trainer.resume=latest"
+                   ) from None
 
 
 if __name__ == "__main__":

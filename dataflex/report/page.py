@@ -152,9 +152,22 @@ def diff_table(stats: list, metrics: list, names: dict) -> str:
     return _table(header, rows)
 
 
+def md_text(x) -> str:
+    """Text from a run (a domain name, a strategy label, a path) made inert in Markdown: HTML escaped (`<`,
+    `>`, `&`), no line breaks."""
+    import html
+
+    return html.escape(str(x), quote=False).replace("\r", " ").replace("\n", " ")
+
+
+def md_cell(x) -> str:
+    """One table cell: md_text, and `|` escaped so a name holding one stays in its column."""
+    return md_text(x).replace("|", "\\|")
+
+
 def _table(header: list, rows: list) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(x) for x in row) + " |" for row in rows])
+    lines = ["| " + " | ".join(md_cell(x) for x in header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(md_cell(x) for x in row) + " |" for row in rows])
 
 
 def loss_table(stats: list, domains: list, baseline: str) -> str:
@@ -259,18 +272,18 @@ def write_report(root: Path, strategies: list, baseline: Strategy, out: Optional
     }
     runs, seeds = sum(len(s.runs) for s in strategies), len(baseline.runs)
     count = f"{len(strategies)} strateg{'y' if len(strategies) == 1 else 'ies'}, {runs} run{'s' * (runs != 1)}"
-    lines = [f"# Results: {root}", "",
+    lines = [f"# Results: {md_text(root)}", "",
              f"{count}. Baseline: **{ref.label}** (final mean validation loss {ref.final_mean:.3f}, averaged over "
              f"its {seeds} seed{'s' * (seeds != 1)}; {ref.steps:.0f} steps). "
              f"Values are means over seeds with their {level:.0%} interval in brackets.", "",
              method_sentence(method, level), "",
-             headline(stats, ref), "", *[x + "\n" for x in summary],
+             md_text(headline(stats, ref)), "", *[md_text(x) + "\n" for x in summary],
              "## Against the baseline, paired by seed", "", versus_table(stats, head, names), "",
              "## Noise: the seed spread of each strategy", "",
              "Sample standard deviation over seeds of each strategy's final mean validation loss, and its ratio to "
              f"the baseline's with the {level:.0%} interval the F distribution gives (wide at few seeds). Flagged: "
              f"a ratio of {SPREAD_FLAG:g}x or more, or 1/{SPREAD_FLAG:g} or less.", "", table, "",
-             ("Spread far from the baseline's: " + "; ".join(flagged) + ". A verdict of such a strategy rests on "
+             ("Spread far from the baseline's: " + md_text("; ".join(flagged)) + ". A verdict of such a strategy rests on "
               "its own seeds' noise, not the baseline's." if flagged else
               f"No strategy's seed spread is {SPREAD_FLAG:g}x the baseline's or more (or 1/{SPREAD_FLAG:g} or less)."),
              "",

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from dataflex.run.checkpoints import checkpoint_run_folder
-from dataflex.run.config import _override_key
+from dataflex.run.config import _override_key, config_file  # noqa: F401  (config_file: re-exported)
 from dataflex.run.lock import LOCK_NAME
 from dataflex.utils.dist import free_port
 from dataflex.utils.errors import RunError
@@ -69,20 +70,6 @@ def prepare_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def config_file(group: str) -> str:
-    """The YAML file Hydra chose for a config group, for error messages."""
-    from hydra.core.hydra_config import HydraConfig
-
-    runtime = HydraConfig.get().runtime
-    choice = runtime.choices.get(group)
-    for source in runtime.config_sources:
-        if source.provider in ("main", "command-line") and source.schema == "file":
-            path = os.path.join(source.path, group, f"{choice}.yaml")
-            if os.path.exists(path):
-                return path
-    return f"{group}={choice}"
-
-
 def needs_launch(nprocs: int) -> bool:
     """True in the one process that should start `nprocs` ranks itself (a sweep job, or a plain
     `python launch/train.py trainer.nprocs=2`); false under a launcher."""
@@ -132,7 +119,7 @@ SAFE_ON_RESUME = ("logger", "trainer.resume", "trainer.overwrite", "trainer.chec
                   "trainer.check_ranks_every")
 # Run folder entries a finished or running training writes; a fresh run never mixes with them.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "samples.parquet", "data.json", "ledger", "domain_weights.png",
-             "wandb", "checkpoints")
+             "wandb", "checkpoints", ".failed")
 
 
 def resume_config(cfg, overrides: list[str], ckpt) -> tuple:
@@ -199,6 +186,10 @@ def prepare_run_dir(run_dir, own_resume_step: int | None, overwrite: bool) -> bo
     fresh = run_dir.is_dir() and all(p.name in (".hydra", "train.log", LOCK_NAME) for p in run_dir.iterdir())
     if not present:
         return fresh
+    if own_resume_step is None and not overwrite and is_failed_run(run_dir):
+        print(f"note: {run_dir} holds only a failed run's outputs ({', '.join(present)}; no checkpoint, no "
+              f"summary.json); reusing it", file=sys.stderr)
+        overwrite = True
     if own_resume_step is not None:
         from dataflex.run.outputs import truncate_run
 
@@ -246,6 +237,37 @@ def run_strategy(cfg, hc, ckpt, groups) -> dict:
             choice = str(cfg[g].get("_target_", g)).rsplit(".", 1)[-1].lower()
         out[g] = choice if cfg.get(g) else None
     return out
+
+
+FAILED_MARK = ".failed"      # written into the folder of a run that failed: its retry may reuse the folder
+
+
+def is_failed_run(run_dir) -> bool:
+    """A folder whose run failed (its mark) and left nothing to continue from: no summary.json, no complete
+    checkpoint. A run killed outright leaves no mark and keeps its folder for the user to judge."""
+    from dataflex.run.checkpoints import complete_checkpoints
+
+    run_dir = Path(run_dir)
+    return ((run_dir / FAILED_MARK).is_file() and not (run_dir / "summary.json").exists()
+            and not complete_checkpoints(run_dir / "checkpoints"))
+
+
+def mark_failed_run(run_dir, error: str = "") -> None:
+    """After a failure: a folder still holding the run's outputs but nothing to continue from is marked, so
+    the retry into it (the same command, fixed) is not refused as a folder that holds a run."""
+    import json
+    import time
+
+    from dataflex.run.checkpoints import complete_checkpoints
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or (run_dir / "summary.json").exists() or complete_checkpoints(run_dir / "checkpoints"):
+        return
+    try:
+        (run_dir / FAILED_MARK).write_text(json.dumps({"failed_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                       "error": error[-500:]}) + "\n")
+    except OSError:
+        pass
 
 
 def remove_failed_run(run_dir, explicit: bool) -> None:

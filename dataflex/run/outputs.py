@@ -192,8 +192,9 @@ def plot_domain_weights(history: list[dict], path: Path, title: str = "") -> Opt
     return path
 
 
-def start_wandb(cfg, run_dir: Path, strategy: dict):
-    """A W&B run (offline unless logger.mode says otherwise) with domain weights as charts."""
+def start_wandb(cfg, run_dir: Path, strategy: dict, run_id: Optional[str] = None):
+    """A W&B run (offline unless logger.mode says otherwise) with domain weights as charts. `run_id`: the W&B
+    run a resumed training continues (kept in its checkpoint), so the dashboard shows one run, not two."""
     if cfg.logger.name != "wandb":
         return None
     import wandb
@@ -202,8 +203,10 @@ def start_wandb(cfg, run_dir: Path, strategy: dict):
     mode = os.environ.get("WANDB_MODE", cfg.logger.mode)
     name = "+".join(f"{k}={v}" for k, v in strategy.items() if v) or "baseline"
     group = cfg.logger.get("group") or sweep_group()
+    resume = {"id": str(run_id), "resume": "allow"} if run_id else {}
     return wandb.init(project=cfg.logger.project, group=group, name=name, mode=mode,
-                      dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")
+                      dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous",
+                      **resume)
 
 
 def sweep_group(sweep_dir=None) -> Optional[str]:
