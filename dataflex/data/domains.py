@@ -27,6 +27,7 @@ from dataflex.data.mixture import DomainIndex, MixtureDataset  # noqa: F401  (th
 from dataflex.data.shards import ShardSampleSet, shard_prefixes_inside
 from dataflex.data.tokenizer import load_tokenizer_checked
 from dataflex.utils.errors import DataConfigError, ShardError
+from dataflex.utils.files import disk_full
 from dataprep.tokenizer import Tokenizer
 
 
@@ -86,31 +87,6 @@ def load_domains(data_cfg, seq_len: int, max_val_samples: Optional[int] = None,
     tokenizer = load_tokenizer_checked(resolve(data.get("tokenizer") or DEFAULT_TOKENIZER))
     train, val, target = _load_groups(data, _groups(data), tokenizer, seq_len, max_val_samples, progress)
     return Domains(tokenizer, train, val, target)
-
-
-def disk_full(exc: BaseException, path) -> Optional[str]:
-    """`disk full: PATH ...` naming the disk (its mount point, free and total space) when `exc` is a write
-    that ran out of space: OSError ENOSPC, or torch's C++ writer failing (`file write failed`) on a disk with
-    under 64 MiB free; else None."""
-    import errno
-    import shutil
-
-    nospace = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    at = os.path.abspath(str(path))
-    disk = at
-    while not os.path.exists(disk) and os.path.dirname(disk) != disk:
-        disk = os.path.dirname(disk)
-    try:
-        usage = shutil.disk_usage(disk)
-    except OSError:
-        usage = None
-    if not nospace and not (isinstance(exc, RuntimeError) and "write failed" in str(exc) and usage is not None
-                            and usage.free < 64 << 20):
-        return None
-    while not os.path.ismount(disk) and os.path.dirname(disk) != disk:
-        disk = os.path.dirname(disk)
-    room = f", {usage.free / 2**20:,.0f} MiB free of {usage.total / 2**30:,.1f} GiB" if usage else ""
-    return f"disk full: no space left to write {at} (the disk mounted at {disk}{room})"
 
 
 def _load_groups(data: dict, groups: list, tokenizer, seq_len: int, max_val_samples, progress: Optional[bool] = None):

@@ -330,7 +330,7 @@ def raise_if_disk_full(exc: BaseException, tmp: Path, path: Path) -> None:
     the path (not the C++ writer's traceback); the previous checkpoints are intact."""
     import shutil
 
-    from dataflex.data.domains import disk_full
+    from dataflex.utils.files import disk_full
 
     full = disk_full(exc, getattr(exc, "filename", None) or tmp)
     if full is None:

@@ -6,7 +6,7 @@ import json
 import os
 import threading
 import uuid
-from typing import Callable
+from typing import Callable, Optional
 
 from dataprep.writer import file_lock, sha256_file  # noqa: F401
 
@@ -48,3 +48,28 @@ def fsync_dir(folder: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def disk_full(exc: BaseException, path) -> Optional[str]:
+    """`disk full: PATH ...` naming the disk (its mount point, free and total space) when `exc` is a write
+    that ran out of space: OSError ENOSPC, or torch's C++ writer failing (`file write failed`) on a disk with
+    under 64 MiB free; else None."""
+    import errno
+    import shutil
+
+    nospace = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    at = os.path.abspath(str(path))
+    disk = at
+    while not os.path.exists(disk) and os.path.dirname(disk) != disk:
+        disk = os.path.dirname(disk)
+    try:
+        usage = shutil.disk_usage(disk)
+    except OSError:
+        usage = None
+    if not nospace and not (isinstance(exc, RuntimeError) and "write failed" in str(exc) and usage is not None
+                            and usage.free < 64 << 20):
+        return None
+    while not os.path.ismount(disk) and os.path.dirname(disk) != disk:
+        disk = os.path.dirname(disk)
+    room = f", {usage.free / 2**20:,.0f} MiB free of {usage.total / 2**30:,.1f} GiB" if usage else ""
+    return f"disk full: no space left to write {at} (the disk mounted at {disk}{room})"
