@@ -417,6 +417,8 @@ def check_plugin_needs(groups: list, plugins: list, domains: list, datasets: dic
     `val`), and every reference run (`reference=RUN_DIR` of doremi, rho, rho1) holds a checkpoint."""
     for group, plugin in zip(groups, plugins):
         for attr in ("target", "anchor"):
+            if attr == "target" and getattr(plugin, "selection", None):     # LESS trains on a given selection:
+                continue                                                    # it never reads its target
             specs = getattr(plugin, attr, None)
             specs = [specs] if isinstance(specs, str) else specs if isinstance(specs, (list, tuple)) else []
             for spec in specs:
