@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from test_launch import ROOT, run
 
-from dataflex.run.config import YAML_ALIAS_LIMIT, named_yaml_files, yaml_alias_uses
+from dataflex.run.yaml_files import YAML_ALIAS_LIMIT, named_yaml_files, yaml_alias_uses
 
 PY, TRAIN, PREP = sys.executable, str(ROOT / "launch" / "train.py"), str(ROOT / "launch" / "prep.py")
 TOKENIZER = str(ROOT / "data" / "default" / "tokenizer.json")

@@ -9,7 +9,7 @@ from test_launch import ROOT
 
 from dataflex.core.settings import check_settings
 from dataflex.mixers import BanditMixer, StaticMixer
-from dataflex.run.config import check_plugin_settings
+from dataflex.run.plugins import check_plugin_settings
 from dataflex.utils.errors import ConfigError
 
 CONFIGS = ROOT / "configs"

@@ -21,7 +21,7 @@ from dataflex.utils.paths import configs_dir
 
 def main():
     """launch/prep.py and `dataflex prep`: the command line's config files checked for alias bombs, then Hydra."""
-    from dataflex.run.config import check_yaml_aliases
+    from dataflex.run.yaml_files import check_yaml_aliases
 
     check_yaml_aliases(sys.argv[1:], str(configs_dir()), "prep", "prep")
     return hydra_main()

@@ -26,17 +26,19 @@ from dataflex.run.checkpoints import (  # noqa: E402
     resolve_resume,
 )
 from dataflex.run.config import (  # noqa: E402
-    PLUGIN_GROUPS,
     check_config,
     check_deepspeed_config,
     check_known_keys,
     check_override_typos,
-    check_plugin_needs,
-    check_plugin_settings,
-    check_yaml_aliases,
-    instantiate_plugin,
     reference_keys,
 )
+from dataflex.run.plugins import (  # noqa: E402
+    PLUGIN_GROUPS,
+    check_plugin_needs,
+    check_plugin_settings,
+    instantiate_plugin,
+)
+from dataflex.run.yaml_files import check_yaml_aliases  # noqa: E402
 from dataflex.run.faults import fault  # noqa: E402
 from dataflex.run.launching import (  # noqa: E402
     config_file,

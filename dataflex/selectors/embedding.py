@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from dataflex.core.events import Event
 from dataflex.core.plugin import Selector
-from dataflex.core.state import DataState, keep_pool
+from dataflex.core.state import DataState
 from dataflex.data.config import resolve
 from dataflex.selectors.pool import PoolChoice
 from dataflex.utils import dist
@@ -216,29 +216,14 @@ class EmbeddingSelector(PoolChoice, Selector):
         self.target_samples, self.tokenizer, self.cache_dir = target_samples, tokenizer, cache_dir
         self.batch_size, self.device, self.progress = batch_size, device, progress
         embedder_path(embedder)                                          # fails early on a bad path
-        self.phase = "init"
-        self.kept_ids: Optional[torch.Tensor] = None
-        self.scores: Optional[torch.Tensor] = None
-        self.pool_counts: Optional[list] = None
+        self.init_choice()
 
     def choose(self, pool: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def apply(self, event, state: DataState) -> None:
-        if event == Event.AFTER_CANDIDATES:      # pass-through: the pool masks did the selecting
-            state.keep_mask = torch.ones(len(state.candidate_ids), dtype=torch.bool)
-            return
-        if self.phase == "init":
-            pool, target = self.embed(state)
-            keep, scores = self.choose(pool, target)
-            keep = dist.broadcast_object(keep.clone())         # one decision for every rank
-            self.scores = dist.broadcast_object(scores.double().clone())
-            self.kept_ids = torch.nonzero(keep).flatten()
-            self.apply_keep(state, keep)
-            self.phase = "selected"
-        state.metrics["selector/phase"] = self.phase
-        for name, n in zip(state.domains, self.pool_counts or []):
-            state.metrics[f"selector/kept/{name}"] = n
+    def decide(self, state: DataState) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.choose(*self.embed(state))
+
 
     def embed(self, state: DataState) -> tuple[torch.Tensor, torch.Tensor]:
         """(pool [N, d], target [M, d]) embeddings; the pool's through the cache."""
@@ -259,8 +244,6 @@ class EmbeddingSelector(PoolChoice, Selector):
         target = cached_embeddings(model, texts, self.cache_dir, self.batch_size, show, "embedding the target")
         return pool, target
 
-    def apply_keep(self, state: DataState, keep: torch.Tensor) -> None:
-        self.pool_counts = keep_pool(state, keep)
 
     def describe(self) -> dict:
         return {"keep_fraction": self.keep_fraction, "target": self.target, "embedder": str(embedder_path(self.embedder))}

@@ -28,6 +28,34 @@ class PoolChoice:
     and the embedding selectors."""
     export_name = "selection.json"
 
+    def init_choice(self) -> None:
+        self.phase = "init"
+        self.kept_ids: Optional[torch.Tensor] = None
+        self.scores: Optional[torch.Tensor] = None
+        self.pool_counts: Optional[list] = None
+
+    def decide(self, state: DataState) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keep [N] bool, scores [N] float64) over the pool, made once at the first step."""
+        raise NotImplementedError
+
+    def apply_keep(self, state: DataState, keep: torch.Tensor) -> None:
+        self.pool_counts = keep_pool(state, keep)
+
+    def apply(self, event, state: DataState) -> None:
+        if event == Event.AFTER_CANDIDATES:      # pass-through: the pool masks did the selecting
+            state.keep_mask = torch.ones(len(state.candidate_ids), dtype=torch.bool)
+            return
+        if self.phase == "init":
+            keep, scores = self.decide(state)
+            keep = dist.broadcast_object(keep.clone())         # one decision for every rank
+            self.scores = dist.broadcast_object(scores.double().clone())
+            self.kept_ids = torch.nonzero(keep).flatten()
+            self.apply_keep(state, keep)
+            self.phase = "selected"
+        state.metrics["selector/phase"] = self.phase
+        for name, n in zip(state.domains, self.pool_counts or []):
+            state.metrics[f"selector/kept/{name}"] = n
+
     def describe(self) -> dict:
         """What the export records besides the choice (the settings)."""
         return {}
@@ -52,25 +80,11 @@ class PoolSelector(PoolChoice, Selector):
     events = (Event.BEFORE_SAMPLE, Event.AFTER_CANDIDATES)
 
     def __init__(self):
-        self.phase = "init"
-        self.kept_ids: Optional[torch.Tensor] = None
-        self.scores: Optional[torch.Tensor] = None
-        self.pool_counts: Optional[list] = None
+        self.init_choice()
 
     def choose(self, state: DataState) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def apply(self, event, state: DataState) -> None:
-        if event == Event.AFTER_CANDIDATES:      # pass-through: the pool masks did the selecting
-            state.keep_mask = torch.ones(len(state.candidate_ids), dtype=torch.bool)
-            return
-        if self.phase == "init":
-            keep, scores = self.choose(state)
-            keep = dist.broadcast_object(keep.clone())         # one decision for every rank
-            self.scores = dist.broadcast_object(scores.double().clone())
-            self.kept_ids = torch.nonzero(keep).flatten()
-            self.pool_counts = keep_pool(state, keep)
-            self.phase = "selected"
-        state.metrics["selector/phase"] = self.phase
-        for name, n in zip(state.domains, self.pool_counts or []):
-            state.metrics[f"selector/kept/{name}"] = n
+    def decide(self, state: DataState) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.choose(state)
+
