@@ -31,3 +31,4 @@ trainer.train()
 print(f"rank {dist.rank()} of {dist.world_size()}: flex rank {flex.rank} of {flex.world_size}", flush=True)
 if dist.rank() == 0:
     torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, f"{out}/params.pt")
+dist.leave_group()      # ranks leave together: a rank exiting with a live gloo group can abort in its teardown

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import roundtrip, synthetic_domains, tiny_gpt
+from conftest import leave_spawned_group, roundtrip, synthetic_domains, tiny_gpt
 
 from dataflex.core.loss import per_sample_loss
 from dataflex.core.plugin import Reweighter
@@ -221,9 +221,10 @@ def _divergence_worker(rank, init_file, out_dir):
         except RuntimeError as e:
             message = str(e)
         open(os.path.join(out_dir, f"rank{rank}.txt"), "w").write(message)
-        dist.barrier()   # no rank leaves while the other still reads the last collective (gloo aborts)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave_spawned_group()
 
 
 def test_ranks_that_disagree_are_caught(tmp_path):
@@ -272,9 +273,10 @@ def _diverge_at_3_worker(rank, init_file, out_dir, kind):
         except RuntimeError as e:
             message = f"{flex.state.step}: {e}"
         open(os.path.join(out_dir, f"{kind}{rank}.txt"), "w").write(message)
-        dist.barrier()   # no rank leaves while the other still reads the last collective (gloo aborts)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave_spawned_group()
 
 
 @pytest.mark.parametrize("kind", ["mixer", "reweighter"])

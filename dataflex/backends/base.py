@@ -58,10 +58,11 @@ class Backend:
         return forward(self.model, batch)
 
 
-def setup_distributed(backend: str) -> None:
-    """Join the process group the launcher describes (deepspeed, torchrun), or make a group of one."""
+def setup_distributed(backend: str) -> bool:
+    """Join the process group the launcher describes (deepspeed, torchrun), or make a group of one.
+    True when this call made the group (its maker ends it: `dataflex.utils.dist.leave_group`)."""
     if torch.distributed.is_initialized():
-        return
+        return False
     if torch.cuda.is_available():      # NCCL collectives and barriers use the current device: this rank's
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if backend == "deepspeed":
@@ -72,5 +73,8 @@ def setup_distributed(backend: str) -> None:
     elif backend == "megatron" or int(os.environ.get("WORLD_SIZE", "1")) > 1:   # Megatron needs a group even alone
         ensure_process_env()
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    else:
+        return False
+    return True
 
 

@@ -152,7 +152,7 @@ def train(cfg, hc, ckpt):
     started = time.time()
     tr = cfg.trainer
     try:
-        setup_distributed(cfg.backend.name)
+        made_group = setup_distributed(cfg.backend.name)
     except Exception as e:
         clash = port_clash_message(e)
         if clash:
@@ -259,6 +259,8 @@ def train(cfg, hc, ckpt):
     stop.exit_if_requested(flex.step)
     if rank == 0:
         print_comparison(summary)
+    if made_group and world > 1:    # ranks exit together (a rank leaving a live gloo group can abort)
+        dist.leave_group()
     return summary["val_loss"] and sum(summary["val_loss"].values()) / len(summary["val_loss"])
 
 

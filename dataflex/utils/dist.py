@@ -92,6 +92,16 @@ def barrier() -> None:
             dist.barrier(group=_group)
 
 
+def leave_group() -> None:
+    """The end of a run that made its process group: every rank waits for the others, then the group is
+    destroyed. A rank that exits with a live gloo group while another still talks to it can abort in
+    gloo's teardown ("terminate called without an active exception", about 1 exit in 10 on 2 CPU ranks)."""
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            barrier()
+        dist.destroy_process_group()
+
+
 def free_port() -> int:
     import socket
 
