@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import roundtrip, step, tiny_gpt
+from conftest import leave_spawned_group, roundtrip, step, tiny_gpt
 
 from dataflex.data.domains import MixtureDataset
 from dataflex.data.samples import chunk_documents
@@ -390,9 +390,10 @@ def _rank_worker(rank, init_file, out_dir):
             step(flex, model, opt)
             out[name] = (plugin.kept_ids.clone(), plugin.scores.clone())
         torch.save(out, f"{out_dir}/rank{rank}.pt")
-        tdist.barrier()
-    finally:
+    except BaseException:
         tdist.destroy_process_group()
+        raise
+    leave_spawned_group()
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import synthetic_domains, tiny_gpt
+from conftest import leave_spawned_group, synthetic_domains, tiny_gpt
 
 from dataflex.data.domains import MixtureDataset
 from dataflex.grad.interface import TorchInterface
@@ -54,9 +54,10 @@ def _worker(rank, init_file, out_dir):
     try:
         out = run_less(out_dir, 2)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()   # no rank leaves while the other still reads the last collective (gloo aborts)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave_spawned_group()
 
 
 def test_two_ranks_select_what_one_rank_selects(tmp_path):

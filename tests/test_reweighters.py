@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import synthetic_domains, tiny_gpt
+from conftest import leave_spawned_group, synthetic_domains, tiny_gpt
 
 from dataflex.core.events import Event
 from dataflex.core.state import DataState
@@ -229,8 +229,10 @@ def _ddp_worker(rank, world_size, init_file, out_dir):
                 o["grad"] /= world_size
             results[name] = out
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave_spawned_group()
 
 
 def test_ddp_and_single_process_give_identical_weights(tmp_path):
