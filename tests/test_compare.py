@@ -280,3 +280,33 @@ def test_domain_names_with_tex_characters_plot(tmp_path):
     history = [{"step": s, "domain_weights": {"$price$": 0.5, "a$b": 0.25, "x_1^2": 0.25}} for s in range(3)]
     out = plot_domain_weights(history, tmp_path / "w.png", title="$$")
     assert out is not None and (tmp_path / "w.png").stat().st_size > 0
+
+
+def test_wall_times_are_compared_only_between_runs_made_alike(tmp_path):
+    """A baseline logged to W&B and a strategy that logs nothing (the demo's case) differ in cost for reasons
+    that are not the strategy's: the page says so and leaves the wall-time columns out; runs made alike keep
+    them. Verdicts are Bonferroni-corrected by default and the CSV says at which level."""
+    for seed in range(3):
+        make_run(tmp_path / "s" / "v0" / str(seed), *STATIC[:2], seed, [5.0, 4.0, 3.0 + 0.01 * seed], wall=40.0)
+        make_run(tmp_path / "s" / "v1" / str(seed), {"reweighter": "loss"}, ["+reweighter=loss"], seed,
+                 [5.0, 4.0, 2.9 + 0.01 * seed], wall=20.0)
+        make_run(tmp_path / "s" / "v2" / str(seed), {"reweighter": "focal"}, ["+reweighter=focal"], seed,
+                 [5.0, 4.0, 2.95 + 0.011 * seed], wall=20.0)
+    strategies = group_runs(find_runs(tmp_path / "s"))
+    alike = write_report(tmp_path / "s", strategies, pick_baseline(strategies), tmp_path / "alike")["markdown"]
+    assert "The runs were made alike" in alike and "| wall time s |" in alike
+    row = next(csv.DictReader(open(tmp_path / "alike" / "report.csv")))
+    assert float(row["diff_level"]) == pytest.approx(1 - 0.05 / 2) and row["cost_comparable"] == "True"
+    assert "Bonferroni-corrected: each interval at 97.50%" in alike
+    for seed in range(3):                    # the baseline's runs logged to W&B
+        cfg_path = tmp_path / "s" / "v0" / str(seed) / "config.yaml"
+        cfg = yaml.safe_load(cfg_path.read_text())
+        cfg["logger"] = {"name": "wandb"}
+        cfg_path.write_text(yaml.safe_dump(cfg))
+    strategies = group_runs(find_runs(tmp_path / "s"))
+    md = write_report(tmp_path / "s", strategies, pick_baseline(strategies), tmp_path / "mixed",
+                      correction="none")["markdown"]
+    assert "Wall time is not compared here" in md and "logger.name: unset vs wandb" in md
+    assert "| wall time s |" not in md and "overhead / step" not in md
+    row = next(csv.DictReader(open(tmp_path / "mixed" / "report.csv")))
+    assert row["cost_comparable"] == "False" and float(row["diff_level"]) == 0.95

@@ -32,6 +32,9 @@ def main(argv=None):
     ap.add_argument("--interval", choices=("t", "bootstrap"), default="t",
                     help="intervals over seeds: Student's t (default) or a seeded percentile bootstrap")
     ap.add_argument("--level", type=float, default=0.95, help="the intervals' confidence level (default 0.95)")
+    ap.add_argument("--correction", choices=("bonferroni", "none"), default="bonferroni",
+                    help="the differences from the baseline: Bonferroni-corrected over the strategies compared "
+                         "(default; all verdicts of a metric hold together at --level) or each at --level")
     args = ap.parse_args(argv)
     if not args.dir.is_dir():
         sys.exit(f"compare: no such folder: {args.dir}")
@@ -47,7 +50,7 @@ def main(argv=None):
         sys.exit(f"compare: {e}")
     if not 0 < args.level < 1:
         sys.exit(f"compare: --level must be in (0, 1), got {args.level}")
-    page = write_report(args.dir, strategies, baseline, out, args.level, args.interval)
+    page = write_report(args.dir, strategies, baseline, out, args.level, args.interval, args.correction)
     md = write(load_runs(args.dir), out)
     print(md)
     print("\n" + page["markdown"].split("## Figures")[0].strip())

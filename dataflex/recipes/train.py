@@ -13,6 +13,7 @@ that the back end backpropagates.
 import contextlib
 import json
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -250,7 +251,8 @@ def train(cfg, hc, ckpt):
     summary = {"strategy": strategy, "steps": flex.step, "tokens": totals["tokens"], "wall_time_s": totals["wall_time_s"],
                "val_loss_initial": first_val, "val_loss": out.last("val_loss"),
                "domain_weights": out.last("domain_weights"), "token_share": flex.token_shares(),   # target vs achieved
-               "world_size": world, "backend": cfg.backend.name, "run_dir": str(run_dir)}
+               "world_size": world, "backend": cfg.backend.name, "run_dir": str(run_dir),
+               "host": platform.node()}    # the results page compares wall times only of runs made alike
     if out.last("target_loss") is not None:     # a data config with a `target`: its loss at the last evaluation
         summary["target_loss"] = out.last("target_loss")
     if stop.requested:

@@ -19,6 +19,8 @@ from dataflex.report.stats import (
     Reference,
     StrategyStats,
     best_dynamic,
+    comparison_level,
+    cost_mismatch,
     domains_of,
     mean_std,
     metric_names,
@@ -185,20 +187,33 @@ def loss_table(stats: list, domains: list, baseline: str) -> str:
     return _table(header, rows)
 
 
-def cost_table(stats: list, ref: Reference) -> str:
-    header = ["strategy", "steps to baseline's final (seeds)", "x baseline steps", "tokens to baseline's final",
-              "wall time s", "s / step", "overhead / step"]
+def cost_table(stats: list, ref: Reference, with_time: bool = True) -> str:
+    """Steps and tokens to the baseline's final loss; wall time, s/step and overhead only when `with_time`
+    (the runs were made alike: `stats.cost_mismatch` is empty)."""
+    header = ["strategy", "steps to baseline's final (seeds)", "x baseline steps", "tokens to baseline's final"]
+    header += ["wall time s", "s / step", "overhead / step"] if with_time else []
     rows = []
     for s in stats:
         tokens = "—" if not math.isfinite(s.tokens[0]) else f"{s.tokens[0]:,.0f} ± {s.tokens[1]:,.0f}"
         overhead = f"{s.overhead:.2f}x" if math.isfinite(s.overhead) else "—"
         sps = f"{s.sec_per_step:.3f}" if math.isfinite(s.sec_per_step) else "—"
-        rows.append([s.label, reach_cell(s), pm(s.ratio, 2), tokens, pm(s.wall, 1), sps, overhead])
+        rows.append([s.label, reach_cell(s), pm(s.ratio, 2), tokens] + ([pm(s.wall, 1), sps, overhead]
+                                                                        if with_time else []))
     return _table(header, rows)
 
 
+def cost_sentence(mismatch: list) -> str:
+    if not mismatch:
+        return ("Wall time includes start-up and evaluations; overhead is s/step (median over seeds) over the "
+                "baseline's. The runs were made alike (logger, back end, ranks, evaluation settings, batch, "
+                "sequence length, machine).")
+    return ("Wall time is not compared here: the runs were not made alike (" + "; ".join(mismatch) + "), and "
+            "that costs time that is not the strategy's. The controlled step-time comparison is "
+            "docs/benchmarks.md (`make bench`).")
+
+
 def csv_rows(stats: list, domains: list, ref: Reference, tasks: list = (), metrics: list = (), level: float = LEVEL,
-             method: str = "t") -> list:
+             method: str = "t", diff_level: Optional[float] = None, comparable: bool = True) -> list:
     """report.csv: the page's numbers unrounded; for every metric KEY (val_mean, val_DOMAIN, target,
     target_TASK): KEY_lo/KEY_hi (the interval of its mean), KEY_diff/KEY_diff_lo/KEY_diff_hi (paired by seed
     with the baseline), KEY_pairs (seeds paired; 0: Welch's unpaired interval) and KEY_verdict."""
@@ -208,7 +223,7 @@ def csv_rows(stats: list, domains: list, ref: Reference, tasks: list = (), metri
          "steps_to_baseline_std", "ratio_mean", "ratio_std", "tokens_to_baseline_mean", "tokens_to_baseline_std",
          "wall_s_mean", "wall_s_std", "sec_per_step", "overhead", "baseline", "baseline_final_mean", "baseline_steps"]
     header += ["interval", "level", "steps_to_baseline_lo", "steps_to_baseline_hi", "ratio_lo", "ratio_hi",
-               "spread_ratio", "spread_ratio_lo", "spread_ratio_hi"]
+               "spread_ratio", "spread_ratio_lo", "spread_ratio_hi", "diff_level", "cost_comparable"]
     header += [f"{m}_{k}" for m in metrics for k in ("lo", "hi", "diff", "diff_lo", "diff_hi", "pairs", "verdict")]
     rows = [header]
     for s in stats:
@@ -217,7 +232,8 @@ def csv_rows(stats: list, domains: list, ref: Reference, tasks: list = (), metri
             + [*s.mean, *(s.target or ("", ""))] + [x for t in tasks for x in s.tasks.get(t, ("", ""))] \
             + [s.reached, *mean_std(hits), *s.ratio, *s.tokens, *s.wall,
                s.sec_per_step, s.overhead, ref.label, ref.final_mean, ref.steps]
-        row += [method, level, s.reach_ci.lo, s.reach_ci.hi, s.ratio_ci.lo, s.ratio_ci.hi, *s.spread]
+        row += [method, level, s.reach_ci.lo, s.reach_ci.hi, s.ratio_ci.lo, s.ratio_ci.hi, *s.spread,
+                diff_level if diff_level is not None else level, comparable]
         for m in metrics:
             ci, diff = s.ci.get(m), s.diff.get(m)
             row += [ci.lo, ci.hi] if ci else ["", ""]
@@ -226,7 +242,7 @@ def csv_rows(stats: list, domains: list, ref: Reference, tasks: list = (), metri
     return rows
 
 
-def method_sentence(method: str, level: float) -> str:
+def method_sentence(method: str, level: float, diff_level: Optional[float] = None, m: int = 1) -> str:
     what = ("Student's t-interval over seeds (mean ± t · s / sqrt(n), n − 1 degrees of freedom)" if method == "t"
             else "percentile bootstrap over seeds (10,000 resamples, seed 0; it covers less than its level at few "
                  "seeds)")
@@ -234,16 +250,24 @@ def method_sentence(method: str, level: float) -> str:
             "seed** (each seed's run minus the baseline's run of the same seed, then the interval of their mean; "
             "`unpaired`: fewer than two shared seeds, Welch's interval). Verdict: **better** when the whole "
             "interval of the difference is below 0 (losses: lower is better), **worse** when it is above, "
-            "**within noise** when it holds 0. See docs/guides/comparing-runs-statistics.md.")
+            "**within noise** when it holds 0. "
+            + (f"The {m} strategies' differences are Bonferroni-corrected: each interval at {diff_level:.2%}, so "
+               f"that all {m} verdicts of a metric hold together at {level:.0%}. "
+               if diff_level is not None and diff_level != level else "")
+            + "See docs/guides/comparing-runs-statistics.md.")
 
 
 def write_report(root: Path, strategies: list, baseline: Strategy, out: Optional[Path] = None, level: float = LEVEL,
-                 method: str = "t") -> dict:
+                 method: str = "t", correction: str = "bonferroni") -> dict:
     """report.md, report.csv and the figures in `out` (default `root`); returns {name: path} of what it wrote.
-    `level` and `method` ("t" or "bootstrap") set the intervals."""
+    `level` and `method` ("t" or "bootstrap") set the intervals; `correction` ("bonferroni" or "none") those
+    of the differences from the baseline (`stats.comparison_level`)."""
     out = Path(out or root)
     out.mkdir(parents=True, exist_ok=True)
-    ref, stats = summarize(strategies, baseline, level, method)
+    ref, stats = summarize(strategies, baseline, level, method, correction)
+    compared = sum(s is not baseline for s in strategies)
+    diff_level = comparison_level(level, compared, correction)
+    mismatch = cost_mismatch(strategies)
     domains = domains_of(strategies)
     tasks = tasks_of(strategies)
     has_target = any(s.target for s in stats)
@@ -276,7 +300,7 @@ def write_report(root: Path, strategies: list, baseline: Strategy, out: Optional
              f"{count}. Baseline: **{ref.label}** (final mean validation loss {ref.final_mean:.3f}, averaged over "
              f"its {seeds} seed{'s' * (seeds != 1)}; {ref.steps:.0f} steps). "
              f"Values are means over seeds with their {level:.0%} interval in brackets.", "",
-             method_sentence(method, level), "",
+             method_sentence(method, level, diff_level, compared), "",
              md_text(headline(stats, ref)), "", *[md_text(x) + "\n" for x in summary],
              "## Against the baseline, paired by seed", "", versus_table(stats, head, names), "",
              "## Noise: the seed spread of each strategy", "",
@@ -294,8 +318,7 @@ def write_report(root: Path, strategies: list, baseline: Strategy, out: Optional
              "First evaluation at which a run's mean validation loss is at or below the baseline's final mean: "
              f"mean [{level:.0%} interval] over the seeds that reach it (how many of them do); "
              "`x baseline steps` is that step over the baseline's run length, mean ± std over the same seeds. "
-             "Wall time includes start-up and evaluations; overhead is s/step (median over seeds) over the "
-             "baseline's.", "", cost_table(stats, ref), ""]
+             + md_text(cost_sentence(mismatch)), "", cost_table(stats, ref, with_time=not mismatch), ""]
     lines += ["## Figures", ""]
     for name, path in figures.items():
         if path is not None:
@@ -305,7 +328,8 @@ def write_report(root: Path, strategies: list, baseline: Strategy, out: Optional
         lines += [f"Not drawn (no strategy has the data): {', '.join(skipped)}.", ""]
     (out / "report.md").write_text("\n".join(lines))
     with open(out / "report.csv", "w", newline="") as f:
-        csv.writer(f).writerows(csv_rows(stats, domains, ref, tasks, metrics, level, method))
+        csv.writer(f).writerows(csv_rows(stats, domains, ref, tasks, metrics, level, method, diff_level,
+                                         comparable=not mismatch))
     written = {"report.md": out / "report.md", "report.csv": out / "report.csv"}
     written.update({p.name: p for p in figures.values() if p is not None})
     return {"files": written, "stats": stats, "reference": ref, "markdown": "\n".join(lines)}

@@ -15,6 +15,12 @@ part of the seed noise the two runs share. With fewer than two pairs it falls ba
 interval, and says so. `verdict`: losses are lower-is-better, so "better" when the whole interval is below 0,
 "worse" when it is above, "within noise" when it holds 0, "too few seeds" when there is no interval.
 
+Many strategies against one baseline (`comparison_level`): with m of them, one 95% interval each would call
+at least one "better" or "worse" by chance far more often than 5% of the time (1 - 0.95^m: 26% at m = 6). By
+default the differences' intervals are Bonferroni-corrected: each at 1 - 0.05 / m, so that all m verdicts of a
+metric hold together at 95% (`correction="none"`: each at 95%, as one comparison alone would be). The means'
+own intervals stay at the plain level.
+
 Spread is the sample standard deviation over seeds (0 for one seed). `spread_ratio` is a strategy's std over
 the baseline's with its F interval; the page flags a ratio at or beyond SPREAD_FLAG (either way).
 
@@ -144,6 +150,17 @@ def paired_difference(values: dict, baseline: dict, level: float = LEVEL, method
     if len(common) >= 2:
         return interval([values[k] - baseline[k] for k in common], level, method, seed)
     return welch_interval(list(values.values()), list(baseline.values()), level)
+
+
+CORRECTIONS = ("bonferroni", "none")
+
+
+def comparison_level(level: float, m: int, correction: str = "bonferroni") -> float:
+    """The level of each of m differences' intervals so that all of them hold together at `level`
+    (Bonferroni: 1 - (1 - level) / m); `level` itself without a correction or for one comparison."""
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
+    return level if correction == "none" or m <= 1 else 1 - (1 - level) / m
 
 
 def verdict(diff: Interval, lower_is_better: bool = True) -> str:
@@ -312,7 +329,9 @@ def seed_values(s: Strategy) -> dict:
 
 
 def strategy_stats(s: Strategy, ref: Reference, domains: list, base_values: Optional[dict] = None,
-                   level: float = LEVEL, method: str = "t", is_baseline: bool = False) -> StrategyStats:
+                   level: float = LEVEL, method: str = "t", is_baseline: bool = False,
+                   diff_level: Optional[float] = None) -> StrategyStats:
+    """`diff_level`: the level of the paired differences' intervals (default `level`; see `comparison_level`)."""
     finals = [final(r) for r in s.runs]
     reach = [steps_to_reach(curve(r, "mean"), ref.final_mean) for r in s.runs]
     hits = [(step, r) for step, r in zip(reach, s.runs) if step is not None]
@@ -321,7 +340,8 @@ def strategy_stats(s: Strategy, ref: Reference, domains: list, base_values: Opti
     values = seed_values(s)
     base_values = values if base_values is None else base_values
     ci = {k: interval(v.values(), level, method) for k, v in values.items()}
-    diff = {k: paired_difference(v, base_values[k], level, method) for k, v in values.items() if k in base_values}
+    diff = {k: paired_difference(v, base_values[k], diff_level or level, method)
+            for k, v in values.items() if k in base_values}
     ratios = [step / ref.steps for step, _ in hits] if ref.steps else []
     base_mean = base_values.get("val_mean", {})
     mine = values.get("val_mean", {})
@@ -360,13 +380,40 @@ def tasks_of(strategies: list) -> list:
     return list(dict.fromkeys(t for s in strategies for r in s.runs for t in r.target_tasks()))
 
 
-def summarize(strategies: list, baseline: Strategy, level: float = LEVEL, method: str = "t") -> tuple:
-    """(reference, [StrategyStats] in the strategies' order), each paired by seed with the baseline."""
+def summarize(strategies: list, baseline: Strategy, level: float = LEVEL, method: str = "t",
+              correction: str = "bonferroni") -> tuple:
+    """(reference, [StrategyStats] in the strategies' order), each paired by seed with the baseline, the
+    differences' intervals at `comparison_level(level, number of strategies compared, correction)`."""
     ref = reference(baseline)
     domains = domains_of(strategies)
     base_values = seed_values(baseline)
-    return ref, [strategy_stats(s, ref, domains, base_values, level, method, is_baseline=s is baseline)
-                 for s in strategies]
+    diff_level = comparison_level(level, sum(s is not baseline for s in strategies), correction)
+    return ref, [strategy_stats(s, ref, domains, base_values, level, method, is_baseline=s is baseline,
+                                diff_level=diff_level) for s in strategies]
+
+
+COST_KEYS = (("logger", "name"), ("backend", "name"), ("trainer", "nprocs"), ("trainer", "eval_every"),
+             ("trainer", "max_val_samples"), ("trainer", "global_batch_size"), ("model", "seq_len"))
+
+
+def cost_mismatch(strategies: list) -> list:
+    """What makes the runs' wall times incomparable: ["logger.name: wandb vs none", ...] over every run's
+    config (a logger that uploads, evaluations more often, another back end or rank count all cost time
+    that is not the strategy's), plus runs made on different machines (summary.json's `host`, where
+    recorded). Empty when the runs were made alike."""
+    seen: dict = {}
+    for s in strategies:
+        for r in s.runs:
+            for section, key in COST_KEYS:
+                part = r.config.get(section)
+                value = part.get(key) if isinstance(part, dict) else None
+                seen.setdefault(f"{section}.{key}", set()).add(json_key(value))
+            seen.setdefault("host", set()).add(json_key(r.summary.get("host")))
+    return [f"{k}: {' vs '.join(sorted(v))}" for k, v in seen.items() if len(v) > 1]
+
+
+def json_key(value) -> str:
+    return "unset" if value is None else str(value)
 
 
 def best_dynamic(stats: list, baseline: Optional[str] = None) -> Optional[StrategyStats]:
