@@ -106,7 +106,8 @@ def _load_groups(data: dict, groups: list, tokenizer, seq_len: int, max_val_samp
         source = {"kind": "cache", "base": folder, "group": rec, "split": g["split"]}
         samples = ShardSampleSet([os.path.join(folder, s["prefix"]) for s in rec["shards"]], seq_len,
                                  tokenizer.eos_id, [s["bin"]["sha256"] for s in rec["shards"]],
-                                 os.path.join(folder, "index"), limit, source)
+                                 os.path.join(folder, "index"), limit, source,
+                                 os.path.join(folder, rec["loss_mask"]) if rec.get("loss_mask") else None)
         if len(samples) == 0:
             raise DataConfigError(f"{g['key']}: no documents with at least two tokens in {g['spec']}")
         if g["name"] == "_target":
@@ -178,9 +179,10 @@ def dataset_domain(data, seq_len: int, tokenizer=None, column: str = "text", spl
     if isinstance(data, (str, Path)):
         data = datasets.load_from_disk(str(data))
     if isinstance(data, (datasets.IterableDataset, datasets.IterableDatasetDict)):
-        raise DataConfigError(f"{name}: a streaming dataset cannot be a domain (dataflex draws samples by id): "
-                              "save it with `Dataset.from_generator(...)`/`save_to_disk` or load it without "
-                              "streaming=True")
+        raise DataConfigError(f"{name}: a streaming dataset cannot be a domain (dataflex draws samples by id, in "
+                              "any order, and resumes at an exact position): load it with "
+                              "`load_dataset(..., streaming=False)`, or save it first "
+                              "(`Dataset.from_generator(lambda: iter(stream)).save_to_disk(DIR)`)")
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
             raise DataConfigError(f"{name}: the DatasetDict has splits {list(data)}, none named {split!r} (split=)")
