@@ -140,3 +140,14 @@ def test_a_streaming_dataset_as_a_domain_is_refused_saying_what_to_do():
         dataset_domain(stream, 16)
     with pytest.raises(DataConfigError, match="dataset_domain"):       # a Dataset object: how to make it samples
         dataflex.DataFlex({"web": datasets.Dataset.from_dict({"text": ["a b c"] * 4})}, global_batch_size=2)
+
+
+def test_dataset_domain_messages_in_python(marked):
+    from dataprep.tokenizer import load_tokenizer
+
+    folder, tok = marked
+    convo = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA]
+    s = dataset_domain(datasets.Dataset.from_dict({"messages": convo}), 64, load_tokenizer(folder))
+    assert len(s) == len(QA)
+    for i, (_, a) in enumerate(QA):
+        assert trained(s, i) == answer(tok, a)
