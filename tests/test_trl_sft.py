@@ -70,10 +70,11 @@ def sft_args(folder, **kw):
     return SFTConfig(**{**base, **kw})
 
 
-def make(tok, folder, plugins, steps=4, **kw):
+def make(tok, folder, plugins, steps=4, eval_dataset=None, **kw):
     model = tiny_model("llama", vocab=len(tok), seed=1)
     return DataFlexSFTTrainer(model=model, args=sft_args(folder, max_steps=steps, **kw), processing_class=tok,
-                              train_dataset=chats(), flex=dict(global_batch_size=8, plugins=plugins, seed=3))
+                              train_dataset=chats(), eval_dataset=eval_dataset,
+                              flex=dict(global_batch_size=8, plugins=plugins, seed=3))
 
 
 def test_sft_trainer_chat_domains_completion_only_with_bandit(tmp_path, tok):
@@ -109,18 +110,23 @@ def test_sft_trainer_chat_domains_completion_only_with_bandit(tmp_path, tok):
 
 def test_samples_carry_trls_labels(tmp_path, tok):
     """Each sample's dataflex loss equals the model's own loss on TRL's labels for that record (the shift
-    and the mask are TRL's), and its loss mask holds exactly the answer's tokens."""
-    trainer = make(tok, tmp_path, [])
+    and the mask are TRL's), and its loss mask holds exactly the answer's tokens; `eval_dataset` as
+    {domain: Dataset} is prepared by TRL the same way and evaluated per domain."""
     data = chats()
+    trainer = make(tok, tmp_path, [], eval_dataset={d: ds.select(range(5)) for d, ds in data.items()})
     prepared = trainer._prepare_dataset(data["chat"], tok, trainer.args, False, None, "chat")
     samples = trainer.flex.data.sets[1]
     assert samples.loss_mask.sum(-1).tolist() == answer_tokens(tok, data)["chat"]
     model = trainer.model.eval()
     ids, labels, mask = samples.rows(torch.arange(len(samples)))
     ours = per_sample_loss(model(input_ids=ids).logits, labels, mask)
+    owns = []
     for i, rec in enumerate(prepared):
         own = model(input_ids=torch.tensor([rec["input_ids"]]), labels=torch.tensor([rec["labels"]])).loss
         assert torch.allclose(ours[i], own, atol=1e-5), i
+        owns.append(own.item())
+    metrics = trainer.evaluate()          # the first 5 chat records: the mean of the model's own losses
+    assert abs(metrics["eval_chat_loss"] - sum(owns[:5]) / 5) < 1e-4 and "eval_math_loss" in metrics
     # TRL's prompt-completion records: the completion alone is trained on
     pc = sft_samples([{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, -100, 8, 9]}], 6, 0)
     assert pc.loss_mask[0].tolist() == [False, False, True, True, False, False]

@@ -59,9 +59,9 @@ def _refuse_streaming(name: str, data) -> None:
                               "first (`Dataset.from_generator(lambda: iter(ds))` then `save_to_disk`)")
 
 
-def longest(prepared: dict) -> int:
-    """Tokens of the longest prepared record over every dataset of `prepared` ({name: Dataset})."""
-    return max((max((len(x) for x in ds["input_ids"]), default=0) for ds in prepared.values()), default=0)
+def longest(prepared: list) -> int:
+    """Tokens of the longest prepared record over every dataset of `prepared` (TRL-prepared `Dataset`s)."""
+    return max((max((len(x) for x in ds["input_ids"]), default=0) for ds in prepared), default=0)
 
 
 def sft_samples(records, seq_len: int, pad_id: int, name: str = "sft") -> SampleSet:
@@ -146,7 +146,7 @@ class DataFlexSFTTrainer(DataFlexTrainerMixin, SFTTrainer):
             return flex
         prepared = {name: self._prepare_dataset(ds, self.processing_class, self.args, False, self._formatting_func,
                                                 name) for name, ds in (self._flex_raw or {}).items()}
-        T = self._flex_seq_len(flex, {**prepared, **(eval_raw or {})})
+        T = self._flex_seq_len(flex, list(prepared.values()) + list((eval_raw or {}).values()))
         pad = self._tokenizer.pad_token_id
         if eval_raw is not None:         # TRL prepared them in __init__
             self.eval_dataset = MixtureDataset({d: sft_samples(ds, T, pad, f"eval:{d}") for d, ds in eval_raw.items()})
@@ -160,7 +160,7 @@ class DataFlexSFTTrainer(DataFlexTrainerMixin, SFTTrainer):
         self._flex_raw = None
         return DataFlex(domains, **flex) if isinstance(flex, dict) else flex(domains)
 
-    def _flex_seq_len(self, flex, prepared: dict) -> int:
+    def _flex_seq_len(self, flex, prepared: list) -> int:
         """Labels a sample holds: the longest prepared record less one (TRL truncated it to max_length); a
         prebuilt DataFlex's own seq_len when it is given."""
         seq = getattr(flex, "data", None)
