@@ -37,7 +37,8 @@ What changes against a plain Trainer, and nothing else (docs/integrations/huggin
   Any other eval dataset goes through Trainer's own evaluation; a batch there that carries dataflex's
   `loss_mask` is scored with dataflex's labels (already shifted) and mask.
 
-`DataFlexTrainerMixin` goes in front of any Trainer subclass (`class T(DataFlexTrainerMixin, SFTTrainer)`).
+`DataFlexTrainerMixin` goes in front of any Trainer subclass; TRL's SFTTrainer has its own class that keeps
+TRL's data preparation and metrics: `dataflex.integrations.sft.DataFlexSFTTrainer`.
 `max_steps` must be set.
 """
 from __future__ import annotations
