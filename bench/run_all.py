@@ -41,6 +41,7 @@ BENCHES = {
     "dataprep": ("bench_dataprep.py", ["--docs", "1500", "--mem-docs", "500", "--repeats", "1", "--mem-scales", "1"],
                  [], "bench_dataprep_*.json"),
     "less_smollm2": ("bench_less_smollm2.py", None, ["--n", "2000"], "less_smollm2.json"),   # --full only
+    "hf_trainer": ("bench_hf_trainer.py", ["--rounds", "3", "--steps", "8"], [], "hf_trainer.json"),
 }
 
 
@@ -147,7 +148,17 @@ def rows_less_smollm2(res):
              f"warm-up to selection {total:,.0f} s"]]
 
 
-ROWS = {"step": rows_step, "grads": rows_grads, "scoring": rows_scoring,
+def rows_hf_trainer(res):
+    base = res["variants"][res["baseline"]]
+    labels = {"dataflex": "DataFlexTrainer, no plugin (lean loss)", "dataflex-logits": "DataFlexTrainer, no plugin, "
+              "lean_loss=False"}
+    return [[labels.get(name, name), "plain transformers.Trainer", fmt_ratio(v["ratio_median"]),
+             f"{common.fmt_ms(v['ms_per_step_median'])} vs {common.fmt_ms(base['ms_per_step_median'])} ms/step "
+             f"(mean ratio {fmt_ratio(v['ratio_mean'])})"]
+            for name, v in res["variants"].items() if name != res["baseline"]]
+
+
+ROWS = {"step": rows_step, "grads": rows_grads, "scoring": rows_scoring, "hf_trainer": rows_hf_trainer,
         "mixers": lambda r: rows_plugins(r, "mixer"),
         "reweighters": lambda r: rows_plugins(r, "plugin"),
         "megatron": rows_megatron, "data": rows_data, "dataprep": rows_dataprep, "less_smollm2": rows_less_smollm2}

@@ -7,6 +7,8 @@ split), the tokenizer's sha256 and the inputs' sha256 (memoised by path, size an
 
     GROUP/shards/*_NNNNN.{bin,idx}   dataprep's ShardWriter (megatron-core's IndexedDatasetBuilder)
     GROUP/provenance.parquet         doc_id (``file:line``), source, line, line_kind, tokens: one row a document
+    GROUP/loss_mask.u8               supervised records only (`records:`): a byte a token, 1 where it is a
+                                     trained label (completion / assistant tokens), in the shards' order
     GROUP/.done.json                 the group's shards with hashes; written last (a finished group)
     cache.json                       everything above; written last by atomic rename: the commit point
 
@@ -19,6 +21,7 @@ the unfinished one and writes the same bytes (the build is a pure function of th
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,6 +34,7 @@ from dataflex.utils.files import atomic_json, file_lock, fsync_dir
 
 CACHE_VERSION = 1
 MARKER = "cache.json"
+MASK_FILE = "loss_mask.u8"     # a group of supervised records (data.records): which tokens are trained
 
 
 def fsync_file(path: str) -> None:
@@ -83,7 +87,8 @@ def input_hashes(paths: list[str], root: str) -> list[str]:
 def cache_key(groups: list[dict], tokenizer_sha: str, hashes: list[str]) -> str:
     """Independent of seq_len: the shards hold whole documents; sample indexes are keyed by seq_len."""
     spec = {"v": CACHE_VERSION, "tokenizer": tokenizer_sha, "hashes": hashes,
-            "groups": [{k: g[k] for k in ("name", "split", "key", "sources", "column", "hf_split") if k in g}
+            "groups": [{k: g[k] for k in ("name", "split", "key", "sources", "column", "hf_split", "records",
+                                          "chat_template") if k in g}
                        for g in groups]}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -104,6 +109,7 @@ def ensure_cache(groups: list[dict], tokenizer, root: Optional[str] = None, buil
     root = os.path.abspath(root or default_root())
     os.makedirs(root, exist_ok=True)
     paths = [p for g in groups for p, _ in g["sources"]]
+    groups = [_with_template(g, tokenizer) for g in groups]
     key = cache_key(groups, tokenizer.sha256, input_hashes(paths, root))
     folder = os.path.join(root, key)
     done = _read_marker(folder)
@@ -123,6 +129,16 @@ def ensure_cache(groups: list[dict], tokenizer, root: Optional[str] = None, buil
             return folder, done, False
         done = _build(folder, groups, tokenizer, progress)
     return folder, done, True
+
+
+def _with_template(g: dict, tokenizer) -> dict:
+    """A group of supervised records keyed by the chat template that renders them too."""
+    if g.get("records", "text") == "text":
+        return g
+    from dataflex.data.records import template_sha
+
+    sha = template_sha(tokenizer, g["records"], g["key"])
+    return {**g, "chat_template": sha} if sha else g
 
 
 def _build(folder: str, groups: list[dict], tokenizer, progress: bool) -> dict:
@@ -168,12 +184,37 @@ def _group_done(folder: str, g: dict) -> Optional[dict]:
         return None
 
 
+def _tokenized(src, g: dict, tokenizer, kind: str):
+    """(doc_id, input bytes, token ids, trained or None) of each document or record of one input."""
+    from dataflex.data.config import hf_split, read_documents
+
+    if kind != "text":
+        from dataflex.data.records import RecordTokenizer, read_records
+
+        encode = RecordTokenizer(tokenizer, kind, g["key"], g.get("column"))
+        for doc_id, rec in read_records(src, g["key"], kind, g.get("column"), hf_split(g)):
+            ids, trained = encode(rec, doc_id)
+            yield doc_id, 0, ids, trained
+        return
+    pending = []
+
+    def flush():
+        for (doc_id, text), ids in zip(pending, tokenizer.encode_batch([t for _, t in pending])):
+            yield doc_id, len(text.encode("utf-8", "replace")), ids + [tokenizer.eos_id], None
+        pending.clear()
+
+    for doc in read_documents(src, g["key"], g.get("column", "text"), hf_split(g)):
+        pending.append(doc)
+        if len(pending) == 512:
+            yield from flush()
+    yield from flush()
+
+
 def _build_group(folder: str, g: dict, tokenizer, dtype: str, bar, fault: int, written: list) -> dict:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dataflex.data.config import hf_split, read_documents
     from dataprep.readers import Source
     from dataprep.writer import ShardWriter
 
@@ -188,39 +229,36 @@ def _build_group(folder: str, g: dict, tokenizer, dtype: str, bar, fault: int, w
     prov_path = os.path.join(gdir, "provenance.parquet")
     cols = {k: [] for k in schema.names}
     docs = tokens = 0
-    with pq.ParquetWriter(prov_path + ".tmp", schema) as pw:
+    kind = g.get("records", "text")
+    mask_path = os.path.join(gdir, MASK_FILE)       # supervised records: one byte a token, 1 = a trained label
+    with pq.ParquetWriter(prov_path + ".tmp", schema) as pw, \
+            (open(mask_path + ".tmp", "wb") if kind != "text" else contextlib.nullcontext()) as mask_file:
         for path, fmt in g["sources"]:
             src = Source(path, fmt)
-            pending = []
-
-            def flush():
-                nonlocal docs, tokens
-                for (doc_id, text), ids in zip(pending, tokenizer.encode_batch([t for _, t in pending])):
-                    arr = np.asarray(ids + [tokenizer.eos_id])
-                    shard, idx = writer.add(arr)
-                    for k, v in zip(schema.names, (doc_id, path, int(doc_id.rsplit(":", 1)[1]), src.unit, shard,
-                                                   idx, arr.size)):
-                        cols[k].append(v)
-                    docs, tokens = docs + 1, tokens + arr.size
-                    written[0] += 1
-                    if fault and written[0] >= fault:
-                        os._exit(17)
-                    bar.update(len(text.encode("utf-8", "replace")))
-                pending.clear()
+            for doc_id, size, ids, trained in _tokenized(src, g, tokenizer, kind):
+                arr = np.asarray(ids)
+                shard, idx = writer.add(arr)
+                if mask_file is not None:
+                    mask_file.write(np.asarray(trained, dtype=np.uint8).tobytes())
+                for k, v in zip(schema.names, (doc_id, path, int(doc_id.rsplit(":", 1)[1]), src.unit, shard,
+                                               idx, arr.size)):
+                    cols[k].append(v)
+                docs, tokens = docs + 1, tokens + arr.size
+                written[0] += 1
+                if fault and written[0] >= fault:
+                    os._exit(17)
+                bar.update(size)
                 if len(cols["doc_id"]) >= 65536:
                     pw.write_table(pa.table(cols, schema=schema))
                     for v in cols.values():
                         v.clear()
-
-            for doc in read_documents(src, g["key"], g.get("column", "text"), hf_split(g)):
-                pending.append(doc)
-                if len(pending) == 512:
-                    flush()
-            flush()
         if cols["doc_id"]:
             pw.write_table(pa.table(cols, schema=schema))
     fsync_file(prov_path + ".tmp")
     os.replace(prov_path + ".tmp", prov_path)
+    if kind != "text":
+        fsync_file(mask_path + ".tmp")
+        os.replace(mask_path + ".tmp", mask_path)
     records = writer.close()
     for r in records:                   # the shards reach the disk before the marker that names them
         for ext in (".bin", ".idx"):
@@ -230,5 +268,7 @@ def _build_group(folder: str, g: dict, tokenizer, dtype: str, bar, fault: int, w
            "documents": docs, "tokens": tokens, "provenance": os.path.relpath(prov_path, folder),
            "shards": [dict(s, prefix=os.path.relpath(os.path.join(gdir, s["prefix"]), folder))
                       for s in records]}
+    if kind != "text":
+        rec["records"], rec["loss_mask"] = kind, os.path.relpath(mask_path, folder)
     atomic_json(os.path.join(gdir, ".done.json"), rec, indent=1, sort_keys=True)
     return rec

@@ -90,10 +90,10 @@ def _groups(data: dict) -> list[dict]:
     groups = []
     for name, entry in data["domains"].items():
         entry = dict(entry) if not isinstance(entry, str) else {"train": entry}
-        bad = sorted(set(entry) - {"train", "val", "kind", "column", "split"})
+        bad = sorted(set(entry) - {"train", "val", "kind", "column", "split", "records"})
         if bad:
-            raise DataConfigError(f"data.domains.{name}: unknown key(s) {bad}; expected train, val, kind, column "
-                                  "and split")
+            raise DataConfigError(f"data.domains.{name}: unknown key(s) {bad}; expected train, val, kind, column, "
+                                  "split and records")
         if "train" not in entry:
             raise DataConfigError(f"data.domains.{name}.train: missing")
         for split in ("train", "val"):
@@ -115,10 +115,16 @@ def _groups(data: dict) -> list[dict]:
 
 
 def _read_options(entry: dict, split: str, key: str) -> dict:
-    """A domain's `column:` (the text field, default `text`) and `split:` (a saved DatasetDict's split for
+    """A domain's `records:` (text, prompt-completion or chat: dataflex.data.records), `column:` (the text
+    field, default `text`; the messages field for chat records) and `split:` (a saved DatasetDict's split for
     train, or {train: NAME, val: NAME}; default the split named like the config key: `train`, and
     `validation` for val). Only what differs from the defaults is kept (it is part of the cache key)."""
+    from dataflex.data.records import check_records
+
     out = {}
+    records = check_records(entry.get("records"), f"{key.rsplit('.', 1)[0]}.records")
+    if records != "text":
+        out["records"] = records
     column = entry.get("column")
     if column is not None:
         if not isinstance(column, str) or not column:

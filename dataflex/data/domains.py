@@ -106,7 +106,8 @@ def _load_groups(data: dict, groups: list, tokenizer, seq_len: int, max_val_samp
         source = {"kind": "cache", "base": folder, "group": rec, "split": g["split"]}
         samples = ShardSampleSet([os.path.join(folder, s["prefix"]) for s in rec["shards"]], seq_len,
                                  tokenizer.eos_id, [s["bin"]["sha256"] for s in rec["shards"]],
-                                 os.path.join(folder, "index"), limit, source)
+                                 os.path.join(folder, "index"), limit, source,
+                                 os.path.join(folder, rec["loss_mask"]) if rec.get("loss_mask") else None)
         if len(samples) == 0:
             raise DataConfigError(f"{g['key']}: no documents with at least two tokens in {g['spec']}")
         if g["name"] == "_target":
@@ -162,8 +163,10 @@ def dataset_domain(data, seq_len: int, tokenizer=None, column: str = "text", spl
 
     - `input_ids` (a tokenized dataset): the token lists as they are, no re-tokenization, cut into samples
       of `seq_len` labels like documents (the last one padded and masked);
-    - `prompt` and `completion`: one sample per record, prompt then completion then end-of-text, the loss on
-      the completion's tokens only (prompt tokens carry loss-mask 0), truncated to `seq_len` labels;
+    - `prompt` and `completion` (strings, or lists of messages), or `messages`: one sample per record,
+      truncated to `seq_len` labels, the loss on the completion's (the assistant's) tokens only, prompt tokens
+      carrying loss-mask 0; messages are rendered with the chat template of `tokenizer`'s folder
+      (dataflex.data.records);
     - otherwise the text column `column`: each record a document with end-of-text appended, tokenized
       with `tokenizer` and cut into samples exactly as a data config's files are.
 
@@ -178,9 +181,10 @@ def dataset_domain(data, seq_len: int, tokenizer=None, column: str = "text", spl
     if isinstance(data, (str, Path)):
         data = datasets.load_from_disk(str(data))
     if isinstance(data, (datasets.IterableDataset, datasets.IterableDatasetDict)):
-        raise DataConfigError(f"{name}: a streaming dataset cannot be a domain (dataflex draws samples by id): "
-                              "save it with `Dataset.from_generator(...)`/`save_to_disk` or load it without "
-                              "streaming=True")
+        raise DataConfigError(f"{name}: a streaming dataset cannot be a domain (dataflex draws samples by id, in "
+                              "any order, and resumes at an exact position): load it with "
+                              "`load_dataset(..., streaming=False)`, or save it first "
+                              "(`Dataset.from_generator(lambda: iter(stream)).save_to_disk(DIR)`)")
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
             raise DataConfigError(f"{name}: the DatasetDict has splits {list(data)}, none named {split!r} (split=)")
@@ -193,15 +197,22 @@ def dataset_domain(data, seq_len: int, tokenizer=None, column: str = "text", spl
     if "input_ids" in cols:
         docs = ((f"{source}:{i}", ids) for i, ids in enumerate(data["input_ids"]))
         return chunk_documents(docs, seq_len, pad)
-    if "prompt" in cols and "completion" in cols:
+    kind = "prompt-completion" if "prompt" in cols and "completion" in cols else "chat" if "messages" in cols \
+        else None
+    if kind is not None:           # supervised records: dataflex.data.records (chat templates for messages)
+        from dataflex.data.records import RecordTokenizer
+
+        encode = RecordTokenizer(tokenizer, kind, name)
         inputs = torch.full((len(data), seq_len), pad, dtype=torch.long)
         labels, mask = inputs.clone(), torch.zeros(len(data), seq_len, dtype=torch.bool)
         for i, rec in enumerate(data):
-            prompt, completion = tokenizer.encode(rec["prompt"]), tokenizer.encode(rec["completion"])
-            tokens = (prompt + completion + [tokenizer.eos_id])[:seq_len + 1]
+            tokens, trained = encode(rec, f"{source}:{i}")
+            tokens, trained = tokens[:seq_len + 1], trained[:seq_len + 1]
             n = len(tokens) - 1
+            if n <= 0:
+                continue
             inputs[i, :n], labels[i, :n] = torch.tensor(tokens[:-1]), torch.tensor(tokens[1:])
-            mask[i, max(len(prompt) - 1, 0):n] = True        # label t is token t+1: completion tokens only
+            mask[i, :n] = torch.tensor(trained[1:])         # label t is token t+1: the trained tokens only
         return SampleSet(inputs, labels, mask, [f"{source}:{i}" for i in range(len(data))], [0] * len(data))
     if column not in cols:
         raise DataConfigError(f"{name}: no column {column!r} (column=); columns: {cols}")

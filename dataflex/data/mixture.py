@@ -58,11 +58,35 @@ class DomainIndex:
         return func(*conv(args), **{k: conv(v) for k, v in (kwargs or {}).items()})
 
 
+def check_domain(name, s) -> None:
+    """A domain is samples (`SampleSet`, `ShardSampleSet`): a Hugging Face dataset given as one is refused
+    with what to do (dataflex draws samples by id, at a fixed seq_len, so a stream cannot be a domain)."""
+    if hasattr(s, "rows") and hasattr(s, "seq_len"):
+        return
+    from dataflex.utils.errors import DataConfigError
+
+    kind = type(s).__name__
+    if type(s).__module__.split(".")[0] == "datasets":
+        if "Iterable" in kind:
+            raise DataConfigError(f"domain {name!r}: a streaming dataset ({kind}) cannot be a domain: dataflex draws "
+                                  "samples by id, in any order, and resumes at an exact position. Load it with "
+                                  "`load_dataset(..., streaming=False)` (or save it: `Dataset.from_generator(lambda: "
+                                  "iter(stream)).save_to_disk(DIR)`), then make it a domain with "
+                                  "dataflex.data.domains.dataset_domain(ds, seq_len, tokenizer)")
+        raise DataConfigError(f"domain {name!r}: a {kind} is not samples yet: make it a domain with "
+                              "dataflex.data.domains.dataset_domain(ds, seq_len, tokenizer) (text, tokenized or "
+                              "prompt/completion records), or name its saved folder in a data config")
+    raise DataConfigError(f"domain {name!r}: expected samples (dataflex.load_domains(...).train[NAME], a SampleSet), "
+                          f"got {kind}")
+
+
 class MixtureDataset:
     """All domains' samples behind one id space: global id = domain offset + index within the domain.
     Rows are read on demand from each domain's set (memory-mapped shards or in-memory `SampleSet`s)."""
 
     def __init__(self, sets: dict):
+        for name, s in sets.items():
+            check_domain(name, s)
         self.names = list(sets)
         self.sets = list(sets.values())
         self.sizes = [len(s) for s in self.sets]

@@ -111,7 +111,8 @@ class ShardSampleSet:
     """One domain split over shards; the `SampleSet` interface (`len`, `rows`, `input_ids[i]`, ...)."""
 
     def __init__(self, prefixes: Sequence[str], seq_len: int, pad_id: int, shard_hashes: Sequence[str],
-                 index_dir: Optional[str] = None, limit: Optional[int] = None, source: Optional[dict] = None):
+                 index_dir: Optional[str] = None, limit: Optional[int] = None, source: Optional[dict] = None,
+                 token_mask: Optional[str] = None):
         self.prefixes, self.seq_len, self.pad_id = list(prefixes), int(seq_len), int(pad_id)
         from dataflex.data.shards import open_shard, verify_shards
         verify_shards(self.prefixes, shard_hashes)           # sha256 on first use, memoised by size and mtime
@@ -123,6 +124,27 @@ class ShardSampleSet:
         self.size = total if limit is None else min(total, int(limit))
         self.source = source or {}          # where the shards came from (for describe / where.py)
         self.input_ids, self.labels, self.loss_mask = (_RowView(self, i) for i in range(3))
+        self.token_mask = self._open_mask(token_mask) if token_mask else None
+
+    def _open_mask(self, path: str) -> np.ndarray:
+        """Supervised records' trained-token bytes (one a token, the shards' order), memory-mapped; each
+        shard's first token's place in it."""
+        lengths = [np.asarray(ds.sequence_lengths, dtype=np.int64) for ds in self.datasets]
+        total = int(sum(x.sum() for x in lengths))
+        if not os.path.isfile(path) or os.path.getsize(path) != total:
+            raise ShardError(f"{path}: the token mask of supervised records is missing or does not hold one byte "
+                             f"for each of the shards' {total} tokens: delete the data cache folder to rebuild it")
+        self._doc_start = []           # per shard: each document's first token in the mask
+        base = 0
+        for x in lengths:
+            self._doc_start.append(base + np.concatenate([[0], np.cumsum(x)[:-1]]) if len(x) else x)
+            base += int(x.sum())
+        return np.memmap(path, dtype=np.uint8, mode="r") if total else np.zeros(0, dtype=np.uint8)
+
+    def _trained(self, s: int, j: int, start: int, n: int) -> np.ndarray:
+        """Whether labels start+1 .. start+n of document j of shard s are trained."""
+        first = int(self._doc_start[s][j]) + start + 1
+        return np.asarray(self.token_mask[first:first + n], dtype=bool)
 
     def __len__(self) -> int:
         return self.size
@@ -157,15 +179,18 @@ class ShardSampleSet:
     def tokens(self, ids, lengths) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The first `lengths[i]` slots of each local sample, concatenated (input ids, labels, loss mask): only
         those tokens are read."""
-        T, parts = self.seq_len, []
+        T, parts, masks = self.seq_len, [], []
         for (s, j, c), n in zip(zip(*self.locate(np.atleast_1d(np.asarray(ids, dtype=np.int64)))), lengths):
             parts.append(self.datasets[s].get(int(j), offset=int(c) * T, length=int(n) + 1).astype(np.int64))
+            if self.token_mask is not None:
+                masks.append(self._trained(int(s), int(j), int(c) * T, int(n)))
         if not parts:
             empty = torch.zeros(0, dtype=torch.long)
             return empty, empty, empty.bool()
         inputs = np.concatenate([q[:-1] for q in parts])
         labels = np.concatenate([q[1:] for q in parts])
-        return torch.from_numpy(inputs), torch.from_numpy(labels), torch.ones(len(inputs), dtype=torch.bool)
+        mask = torch.from_numpy(np.concatenate(masks)) if masks else torch.ones(len(inputs), dtype=torch.bool)
+        return torch.from_numpy(inputs), torch.from_numpy(labels), mask
 
     def rows(self, ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """input_ids, labels ([B, T] long) and loss_mask ([B, T] bool) of local sample ids."""
@@ -179,7 +204,8 @@ class ShardSampleSet:
             length = int(ds.sequence_lengths[j])
             piece = ds.get(int(j), offset=int(c) * T, length=min(T + 1, length - int(c) * T))
             n = len(piece) - 1
-            inputs[r, :n], labels[r, :n], mask[r, :n] = piece[:-1], piece[1:], True
+            inputs[r, :n], labels[r, :n] = piece[:-1], piece[1:]
+            mask[r, :n] = True if self.token_mask is None else self._trained(int(s), int(j), int(c) * T, n)
         return torch.from_numpy(inputs), torch.from_numpy(labels), torch.from_numpy(mask)
 
 

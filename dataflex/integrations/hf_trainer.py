@@ -37,7 +37,8 @@ What changes against a plain Trainer, and nothing else (docs/integrations/huggin
   Any other eval dataset goes through Trainer's own evaluation; a batch there that carries dataflex's
   `loss_mask` is scored with dataflex's labels (already shifted) and mask.
 
-`DataFlexTrainerMixin` goes in front of any Trainer subclass (`class T(DataFlexTrainerMixin, SFTTrainer)`).
+`DataFlexTrainerMixin` goes in front of any Trainer subclass; TRL's SFTTrainer has its own class that keeps
+TRL's data preparation and metrics: `dataflex.integrations.sft.DataFlexSFTTrainer`.
 `max_steps` must be set.
 """
 from __future__ import annotations
@@ -186,6 +187,7 @@ class DataFlexTrainerMixin:
         if as_eval_set(kwargs.get("eval_dataset")) is not None:
             kwargs["eval_dataset"] = as_eval_set(kwargs["eval_dataset"])
         super().__init__(*args, **kwargs)
+        self.flex = flex = self._flex_session(flex)
         if self.args.max_steps is None or self.args.max_steps <= 0:
             raise ValueError("DataFlexTrainer: set TrainingArguments(max_steps=N); dataflex draws batches forever")
         if flex.interface is None:       # probes and gradients for selectors / reweighters that ask for them
@@ -195,6 +197,14 @@ class DataFlexTrainerMixin:
         self._flex_answer: dict = {}
         self.flex_callback = DataFlexCallback(flex, run_dir or self.args.output_dir)
         self.add_callback(self.flex_callback)
+
+    def _flex_session(self, flex):
+        """The DataFlex session, once the Trainer is built (a subclass may build it from the Trainer's data)."""
+        return flex
+
+    def _flex_observe(self, model, inputs: dict, outputs) -> None:
+        """Called with each forward's outputs (logits or a LeanOutput) on a batch in dataflex's layout: a
+        subclass adds its own metrics here (DataFlexSFTTrainer: TRL's)."""
 
     # -- the batch: ranks, sizes, micro-batches ------------------------------------------------------------------
     def _flex_micro_batches(self) -> int:
@@ -264,11 +274,13 @@ class DataFlexTrainerMixin:
         if not model.training:       # an evaluation batch in dataflex's layout: its labels and mask, no plugin
             logits = self._flex_outputs(model, inputs, lean)
             loss = reduce_loss(per_token_loss(logits, inputs["labels"]), inputs["loss_mask"])
+            self._flex_observe(model, inputs, logits)
             return (loss, {"logits": logits}) if return_outputs else loss
         k = self.args.gradient_accumulation_steps
         if k == 1 or micro is None:
             logits = self._flex_outputs(model, inputs, lean)
             loss = self.flex.loss(logits, inputs)
+            self._flex_observe(model, inputs, logits)
             return (loss, {"logits": logits}) if return_outputs else loss
         if micro == 0:               # weigh the whole batch once, from its micro-batches' losses
             whole = self._prepare_inputs(self._flex_loader.batch)
@@ -284,6 +296,7 @@ class DataFlexTrainerMixin:
                            None if sample_weights is None else sample_weights[part],
                            None if token_weights is None else token_weights[part], self.flex.loss.reduction,
                            answer.get("denominator"))
+        self._flex_observe(model, inputs, logits)
         return (loss, {"logits": logits}) if return_outputs else loss
 
     # -- evaluation and logs -------------------------------------------------------------------------------------
