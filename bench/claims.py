@@ -45,7 +45,8 @@ PAGES = ("README.md", "bench/README.md", "dataprep/README.md", "docs/benchmarks.
 DEFAULT_SOURCES = {"docs/results/*/report.md": ("report.csv",), "docs/results/*/comparison.md": ("comparison.csv",)}
 
 SOURCE_SUFFIXES = (".json", ".csv")
-MARKER = re.compile(r"<!--\s*claims:\s*(source=(?P<src>[^>]*?)|(?P<hist>historical)|(?P<nar>not-a-result)\b(?P<why>[^>]*?))\s*-->")
+MARKER = re.compile(r"<!--\s*claims:\s*(source=(?P<src>[^>]*?)|(?P<hist>historical)"
+                    r"|(?P<nar>not-a-result)\b(?P<why>[^>]*?))\s*-->")
 HEADING = re.compile(r"^(#{1,6})\s")
 HISTORICAL_LABEL = "no committed source"
 
