@@ -230,9 +230,11 @@ def summarize(names: list) -> int:
         rel = path.relative_to(common.ROOT).as_posix()
         benches.append({"name": name, "json": rel, "command": res.get("command"), "env": env, "load_at_end": load,
                         "rows": bench_rows})
+        command = " ".join(Path(w).name if w.endswith("python") else w.replace(str(common.ROOT) + "/", "")
+                           for w in str(res.get("command", "?")).split())
         notes.append(f"- `{name}`: `{rel}`, {env.get('time', '?')}, commit {env.get('commit', '?')}, "
                      f"{env.get('cpu', '?')} ({env.get('cpus', '?')} CPUs), load average at its end "
-                     f"{'?' if load is None else f'{load:.1f}'}: `{res.get('command', '?')}`")
+                     f"{'?' if load is None else f'{load:.1f}'}: `{command}`")
     text = ("| benchmark | what | baseline | ratio | absolute figures |\n|---|---|---|---|---|\n"
             + "\n".join("| " + " | ".join(str(c) for c in r) + " |" for r in rows)
             + "\n\nEach bench's run (its results file, when, on what, and the command):\n\n" + "\n".join(notes) + "\n")
