@@ -230,8 +230,9 @@ def summarize(names: list) -> int:
         rel = path.relative_to(common.ROOT).as_posix()
         benches.append({"name": name, "json": rel, "command": res.get("command"), "env": env, "load_at_end": load,
                         "rows": bench_rows})
+        script, quick = BENCHES[name][0], BENCHES[name][1] or []
         command = " ".join(Path(w).name if w.endswith("python") else w.replace(str(common.ROOT) + "/", "")
-                           for w in str(res.get("command", "?")).split())
+                           for w in str(res.get("command") or " ".join(["python", f"bench/{script}"] + quick)).split())
         notes.append(f"- `{name}`: `{rel}`, {env.get('time', '?')}, commit {env.get('commit', '?')}, "
                      f"{env.get('cpu', '?')} ({env.get('cpus', '?')} CPUs), load average at its end "
                      f"{'?' if load is None else f'{load:.1f}'}: `{command}`")
