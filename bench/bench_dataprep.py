@@ -330,6 +330,9 @@ def main() -> None:
                          f"{r['process_wall_s']:.1f} |")
         table = "\n".join(lines)
         results["load_avg_end"] = os.getloadavg()
+        sys.path.insert(0, os.path.join(REPO, "bench"))
+        import common
+        results["env"] = common.environment()      # date, commit, CPU model
         print(table)
         results["table"] = table
         os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)

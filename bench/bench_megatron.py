@@ -144,6 +144,7 @@ def main():
     os.environ.setdefault("WANDB_MODE", "disabled")
     result = run(args.warmup, args.steps)
     result["command"] = common.command_line()
+    result["env"], result["loadavg"] = common.environment(), os.getloadavg()
     print(table(result))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

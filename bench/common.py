@@ -166,6 +166,12 @@ def fmt_ratio(r) -> str:
 
 
 def save_json(name: str, payload: dict) -> Path:
+    """Write bench/results/NAME; every results file carries its environment (date, commit, machine) and the
+    load average when it was saved, so that a figure copied from it says where it came from."""
+    payload = dict(payload)
+    if "env" not in payload and "environment" not in payload:
+        payload["env"] = environment()
+    payload.setdefault("loadavg_at_save", os.getloadavg())
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
     path.write_text(json.dumps(payload, indent=2, default=str))

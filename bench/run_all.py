@@ -213,6 +213,49 @@ def summary(results: list, device: str, env: dict, loads: dict, full: bool) -> s
     return head + table + "\n\nCommands (logs in bench/results/logs/):\n\n" + cmds + "\n"
 
 
+def _load_of(res: dict):
+    for key in ("loadavg", "loadavg_at_save", "load_avg_end", "load_end"):
+        v = res.get(key)
+        if isinstance(v, dict):
+            v = v.get("end") or next(iter(v.values()), None)
+        if isinstance(v, (list, tuple)) and v:
+            return float(v[0])
+    return None
+
+
+def summarize(names: list) -> int:
+    """Rebuild bench/results/summary.md and summary.json from the results files already there (no bench runs):
+    one table, each bench's rows with the date, commit, machine and load its own JSON recorded."""
+    benches, rows, notes = [], [], []
+    for name in names:
+        pattern = BENCHES[name][3]
+        files = sorted(glob.glob(str(common.RESULTS / pattern)), key=os.path.getmtime)
+        if not files:
+            continue
+        path = Path(files[-1])
+        res = json.loads(path.read_text())
+        env = res.get("env") or res.get("environment") or {}
+        load = _load_of(res) if _load_of(res) is not None else _load_of(res.get("machine") or {})
+        bench_rows = ROWS[name](res)
+        rows += [[name] + r for r in bench_rows]
+        rel = path.relative_to(common.ROOT).as_posix()
+        benches.append({"name": name, "json": rel, "command": res.get("command"), "env": env, "load_at_end": load,
+                        "rows": bench_rows})
+        script, quick = BENCHES[name][0], BENCHES[name][1] or []
+        command = " ".join(Path(w).name if w.endswith("python") else w.replace(str(common.ROOT) + "/", "")
+                           for w in str(res.get("command") or " ".join(["python", f"bench/{script}"] + quick)).split())
+        notes.append(f"- `{name}`: `{rel}`, {env.get('time', '?')}, commit {env.get('commit', '?')}, "
+                     f"{env.get('cpu', '?')} ({env.get('cpus', '?')} CPUs), load average at its end "
+                     f"{'?' if load is None else f'{load:.1f}'}: `{command}`")
+    text = ("| benchmark | what | baseline | ratio | absolute figures |\n|---|---|---|---|---|\n"
+            + "\n".join("| " + " | ".join(str(c) for c in r) + " |" for r in rows)
+            + "\n\nEach bench's run (its results file, when, on what, and the command):\n\n" + "\n".join(notes) + "\n")
+    (common.RESULTS / "summary.md").write_text(text)
+    common.save_json("summary.json", {"command": common.command_line(), "benches": benches})
+    print(text)
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--full", action="store_true", help="each bench's own default sizes, and LESS on SmolLM2")
@@ -221,7 +264,12 @@ def main(argv=None):
     p.add_argument("--skip", nargs="+", default=[], choices=list(BENCHES))
     p.add_argument("--no-deepspeed", action="store_true", help="leave DeepSpeed out of the step bench")
     p.add_argument("--no-data", action="store_true", help="same as --skip data")
+    p.add_argument("--summarize", action="store_true",
+                   help="run nothing: rebuild summary.md and summary.json from the results files already saved")
     args = p.parse_args(argv)
+    if args.summarize:
+        return summarize([n for n in (args.only or [n for n in BENCHES if BENCHES[n][1] is not None])
+                          if n not in args.skip])
     names = args.only or [n for n in BENCHES if args.full or BENCHES[n][1] is not None]
     names = [n for n in names if n not in args.skip and not (args.no_data and n == "data")]
     torch = common.setup_torch()

@@ -26,6 +26,20 @@ its one-hot). Under `apply=loss` the domains are drawn from a fixed q, so q repl
 `explore_floor` is DataFlex's (OpenDCAI) floor of 0.03 on the exploration rate eps_t. Both are
 opt-in. During `warmup_steps` the initial weights are used and nothing is learnt (the paper warms
 up 2000 steps on the Pile's weights).
+
+`variant="cumulative"` has the reference updater's cumulative R_hat but still differs from that code
+(`Exp3WeightUpdater` of alon-albalak/online-data-mixing) in three ways, all kept on purpose:
+  1. the reference divides every reward by 10 before it enters R_hat; here the reward is the loss times
+     `reward_scale` (set `reward_scale=0.1` for the reference's scale);
+  2. the reference computes its policy right after an update from that update's eps and the previous
+     update's (eps starts at 1/K), so the policy used at update n is built from eps_n and eps_{n-1};
+     here the policy for the step after update n uses eps_{n+1} and eps_n: one step later in the
+     eps schedule (eps_t is flat at 1/K for the first K ln K updates, so this matters only
+     afterwards, and by a factor sqrt(t / (t+1)));
+  3. the reference's t is the trainer's global iteration, warm-up included; here t counts the updates
+     after `warmup_steps` (so eps decays from 1/K after the warm-up instead of starting lower).
+With the default estimator the reward estimate also differs (count-weighted, above; the reference's is
+`estimator="paper"` with `draw="step"`).
 """
 from __future__ import annotations
 

@@ -15,6 +15,13 @@ final `val_loss` of its summary.json, or the path of a summary.json itself).
 The update runs on the run's evaluations (EVAL_END, every `trainer.eval_every` steps), or, with
 `update_every: N`, on the mixer's own schedule: every N steps it probes the validation set
 (`state.signals.val_loss`, at most `val_samples` per domain).
+
+Which mean: a domain's validation loss here is the mean over its samples of each sample's mean token
+loss (the run's evaluation and `Signals.val_loss` both average per-sample means); the reference code's
+evaluation is a token mean over the domain (every label token counts once). The two differ when the
+domain's samples differ in length (documents shorter than `seq_len`: short samples count more here);
+reference losses read from a dataflex run (`reference: RUN_DIR`) use the same mean as l, so l - l_ref
+compares like with like; reference losses taken from the reference code's evaluation would not.
 """
 from __future__ import annotations
 

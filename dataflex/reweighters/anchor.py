@@ -11,6 +11,12 @@ it learns. Each sample of the global batch gets its mean cosine similarity to th
 
 so temperature -> inf is uniform and a small temperature concentrates on the closest samples.
 The batch's embeddings cost one forward without gradients a step (reported apart in `bench/`).
+
+Which mean: under the run's default token mean (`trainer.loss_reduction=token`) a sample weight w_i
+multiplies each of the sample's n_i label tokens, so sample i's share of the loss is
+w_i n_i / sum_j w_j n_j: the weighting is length-weighted (a long sample counts more, as it does
+unweighted). The paper's per-sample form, sum_i w_i lbar_i / sum_i w_i over per-sample means, is
+`trainer.loss_reduction=sample` (`DataFlex(loss_reduction="sample")`).
 """
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ after the burn-out, so the weights start near uniform and sharpen.
 Which mean: the weights multiply each sample's loss inside the run's reduction
 (`trainer.loss_reduction`). `sample` is the README form of the paper (sum_i w_i l_i over per-sample
 means); `token` (dataflex's default) weighs each sample's label tokens by w_i, close to the
-reference trainer's token-fraction scaling.
+reference trainer's token-fraction scaling: sample i's share of the loss is then
+w_i n_i / sum_j w_j n_j for n_i label tokens, so the weighting is length-weighted.
 """
 from __future__ import annotations
 

@@ -8,6 +8,12 @@ t > 0 leans on the hardest samples (t -> inf: the max loss), t < 0 suppresses ou
 (t -> -inf: the min loss), t = 0 is the plain mean. It is Sow et al.'s KL-regularised weighting
 with f = identity and r = 1/t. Per-sample losses of the global batch are used, so every rank
 computes the same weights; the first `burnout_steps` steps are unweighted.
+
+Which mean: under the run's default token mean (`trainer.loss_reduction=token`) a sample weight w_i
+multiplies each of the sample's n_i label tokens, so sample i's share of the loss is
+w_i n_i / sum_j w_j n_j: the weighting is length-weighted (a long sample counts more, as it does
+unweighted). The paper's per-sample form, sum_i w_i lbar_i / sum_i w_i over per-sample means, is
+`trainer.loss_reduction=sample` (`DataFlex(loss_reduction="sample")`).
 """
 from __future__ import annotations
 

@@ -37,10 +37,13 @@ Who does what: this class is the schedule (warm-up pool, checkpoint steps and th
 rates, selection, re-scoring, exports, state_dict); features.py computes the features through
 state.signals and keeps them on disk (`features_dir`, `selection`); math.py holds the arithmetic.
 
-Deviations: the live run is the warm-up model (LESS trains a separate LoRA warm-up model, then
-the target model from scratch on the selection: here training continues from the warm-up weights;
-with `model.lora_rank` the run trains whatever its optimizer holds, LoRA adapters and base weights
-alike, while the features use the adapters). On several ranks the warm-up fraction, the target
+Deviations: the warm-up set is a random `warmup_fraction` of every domain, drawn per domain (each
+domain contributes the same share; LESS draws its 5% from the pooled training data, so each domain's
+share of the warm-up set is only its share of the pool in expectation). The live run is the warm-up
+model (LESS trains a separate LoRA warm-up model, then the target model from scratch on the
+selection: here training continues from the warm-up weights; with `model.lora_rank` the run trains
+whatever its optimizer holds, LoRA adapters and base weights alike, while the features use the
+adapters). On several ranks the warm-up fraction, the target
 features and the moments are the same on every rank; each rank computes the features of its
 contiguous slice of every chunk of `chunk_size` x ranks pool samples, and the cosines (with
 `features_dir`, the features too) are gathered, so every rank selects the same samples. Under
