@@ -100,9 +100,10 @@ def launch_ranks(script: str, nprocs: int, backend: str) -> None:
     group = sweep_group()
     if group:   # the ranks run outside Hydra's sweep: they learn its W&B group from here
         env["DATAFLEX_SWEEP_GROUP"] = group
-    from dataflex.run.stopping import forward_signals
+    from dataflex.run.stopping import LAUNCHER_ENV, die_with_parent, forward_signals, launcher_env
 
-    proc = subprocess.Popen(cmd + flags + overrides, env=env, start_new_session=True)
+    env[LAUNCHER_ENV] = launcher_env()      # the ranks watch this process: a kill -9 of it stops them
+    proc = subprocess.Popen(cmd + flags + overrides, env=env, start_new_session=True, preexec_fn=die_with_parent())
     code, received = forward_signals(proc)        # SIGTERM / Ctrl-C reach every rank; we wait for them
     if received:
         raise SystemExit(128 + int(received[0]))
