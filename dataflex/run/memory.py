@@ -186,8 +186,12 @@ def verdict(est: Estimate, available: Optional[int], *, seq_len: int, global_bat
             f"{ratio:.1f}x the {gib(available)} of {where}")
     if ratio <= REFUSE_AT:
         return "warn", text + "; it may not fit"
-    return "refuse", (text + ": it would be killed for memory. Lower model.seq_len or trainer.global_batch_size "
-                      "(or set trainer.packing=false / trainer.lean_loss=true / backend.zero_stage), or set "
+    hints = ["lower model.seq_len or trainer.global_batch_size"]
+    if est.loss > max(LEAN_CHUNK.values()) * 2:          # the full logits: the lean loss holds none
+        hints.append("set trainer.lean_loss=true")
+    if est.weights + est.grads + est.optimizer > est.activations + est.loss:
+        hints.append("shard the model state over more ranks (backend.zero_stage=1-3, trainer.nprocs)")
+    return "refuse", (f"{text}: it would be killed for memory. {'; '.join(hints).capitalize()}, or set "
                       "trainer.memory_check=false to start anyway")
 
 
