@@ -236,8 +236,9 @@ def config_vocab(model_cfg: dict, tokenizer_path: Optional[str]) -> Optional[int
 
 
 def ranks_on_this_machine(nprocs: int) -> int:
-    """Ranks sharing this machine's RAM: LOCAL_WORLD_SIZE under a launcher, else trainer.nprocs."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE") or nprocs or 1)
+    """Ranks sharing this machine's RAM: LOCAL_WORLD_SIZE (torchrun) or LOCAL_SIZE (DeepSpeed's launcher) under
+    a launcher, else `nprocs` (trainer.nprocs, or the world size)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or nprocs or 1)
 
 
 def check_run_memory(cfg, world: int, launching: bool) -> None:
@@ -265,8 +266,16 @@ def check_run_memory(cfg, world: int, launching: bool) -> None:
         return
     backend = cfg.backend
     micro = int(tr.global_batch_size) // max(1, world)
-    if backend.name == "megatron" and backend.get("micro_batch_size"):
-        micro = min(micro, int(backend.micro_batch_size))
+    if backend.name == "megatron":      # tensor and pipeline parallel ranks hold a part of the model each
+        import dataclasses
+
+        tp, pp = int(backend.get("tensor_model_parallel_size", 1) or 1), int(backend.get("pipeline_model_parallel_size", 1) or 1)
+        shape = dataclasses.replace(shape, params=shape.params // (tp * pp), trainable=shape.trainable // (tp * pp),
+                                    layers=-(-shape.layers // pp), hidden=max(1, shape.hidden // tp),
+                                    ffn=max(1, shape.ffn // tp))
+        micro = int(tr.global_batch_size) // max(1, world // (tp * pp))
+        if backend.get("micro_batch_size"):
+            micro = min(micro, int(backend.micro_batch_size))
     ranks = ranks_on_this_machine(world) if device == "cpu" else 1
     est = estimate(shape, int(model.seq_len), micro, packing=bool(tr.get("packing", False)) and backend.name != "megatron",
                    lean=bool(tr.get("lean_loss", True)) and backend.name != "megatron"
