@@ -93,3 +93,70 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(path, dies)
     assert open(path).read() == "old" and os.listdir(tmp_path) == ["f.json"]
+
+
+# ------------------------------------------------- a failed cache build leaves no .tmp debris (issue 20)
+
+TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "default",
+                         "tokenizer.json")
+
+
+def two_domains(tmp_path):
+    for name in ("a", "b"):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            for i in range(300):
+                f.write('{"text": "document %d of domain %s, a few words long."}\n' % (i, name))
+    return {"tokenizer": TOKENIZER, "cache": str(tmp_path / "cache"),
+            "domains": {n: {"train": str(tmp_path / f"{n}.jsonl")} for n in ("a", "b")}}
+
+
+@pytest.mark.parametrize("failure", ["disk full", "error"])
+def test_a_failed_cache_build_leaves_no_tmp_files(tmp_path, monkeypatch, failure):
+    """Domain b's build fails after 100 documents, its shard and provenance open under `.tmp` names: a full
+    disk (ENOSPC from a write to an open file, which names no path) or any other error. No `.tmp` file is
+    left in the cache; the disk-full message names the disk and the group's folder; domain a's finished group
+    is kept and the next launch completes the cache."""
+    import errno
+
+    import dataprep.writer
+    from dataflex.data.domains import load_domains
+    from dataflex.utils.errors import DataConfigError
+
+    data = two_domains(tmp_path)
+    real_add, seen = dataprep.writer.ShardWriter.add, {}
+
+    def add(self, tokens):
+        n = seen[self.name] = seen.get(self.name, 0) + 1
+        if self.name.startswith("b_") and n > 100:
+            assert [p for p in (tmp_path / "cache").rglob("*.tmp")]        # the files a failure could leave
+            if failure == "disk full":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise RuntimeError("the tokenizer broke")
+        return real_add(self, tokens)
+
+    monkeypatch.setattr(dataprep.writer.ShardWriter, "add", add)
+    with pytest.raises(DataConfigError if failure == "disk full" else RuntimeError) as e:
+        load_domains(data, 32, progress=False)
+    assert not [str(p) for p in (tmp_path / "cache").rglob("*.tmp")]
+    key = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert len(key) == 1 and (key[0] / "a" / "train" / ".done.json").is_file() and not (key[0] / "b").exists()
+    if failure == "disk full":
+        assert str(e.value).startswith(f"disk full: no space left to write {key[0] / 'b' / 'train'} "
+                                       "(the disk mounted at /"), str(e.value)
+        assert "while building the data cache" in str(e.value)
+    monkeypatch.setattr(dataprep.writer.ShardWriter, "add", real_add)
+    built = load_domains(data, 32, progress=False)
+    assert {n: len(s) for n, s in built.train.items()} == {"a": 300, "b": 300}
+
+
+def test_a_cache_build_says_what_it_does_at_once(tmp_path, capfd):
+    """The first launch tokenizes its inputs into the cache: one progress line naming the folder appears as
+    the build starts (stderr), none when the cache is reused."""
+    from dataflex.data.domains import load_domains
+
+    data = two_domains(tmp_path)
+    load_domains(data, 32, progress=True)
+    err = capfd.readouterr().err
+    assert f"dataflex: tokenizing 2 input group(s) once into {tmp_path / 'cache'}" in err
+    load_domains(data, 32, progress=True)
+    assert "tokenizing" not in capfd.readouterr().err

@@ -326,3 +326,57 @@ def test_a_resume_continues_the_same_wandb_run(tmp_path):
     run(args + ["trainer.max_steps=4", "trainer.resume=latest"], timeout=300)
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(f"-{wandb_id}") for name in runs), runs
+
+
+# ----------------------------------------------------------- a first DeepSpeed start says what it compiles
+
+def test_an_op_build_is_announced_before_it_starts(tmp_path, monkeypatch, capsys):
+    """No build of DeepSpeed's CPU comm op under TORCH_EXTENSIONS_DIR: one line names the op, the time and
+    the folder before the (silent) compile; once the build is there, nothing is printed."""
+    pytest.importorskip("deepspeed")
+    from dataflex.backends.extensions import announce_op_builds, optimizer_builders
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert announce_op_builds(["ShareMemCommBuilder"]) == ["deepspeed_shm_comm"]
+    err = capsys.readouterr().err
+    assert err == (f"dataflex: building DeepSpeed's deepspeed_shm_comm op (first run only, ~1 min; cached in "
+                   f"{tmp_path / 'deepspeed_shm_comm'}) ...\n")
+    monkeypatch.setenv("LOCAL_RANK", "1")                 # one line per machine: local rank 0 says it
+    assert announce_op_builds(["ShareMemCommBuilder"]) == ["deepspeed_shm_comm"]
+    assert capsys.readouterr().err == ""
+    monkeypatch.delenv("LOCAL_RANK")
+    (tmp_path / "deepspeed_shm_comm").mkdir()
+    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")   # where torch puts the build
+    assert announce_op_builds(["ShareMemCommBuilder"]) == [] and capsys.readouterr().err == ""
+    # a DeepSpeed JSON's optimizer: offloaded Adam compiles cpu_adam; dataflex's own AdamW compiles nothing
+    assert optimizer_builders({"optimizer": {"type": "AdamW"}, "zero_optimization": {
+        "stage": 2, "offload_optimizer": {"device": "cpu"}}}) == ["CPUAdamBuilder"]
+    assert optimizer_builders({"zero_optimization": {"stage": 2}}) == []
+
+
+@pytest.mark.slow
+def test_a_first_deepspeed_start_says_it_compiles(tmp_path):
+    """A real first start (an empty TORCH_EXTENSIONS_DIR): the line comes before the build, and the build lands
+    in the folder the line names (the same rule as torch's)."""
+    pytest.importorskip("deepspeed")
+    import os
+
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    proc = subprocess_run([PY, TRAIN, "backend=deepspeed", *FAST[1:], "trainer.max_steps=1",
+                           f"hydra.run.dir={tmp_path / 'run'}"], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = tmp_path / "ext" / "deepspeed_shm_comm"
+    line = f"dataflex: building DeepSpeed's deepspeed_shm_comm op (first run only, ~1 min; cached in {folder}) ..."
+    assert line in proc.stderr
+    assert (folder / "deepspeed_shm_comm.so").is_file()
+
+
+def subprocess_run(args, env):
+    import subprocess
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    env.update(WANDB_MODE="offline", DS_ACCELERATOR="cpu", HYDRA_FULL_ERROR="0")
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

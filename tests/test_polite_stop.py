@@ -136,3 +136,73 @@ def test_sigterm_to_the_launcher_of_two_ranks_stops_all_of_them(tmp_path):
     assert Path(summary["interrupted"]["checkpoint"]).is_dir()
     ledger = pd.read_parquet(run_dir / "ledger")
     assert sorted(set(ledger.step)) == list(range(summary["steps"])) and {0, 1} <= set(ledger["rank"])
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_launcher_of_two_ranks_leaves_no_process(tmp_path):
+    """`trainer.nprocs=2` and the process the user started killed outright (SIGKILL forwards nothing): the
+    ranks notice their launcher is gone and stop (politely: the ledger and summary.json are written), and no
+    process of the job is left 30 s later."""
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="0")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DATAFLEX_FAULT",
+                "DATAFLEX_RUN_LOCK", "DATAFLEX_LAUNCHER_PID"):
+        env.pop(var, None)
+    proc = subprocess.Popen([PY, TRAIN, *COMMON, "trainer.nprocs=2", "trainer.max_steps=2000",
+                             "trainer.eval_every=1000", f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "metrics.jsonl").exists():
+            assert proc.poll() is None and time.time() < deadline, "the job did not start"
+            time.sleep(0.5)
+        assert subprocess.run(["pgrep", "-f", f"hydra.run.dir={run_dir}"], capture_output=True,
+                              text=True).stdout.split().__len__() >= 3     # the launcher and two ranks
+        proc.kill()
+        killed = time.time()
+        while subprocess.run(["pgrep", "-f", f"hydra.run.dir={run_dir}"], capture_output=True).returncode == 0:
+            assert time.time() < killed + 30, "a process of the job is still running 30 s after the kill -9"
+            time.sleep(1)
+    finally:
+        proc.wait()
+        left = subprocess.run(["pgrep", "-f", f"hydra.run.dir={run_dir}"], capture_output=True, text=True).stdout
+        for pid in left.split():
+            os.kill(int(pid), signal.SIGKILL)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["interrupted"]["signal"] == "SIGTERM" and summary["world_size"] == 2
+    ledger = pd.read_parquet(run_dir / "ledger")
+    assert sorted(set(ledger.step)) == list(range(summary["steps"]))
+
+
+def test_a_rank_notices_its_launcher_is_gone(tmp_path):
+    """watch_launcher in a process whose DATAFLEX_LAUNCHER_PID names a process that is killed: it gets SIGTERM
+    within a couple of seconds (here: its handler writes a file and exits 143)."""
+    import textwrap
+
+    launcher = subprocess.Popen(["sleep", "300"])
+    child = subprocess.Popen([PY, "-c", textwrap.dedent(f"""
+        import signal, sys, time
+        from dataflex.run.stopping import watch_launcher
+        def handle(signum, frame):
+            open({str(tmp_path / 'got')!r}, 'w').write(str(signum))
+            sys.exit(143)
+        signal.signal(signal.SIGTERM, handle)
+        assert watch_launcher(poll_s=0.2) is not None
+        print('watching', flush=True)
+        time.sleep(60)
+        """)], cwd=ROOT, env=dict(os.environ, RANK="1", PYTHONPATH=str(ROOT),
+                                  DATAFLEX_LAUNCHER_PID=f"{launcher.pid}:"), stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline().strip() == b"watching"
+        time.sleep(1)
+        assert child.poll() is None                  # its launcher lives: it keeps running
+        launcher.kill()                              # left a zombie until waited for: counted as gone
+        started = time.time()
+        assert child.wait(timeout=20) == 143
+        assert time.time() - started < 5
+        assert (tmp_path / "got").read_text() == str(int(signal.SIGTERM))
+    finally:
+        for p in (launcher, child):
+            if p.poll() is None:
+                p.kill()
+            p.wait()

@@ -69,6 +69,9 @@ def setup_distributed(backend: str) -> bool:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         ensure_process_env()
         import deepspeed
+
+        from dataflex.backends.extensions import announce_op_builds
+        announce_op_builds(["ShareMemCommBuilder"])    # a first start compiles the CPU comm op: said at once
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     elif backend == "megatron" or int(os.environ.get("WORLD_SIZE", "1")) > 1:   # Megatron needs a group even alone
         ensure_process_env()

@@ -117,6 +117,8 @@ class DeepSpeedBackend(Backend):
                 scheduler = None
         from dataflex.backends.extensions import clear_stale_extension_locks
         clear_stale_extension_locks()      # a first start killed while compiling would make this one hang
+        from dataflex.backends.extensions import announce_op_builds, optimizer_builders
+        announce_op_builds(optimizer_builders(self.config))     # the file's optimizer may need an op compiled
         kwargs = {"model_parameters": [p for p in model.parameters() if p.requires_grad]} if optimizer is None else {}
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=copy.deepcopy(self.config), **kwargs)

@@ -1,4 +1,5 @@
-"""torch C++-extension locks left by a killed first DeepSpeed start (every later start would wait on them)."""
+"""torch C++-extension locks left by a killed first DeepSpeed start (every later start would wait on them), and
+the line a first start prints before compiling a DeepSpeed op (silent for minutes otherwise)."""
 from __future__ import annotations
 
 import os
@@ -56,3 +57,77 @@ def clear_stale_extension_locks(max_age_s: float = 300.0, roots=None, quiet: boo
                 print(f"dataflex: removed a stale torch extension lock {lock} ({age / 60:.0f} min old, no process "
                       "building there: an earlier start was killed while compiling)", file=sys.stderr)
     return removed
+
+
+# A first start that compiles a DeepSpeed op is silent for minutes: say so at once. About how long each takes
+# on a few cores (measured for the comm op: ~35 s on 2 busy cores, docs/benchmarks.md; the others: reported).
+BUILD_MINUTES = {"deepspeed_shm_comm": 1, "deepspeed_ccl_comm": 1, "cpu_adam": 2, "cpu_adagrad": 2, "cpu_lion": 2,
+                 "fused_adam": 1, "fused_lamb": 1, "fused_lion": 1}
+# a DeepSpeed JSON's optimizer type -> the op builder it needs (offloaded to the CPU, on the GPU)
+OPTIMIZER_OPS = {"adam": ("CPUAdamBuilder", "FusedAdamBuilder"), "adamw": ("CPUAdamBuilder", "FusedAdamBuilder"),
+                 "adagrad": ("CPUAdagradBuilder", None), "lion": ("CPULionBuilder", "FusedLionBuilder"),
+                 "lamb": (None, "FusedLambBuilder")}
+
+
+def extension_build_dir(name: str) -> str:
+    """Where torch's JIT build puts extension `name` (torch.utils.cpp_extension's rule; nothing is created)."""
+    import torch
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        accel = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
+                 f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
+        root = os.path.join(get_default_build_root(),
+                            f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{accel}")
+    return os.path.join(root, name)
+
+
+def ops_to_build(builder_names) -> list:
+    """[(op name, build folder)] of the DeepSpeed ops among `builder_names` (e.g. "ShareMemCommBuilder") that the
+    accelerator uses, that were not installed prebuilt and have no JIT build yet: the ones a start will compile."""
+    try:
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.git_version_info import installed_ops
+    except Exception:      # no DeepSpeed: nothing to build
+        return []
+    out = []
+    for builder_name in builder_names:
+        try:
+            builder = get_accelerator().create_op_builder(builder_name)
+        except Exception:
+            builder = None
+        if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            continue
+        if installed_ops.get(builder.NAME, False):
+            continue
+        folder = extension_build_dir(builder.NAME)
+        if not os.path.isfile(os.path.join(folder, builder.NAME + ".so")):
+            out.append((builder.NAME, folder))
+    return out
+
+
+def announce_op_builds(builder_names, quiet: bool = False) -> list:
+    """One line per op the start is about to compile (`building DeepSpeed's OP op (first run only, ~N min) ...`),
+    printed by local rank 0 before the silent build; returns the op names."""
+    todo = ops_to_build(builder_names)
+    if not quiet and int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
+        for name, folder in todo:
+            print(f"dataflex: building DeepSpeed's {name} op (first run only, ~{BUILD_MINUTES.get(name, 2)} min; "
+                  f"cached in {folder}) ...", file=sys.stderr, flush=True)
+    return [name for name, _ in todo]
+
+
+def optimizer_builders(config: dict) -> list:
+    """The op builders a DeepSpeed JSON's optimizer section needs (none without one: dataflex's torch AdamW)."""
+    opt = config.get("optimizer") if isinstance(config, dict) else None
+    if not isinstance(opt, dict):
+        return []
+    zero = config.get("zero_optimization") or {}
+    offload = zero.get("offload_optimizer") if isinstance(zero, dict) else None
+    on_cpu = isinstance(offload, dict) and (offload.get("device") or "none") == "cpu"
+    pair = OPTIMIZER_OPS.get(str(opt.get("type", "")).lower(), (None, None))
+    chosen = pair[0] if on_cpu else pair[1]      # the accelerator's own builder of that name (CPU: its fused_adam)
+    return [chosen] if chosen else []

@@ -16,7 +16,8 @@ Every file here is written under a temporary name of its own (pid, thread, rando
 (`atomic_write`), and the files a marker names are fsynced before the marker: a reader never sees a part.
 
 Building holds ``ROOT/<key>.lock`` (flock), so two launches build once; other ranks of a launch wait for
-``cache.json``. A killed build leaves no ``cache.json``: the next launch keeps the finished groups, redoes
+``cache.json``. A build that fails (a full disk, a bad input, Ctrl-C) removes its unfinished group, so no
+``.tmp`` file stays behind. A killed build leaves no ``cache.json``: the next launch keeps the finished groups, redoes
 the unfinished one and writes the same bytes (the build is a pure function of the inputs).
 """
 from __future__ import annotations
@@ -158,12 +159,32 @@ def _build(folder: str, groups: list[dict], tokenizer, progress: bool) -> dict:
     for g in groups:
         rec = _group_done(folder, g)
         if rec is None:
-            rec = _build_group(folder, g, tokenizer, dtype, bar, fault, written)
+            try:
+                rec = _build_group(folder, g, tokenizer, dtype, bar, fault, written)
+            except BaseException as e:      # a full disk, a bad input, Ctrl-C: no half-written files stay behind
+                if isinstance(e, OSError) and not e.filename:      # a write to an open file names none
+                    e.filename = group_dir(folder, g)
+                bar.close()
+                _remove_partial(folder, group_dir(folder, g))
+                raise
         out_groups.append(rec)
     bar.close()
     manifest = {"version": CACHE_VERSION, "tokenizer": tokenizer.describe(), "dtype": dtype, "groups": out_groups}
     atomic_json(os.path.join(folder, MARKER), manifest, indent=1, sort_keys=True)   # the commit point
     return manifest
+
+
+def _remove_partial(folder: str, gdir: str) -> None:
+    """An unfinished group's folder (its `.tmp` shards and provenance; the next build redoes the group from
+    scratch anyway), then the folders above it up to the cache folder if that left them empty."""
+    shutil.rmtree(gdir, ignore_errors=True)
+    here = os.path.dirname(gdir)
+    while len(here) >= len(folder):
+        try:
+            os.rmdir(here)
+        except OSError:
+            break
+        here = os.path.dirname(here)
 
 
 def group_dir(folder: str, g: dict) -> str:

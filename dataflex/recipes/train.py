@@ -54,7 +54,8 @@ from dataflex.run.launching import (  # noqa: E402
     run_strategy,
 )
 from dataflex.run.lock import LOCK_NAME, hold_run_folder  # noqa: E402
-from dataflex.run.stopping import PoliteStop  # noqa: E402
+from dataflex.run.memory import check_run_memory  # noqa: E402
+from dataflex.run.stopping import PoliteStop, watch_launcher  # noqa: E402
 from dataflex.utils.console import ConsoleLog, quiet_third_party  # noqa: E402
 from dataflex.utils.errors import RunError, UserError  # noqa: E402
 from dataflex.utils.paths import configs_dir
@@ -97,6 +98,7 @@ def main(cfg):
     run_dir = Path(hc.runtime.output_dir)
     writer = int(os.environ.get("RANK", "0")) == 0     # ranks > 0 run in "." and write nothing
     quiet_third_party(bool(cfg.logger.get("verbose", False)))
+    watch_launcher()        # a rank whose launcher is killed outright stops too (no orphan keeps training)
     lock = hold_run_folder(run_dir) if writer else None     # one writer per run folder (exit 2 if one runs)
     fresh = writer and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", LOCK_NAME}
     done = owned = False
@@ -141,6 +143,9 @@ def settle(cfg, hc, run_dir: Path, writer: bool):
     check_deepspeed_config(cfg, int(cfg.trainer.nprocs) if needs_launch(cfg.trainer.nprocs)
                            else int(os.environ.get("WORLD_SIZE", "1")))    # backend.config: the user's JSON
     check_plugin_settings(cfg)              # every mixer, selector and reweighter setting too
+    launching = needs_launch(cfg.trainer.nprocs)
+    check_run_memory(cfg, int(cfg.trainer.nprocs) if launching else int(os.environ.get("WORLD_SIZE", "1")),
+                     launching)             # a run that cannot fit: refused before any data is read
     if writer and not needs_launch(cfg.trainer.nprocs):
         folder = checkpoint_run_folder(ckpt) if ckpt is not None else None
         own = folder is not None and folder.resolve() == run_dir.resolve()

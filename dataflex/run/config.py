@@ -54,6 +54,7 @@ SCHEMA = {
     "trainer.lean_loss": ("bool", None, "true or false"),
     "trainer.packing": ("bool", None, "true or false"),
     "trainer.checkpoint_on_signal": ("bool", None, "true or false"),
+    "trainer.memory_check": ("bool", None, "true or false"),
     "model.seq_len": ("int", lambda v: v > 1, "an integer > 1"),
     "model.vocab_size": ("int?", lambda v: v > 0, "null or an integer > 0"),
     "model.d_model": ("int", lambda v: v > 0, "an integer > 0"),

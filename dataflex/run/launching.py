@@ -96,12 +96,14 @@ def launch_ranks(script: str, nprocs: int, backend: str) -> None:
     env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
     from dataflex.run.outputs import sweep_group
 
+    env["DATAFLEX_MEMORY_CHECKED"] = "1"     # on CPU this process checked the memory for every rank
     group = sweep_group()
     if group:   # the ranks run outside Hydra's sweep: they learn its W&B group from here
         env["DATAFLEX_SWEEP_GROUP"] = group
-    from dataflex.run.stopping import forward_signals
+    from dataflex.run.stopping import LAUNCHER_ENV, die_with_parent, forward_signals, launcher_env
 
-    proc = subprocess.Popen(cmd + flags + overrides, env=env, start_new_session=True)
+    env[LAUNCHER_ENV] = launcher_env()      # the ranks watch this process: a kill -9 of it stops them
+    proc = subprocess.Popen(cmd + flags + overrides, env=env, start_new_session=True, preexec_fn=die_with_parent())
     code, received = forward_signals(proc)        # SIGTERM / Ctrl-C reach every rank; we wait for them
     if received:
         raise SystemExit(128 + int(received[0]))
@@ -116,7 +118,7 @@ def launch_ranks(script: str, nprocs: int, backend: str) -> None:
 # Settings that never change what the model sees or how it learns: a resume may change them freely.
 SAFE_ON_RESUME = ("logger", "trainer.resume", "trainer.overwrite", "trainer.checkpoint_every", "trainer.plot",
                   "trainer.ledger_flush_every", "trainer.eval_every", "trainer.max_val_samples",
-                  "trainer.check_ranks_every")
+                  "trainer.check_ranks_every", "trainer.memory_check")
 # Run folder entries a finished or running training writes; a fresh run never mixes with them.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "samples.parquet", "data.json", "ledger", "domain_weights.png",
              "wandb", "checkpoints", ".failed")

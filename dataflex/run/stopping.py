@@ -10,12 +10,21 @@ after the same step and the checkpoint's collectives match.
 
 `forward_signals(proc)` is the rank launcher's half: SIGTERM/SIGINT sent to it go to the process group of
 the ranks it started, and it waits for them.
+
+A launcher killed outright (`kill -9`, an OOM kill) forwards nothing. The ranks notice: `watch_launcher()`
+runs a thread in every rank that polls, once a second, its parent (the DeepSpeed launcher or torchrun) and the
+dataflex process that started the job (`DATAFLEX_LAUNCHER_PID`, with its start time against pid reuse); when
+one is gone it sends its own rank SIGTERM (the polite stop above) and, if the rank is still alive
+`ORPHAN_GRACE_S` later (a collective waiting for a peer that died), ends it. The launcher dataflex starts
+itself also gets `PR_SET_PDEATHSIG` = SIGTERM (Linux), so it goes when the dataflex process goes.
 """
 from __future__ import annotations
 
 import os
 import signal
 import sys
+import threading
+import time
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -125,3 +134,91 @@ def forward_signals(proc) -> tuple:
         for s, old in previous.items():
             signal.signal(s, old)
 
+
+
+ORPHAN_GRACE_S = 20.0       # after the launcher died: time for the polite stop before the rank ends at once
+LAUNCHER_ENV = "DATAFLEX_LAUNCHER_PID"      # "PID:START" of the dataflex process that started the ranks
+
+
+def process_start(pid: int):
+    """(start time in clock ticks, state letter) of a process from /proc; None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[19], fields[0]
+    except (OSError, IndexError):
+        if os.path.isdir("/proc"):
+            return None
+        try:                    # no /proc: alive or not, and nothing more
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "", "R"
+
+
+def launcher_env() -> str:
+    """The value of DATAFLEX_LAUNCHER_PID for the ranks this process starts."""
+    info = process_start(os.getpid())
+    return f"{os.getpid()}:{info[0] if info else ''}"
+
+
+def _gone(pid: int, start: str) -> bool:
+    info = process_start(pid)
+    return info is None or info[1] in ("Z", "X") or bool(start and info[0] and info[0] != start)
+
+
+def die_with_parent(sig: int = signal.SIGTERM):
+    """A `preexec_fn` that sets prctl(PR_SET_PDEATHSIG, sig) in the child (Linux; None elsewhere): the rank
+    launcher dataflex starts gets `sig` when the dataflex process dies. libc's prctl is looked up here, in the
+    parent, so the child after fork only makes the call; the signal follows the thread that forked (the main
+    one here)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, int(sig), 0, 0, 0)      # PR_SET_PDEATHSIG = 1
+
+
+def watch_launcher(grace_s: float = None, poll_s: float = 1.0):
+    """In a rank started by a launcher (RANK or LOCAL_RANK set): a daemon thread that stops this rank when its
+    parent or the dataflex process that started the job dies (see the module docstring). Returns the thread."""
+    if "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
+        return None
+    grace = float(os.environ.get("DATAFLEX_ORPHAN_GRACE_S", ORPHAN_GRACE_S)) if grace_s is None else grace_s
+    parent = os.getppid()
+    watched = []
+    if parent > 1:
+        info = process_start(parent)
+        watched.append((parent, info[0] if info else ""))
+    spec = os.environ.get(LAUNCHER_ENV, "")
+    if spec.split(":")[0].isdigit() and int(spec.split(":")[0]) not in (parent, os.getpid()):
+        pid, _, start = spec.partition(":")
+        watched.append((int(pid), start))
+    if not watched:
+        return None
+
+    def run():
+        while True:
+            dead = next((pid for pid, start in watched if _gone(pid, start)), None)
+            if dead is None and (parent <= 1 or os.getppid() == parent):
+                time.sleep(poll_s)
+                continue
+            who = dead if dead is not None else parent
+            try:
+                print(f"dataflex: rank {os.environ.get('RANK', '?')}: its launcher (pid {who}) is gone (killed?): "
+                      "stopping this rank", file=sys.stderr, flush=True)
+            except (OSError, ValueError):       # its stderr went with the launcher
+                pass
+            os.kill(os.getpid(), signal.SIGTERM)        # the polite stop, or the default action before the loop
+            time.sleep(grace)
+            os._exit(128 + signal.SIGTERM)
+
+    thread = threading.Thread(target=run, name="dataflex-launcher-watch", daemon=True)
+    thread.start()
+    return thread
