@@ -231,6 +231,37 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (grad_h, grad_w, grad_b) + none
 
 
+@torch.no_grad()
+def chunked_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                      chunk_size: Optional[int] = None, vocab_chunk: Optional[int] = None) -> torch.Tensor:
+    """[...] float32 log-sum-exp over the vocabulary of each token's logits `hidden @ weight.T + bias`
+    (hidden [..., H]), computed as the loss's forward computes it (logits in the model's dtype,
+    upcast, an online log-sum-exp over [tokens, vocabulary] chunks): no [N, V] tensor. What the
+    gradient engine needs to recompute softmax(z_t) chunk by chunk (`dataflex.grad.ghost.HeadFactor`)."""
+    H = hidden.shape[-1]
+    flat = hidden.reshape(-1, H).to(weight.dtype)
+    N, V = flat.shape[0], weight.shape[0]
+    rows, cols = chunk_shape(N, V, flat.device, chunk_size, vocab_chunk)
+    buf = torch.empty(rows * cols, dtype=torch.float32, device=flat.device)
+    buf_low = None if flat.dtype == torch.float32 else torch.empty(rows * cols, dtype=flat.dtype, device=flat.device)
+    zero = torch.zeros((), device=flat.device)
+    lse = torch.empty(N, dtype=torch.float32, device=flat.device)
+    for s in range(0, N, rows):
+        e = min(N, s + rows)
+        m = torch.full((e - s,), float("-inf"), device=flat.device)
+        total = torch.zeros(e - s, device=flat.device)
+        for v0 in range(0, V, cols):
+            v1 = min(V, v0 + cols)
+            out32, low = _views(buf, buf_low, e - s, v1 - v0)
+            logits = _logits(flat[s:e], weight[v0:v1], None if bias is None else bias[v0:v1], out32, low)
+            new = torch.maximum(m, logits.amax(1))
+            shift = torch.where(torch.isfinite(new), new, zero)
+            total = total * torch.exp(m - shift) + logits.sub_(shift.unsqueeze(1)).exp_().sum(1)
+            m = new
+        lse[s:e] = torch.where(torch.isfinite(m), m, zero) + total.log()
+    return lse.view(hidden.shape[:-1])
+
+
 def linear_cross_entropy(hidden: torch.Tensor, head, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                          chunk_size: Optional[int] = None, vocab_chunk: Optional[int] = None) -> torch.Tensor:
     """Per-token cross-entropy, float32, shaped like `labels` (see the module docstring).
