@@ -18,6 +18,20 @@ slower than logits.
 
     python bench/bench_lean_loss.py                      # -> bench/results/lean_loss.json
     python bench/bench_lean_loss.py --vocab 32000 --seq 1024 --repeats 2    # a quick look
+
+`--train`: whole training runs instead, `launch/train.py model=hf +reweighter=focal` on a local
+random-init Llama (2 layers, hidden 256, vocabulary 32000 rows; its own small BPE tokenizer, so the
+logits are 32000 wide whatever the tokens), once with the lean default and once with
+`trainer.lean_loss=false`; each run's peak RSS is its process's (`ru_maxrss` of the waited-for child,
+read by an intermediate process that launches only that run), with its losses from summary.json:
+
+    python bench/bench_lean_loss.py --train              # -> bench/results/lean_loss_train.json
+
+`--scoring`: the gradient engine's signals (ghost norms, dots against a batch gradient) of a batch
+on the same random-init Llama, `TorchInterface(lean=True)` vs `lean=False`, peak RSS of each call
+in a fresh subprocess and the two results compared:
+
+    python bench/bench_lean_loss.py --scoring            # -> bench/results/lean_loss_scoring.json
 """
 from __future__ import annotations
 
@@ -142,6 +156,122 @@ def child_time(vocab: int, seq: int, path: str, repeats: int) -> dict:
             "loss_unweighted": losses[False], "loss_weighted": losses[True]}
 
 
+# ---------------------------------------------------------------------------- --train: whole runs
+
+TRAIN_ARGS = ["backend=torch", "+reweighter=focal", "trainer.max_steps=4", "trainer.global_batch_size=4",
+              "trainer.eval_every=4", "trainer.max_val_samples=4", "logger=none", "trainer.plot=false",
+              "trainer.ledger_flush_every=4"]
+
+
+def make_model_dir(folder: Path, vocab: int, seq: int) -> Path:
+    """A random-init Llama (HIDDEN, LAYERS, `vocab` rows) and a small BPE tokenizer of its own, saved
+    as transformers saves them (nothing fetched)."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    model, _ = build(vocab, seq)
+    model.save_pretrained(folder)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    lines = [json.loads(x)["text"] for x in (ROOT / "data/default/prose/train.jsonl").read_text().splitlines()[:200]]
+    tok.train_from_iterator(lines, trainer)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(folder)
+    return folder
+
+
+def child_launch(lean: bool, model_dir: str, work: str, seq: int) -> dict:
+    """One training run as this process's only child: its peak RSS is ru_maxrss of RUSAGE_CHILDREN."""
+    run_dir = Path(work) / ("lean" if lean else "logits")
+    env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               DATAFLEX_CACHE=str(Path(work) / f"cache_{int(lean)}"), OMP_NUM_THREADS=str(THREADS),
+               PYTHONPATH=str(ROOT))
+    args = [sys.executable, "launch/train.py", "model=hf", f"model.path={model_dir}", f"model.seq_len={seq}",
+            *TRAIN_ARGS, f"trainer.lean_loss={str(lean).lower()}", f"hydra.run.dir={run_dir}"]
+    t = time.time()
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.time() - t
+    if proc.returncode:
+        raise RuntimeError(f"{args} failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"lean_loss": lean, "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0,
+            "wall_s": wall, "command": " ".join(["python", *args[1:-1]]), "summary": summary}
+
+
+def main_train(vocab: int, seq: int) -> None:
+    import tempfile
+    load_start, started = os.getloadavg(), time.time()
+    with tempfile.TemporaryDirectory() as work:
+        model_dir = str(make_model_dir(Path(work) / "model", vocab, seq))
+        runs = {name: run_child(["launch", str(vocab), str(seq), name, f"{model_dir}|{work}"])
+                for name in ("lean", "logits")}
+    env = environment()
+    ratio = runs["lean"]["peak_rss_mib"] / runs["logits"]["peak_rss_mib"]
+    payload = {"bench": "lean_loss_train", "date": env["time"], "commit": env["commit"], "machine": env["cpu"],
+               "environment": env, "load_start": load_start, "load_end": os.getloadavg(),
+               "wall_s": time.time() - started, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "model": {"kind": "LlamaForCausalLM (random init, local)", "layers": LAYERS, "hidden": HIDDEN,
+                         "vocab": vocab, "tokenizer_vocab": 1000, "seq_len": seq, "tied": False},
+               "train_args": TRAIN_ARGS, "runs": runs, "lean_over_logits_peak_rss": ratio}
+    path = save_json("lean_loss_train.json", payload)
+    for name, r in runs.items():
+        print(f"{name}: peak RSS {r['peak_rss_mib']:.0f} MiB, {r['wall_s']:.0f}s")
+    print(f"lean / logits peak RSS {ratio:.3f}; saved {path}")
+
+
+# -------------------------------------------------------------------- --scoring: the gradient engine
+
+SCORED = r"proj|lm_head|embed_tokens"      # every matrix (LlamaRMSNorm is not nn.RMSNorm: the exact path)
+
+
+def child_scoring(vocab: int, seq: int, lean: bool, batch_size: int) -> dict:
+    """Ghost norms and dots of `batch_size` samples, each call's peak RSS above the RSS before it."""
+    import torch
+
+    from dataflex.grad import TorchInterface
+    from dataflex.grad.params import select_params
+    model, _ = build(vocab, seq)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, vocab, (batch_size, seq + 1), generator=g)
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": torch.ones(batch_size, seq),
+             "position_ids": torch.arange(seq).expand(batch_size, seq)}
+    target = {n: torch.randn(p.shape, generator=g) for n, p in select_params(model, SCORED).items()}
+    interface = TorchInterface(model, lean=lean)
+    norms, norm_s, norm_peak = measure_peak(lambda: interface.per_sample_grad_norms(batch, SCORED))
+    dots, dot_s, dot_peak = measure_peak(lambda: interface.per_sample_grad_dots(batch, target, SCORED))
+    return {"norms": norms.tolist(), "dots": dots.tolist(), "norms_s": norm_s, "dots_s": dot_s,
+            "norms_peak_mib": norm_peak, "dots_peak_mib": dot_peak,
+            "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+
+
+def main_scoring(vocab: int, seq: int, batch_size: int) -> None:
+    load_start, started = os.getloadavg(), time.time()
+    runs = {name: run_child(["scoring", str(vocab), str(seq), name, str(batch_size)]) for name in ("lean", "logits")}
+    lean, full = runs["lean"], runs["logits"]
+
+    def rel(a, b):
+        return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
+    env = environment()
+    payload = {"bench": "lean_loss_scoring", "date": env["time"], "commit": env["commit"], "machine": env["cpu"],
+               "environment": env, "load_start": load_start, "load_end": os.getloadavg(),
+               "wall_s": time.time() - started, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "model": {"kind": "LlamaForCausalLM (random init)", "layers": LAYERS, "hidden": HIDDEN, "vocab": vocab,
+                         "seq_len": seq, "batch": batch_size, "tied": False, "params": SCORED},
+               "runs": runs,
+               "ratios": {"lean_over_logits_norms_peak": lean["norms_peak_mib"] / full["norms_peak_mib"],
+                          "lean_over_logits_dots_peak": lean["dots_peak_mib"] / full["dots_peak_mib"],
+                          "lean_over_logits_norms_time": lean["norms_s"] / full["norms_s"],
+                          "lean_over_logits_dots_time": lean["dots_s"] / full["dots_s"]},
+               "max_rel_diff": {"norms": rel(lean["norms"], full["norms"]), "dots": rel(lean["dots"], full["dots"])}}
+    path = save_json("lean_loss_scoring.json", payload)
+    for name, r in runs.items():
+        print(f"{name}: norms peak {r['norms_peak_mib']:.0f} MiB {r['norms_s']:.1f}s, "
+              f"dots peak {r['dots_peak_mib']:.0f} MiB {r['dots_s']:.1f}s")
+    print(json.dumps(payload["ratios"]), json.dumps(payload["max_rel_diff"]))
+    print(f"saved {path}")
+
+
 def run_child(args: list[str]) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env)
@@ -157,14 +287,29 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="lean_loss.json")
     ap.add_argument("--child", nargs="+")
+    ap.add_argument("--train", action="store_true", help="whole launch/train.py runs, lean vs logits (peak RSS)")
+    ap.add_argument("--scoring", action="store_true", help="ghost norms and dots, lean vs logits (peak RSS)")
+    ap.add_argument("--batch", type=int, default=4, help="--scoring: samples scored")
     a = ap.parse_args()
     if a.child:
         import torch
         torch.set_num_threads(THREADS)
         kind, vocab, seq, path, extra = a.child[0], int(a.child[1]), int(a.child[2]), a.child[3], a.child[4]
-        result = child_memory(vocab, seq, path, extra == "1") if kind == "memory" \
-            else child_time(vocab, seq, path, int(extra))
+        if kind == "launch":
+            model_dir, work = extra.split("|")
+            result = child_launch(path == "lean", model_dir, work, seq)
+        elif kind == "scoring":
+            result = child_scoring(vocab, seq, path == "lean", int(extra))
+        else:
+            result = child_memory(vocab, seq, path, extra == "1") if kind == "memory" \
+                else child_time(vocab, seq, path, int(extra))
         print(json.dumps(result))
+        return
+    if a.train:
+        main_train(a.vocab[0], a.seq[0] if a.seq != [1024, 2048] else 512)
+        return
+    if a.scoring:
+        main_scoring(a.vocab[0], a.seq[0] if a.seq != [1024, 2048] else 256, a.batch)
         return
 
     load_start = os.getloadavg()
