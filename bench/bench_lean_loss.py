@@ -134,7 +134,7 @@ def child_time(vocab: int, seq: int, path: str, repeats: int) -> dict:
     hidden = hidden.detach().requires_grad_(True)
     head = model.lm_head
     fns = {w: wrapper(batch, w) for w in (False, True)}
-    times = {False: [], True: []}
+    times, cpu = {False: [], True: []}, {False: [], True: []}
     losses = {}
     for r in range(repeats + 1):                    # the first round warms up
         for weighted in ((False, True) if r % 2 == 0 else (True, False)):
@@ -142,7 +142,7 @@ def child_time(vocab: int, seq: int, path: str, repeats: int) -> dict:
             head.weight.grad = None
             if cuda:
                 torch.cuda.synchronize()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             out = LeanOutput(hidden, head) if path == "lean" else head(hidden)
             loss = fns[weighted](out, batch)
             loss.backward()
@@ -150,9 +150,14 @@ def child_time(vocab: int, seq: int, path: str, repeats: int) -> dict:
                 torch.cuda.synchronize()
             if r:
                 times[weighted].append(time.perf_counter() - t)
+                cpu[weighted].append(time.process_time() - c)
             losses[weighted] = float(loss)
+    # CPU seconds (all threads) as well as wall seconds: on shared cores the wall clock also counts the
+    # time spent waiting for a core, the CPU time only the work
     return {"unweighted_s": statistics.median(times[False]), "weighted_s": statistics.median(times[True]),
+            "unweighted_cpu_s": statistics.median(cpu[False]), "weighted_cpu_s": statistics.median(cpu[True]),
             "unweighted_runs_s": times[False], "weighted_runs_s": times[True],
+            "unweighted_runs_cpu_s": cpu[False], "weighted_runs_cpu_s": cpu[True],
             "loss_unweighted": losses[False], "loss_weighted": losses[True]}
 
 
@@ -272,6 +277,11 @@ def main_scoring(vocab: int, seq: int, batch_size: int) -> None:
     print(f"saved {path}")
 
 
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 def run_child(args: list[str]) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env)
@@ -290,6 +300,8 @@ def main():
     ap.add_argument("--train", action="store_true", help="whole launch/train.py runs, lean vs logits (peak RSS)")
     ap.add_argument("--scoring", action="store_true", help="ghost norms and dots, lean vs logits (peak RSS)")
     ap.add_argument("--batch", type=int, default=4, help="--scoring: samples scored")
+    ap.add_argument("--time-only", action="store_true", help="the loss's time alone (no memory children), "
+                    "-> bench/results/lean_loss_time.json")
     a = ap.parse_args()
     if a.child:
         import torch
@@ -319,41 +331,68 @@ def main():
         for seq in a.seq:
             row = {"vocab": vocab, "seq_len": seq, "batch": 1}
             for path in ("logits", "lean"):
-                for weighted in (False, True):
+                for weighted in (() if a.time_only else (False, True)):
                     m = run_child(["memory", str(vocab), str(seq), path, str(int(weighted))])
                     row[f"{path}_{'weighted' if weighted else 'unweighted'}_memory"] = m
                 row[f"{path}_time"] = run_child(["time", str(vocab), str(seq), path, str(a.repeats)])
-                print(f"V={vocab} T={seq} {path}: step peak {row[f'{path}_unweighted_memory']['step_peak_mib']:.0f} MiB, "
+                peak = "" if a.time_only else \
+                    f"step peak {row[f'{path}_unweighted_memory']['step_peak_mib']:.0f} MiB, "
+                print(f"V={vocab} T={seq} {path}: {peak}"
                       f"loss {row[f'{path}_time']['unweighted_s']:.3f}s / weighted {row[f'{path}_time']['weighted_s']:.3f}s",
                       flush=True)
-            lw, lu = row["logits_weighted_memory"], row["logits_unweighted_memory"]
-            nw, nu = row["lean_weighted_memory"], row["lean_unweighted_memory"]
-            row["ratios"] = {
-                "lean_over_logits_step_peak": nw["step_peak_mib"] / lw["step_peak_mib"],
-                "lean_over_logits_step_peak_unweighted": nu["step_peak_mib"] / lu["step_peak_mib"],
-                "lean_over_logits_process_peak_rss": nw["process_peak_rss_mib"] / lw["process_peak_rss_mib"],
+            row["ratios"] = {} if a.time_only else {
+                "lean_over_logits_step_peak": row["lean_weighted_memory"]["step_peak_mib"]
+                / row["logits_weighted_memory"]["step_peak_mib"],
+                "lean_over_logits_step_peak_unweighted": row["lean_unweighted_memory"]["step_peak_mib"]
+                / row["logits_unweighted_memory"]["step_peak_mib"],
+                "lean_over_logits_process_peak_rss": row["lean_weighted_memory"]["process_peak_rss_mib"]
+                / row["logits_weighted_memory"]["process_peak_rss_mib"]}
+            row["ratios"] |= {
                 "lean_over_logits_time_weighted": row["lean_time"]["weighted_s"] / row["logits_time"]["weighted_s"],
                 "lean_over_logits_time_unweighted": row["lean_time"]["unweighted_s"] / row["logits_time"]["unweighted_s"],
                 "lean_weighted_over_unweighted_time": row["lean_time"]["weighted_s"] / row["lean_time"]["unweighted_s"],
+                "lean_over_logits_cpu_time_weighted":
+                    row["lean_time"]["weighted_cpu_s"] / row["logits_time"]["weighted_cpu_s"],
+                "lean_weighted_over_unweighted_cpu_time":
+                    row["lean_time"]["weighted_cpu_s"] / row["lean_time"]["unweighted_cpu_s"],
                 "logits_weighted_over_unweighted_time":
                     row["logits_time"]["weighted_s"] / row["logits_time"]["unweighted_s"],
             }
             rows.append(row)
     big = [r for r in rows if r["vocab"] >= 100000]
-    targets = {
-        "lean_memory_le_20pct_at_128k": all(r["ratios"]["lean_over_logits_step_peak"] <= 0.2 for r in big),
+    targets = {} if a.time_only else {
+        "lean_memory_le_20pct_at_128k": all(r["ratios"]["lean_over_logits_step_peak"] <= 0.2 for r in big)}
+    targets |= {
         "weighted_lean_within_5pct": all(abs(r["ratios"]["lean_weighted_over_unweighted_time"] - 1) <= 0.05
                                          for r in rows),
         "lean_no_slower_than_logits": all(r["ratios"]["lean_over_logits_time_weighted"] <= 1.0 for r in rows),
+        "weighted_lean_within_5pct_cpu_time": all(abs(r["ratios"]["lean_weighted_over_unweighted_cpu_time"] - 1) <= 0.05
+                                                  for r in rows),
+        "lean_no_slower_than_logits_cpu_time": all(r["ratios"]["lean_over_logits_cpu_time_weighted"] <= 1.0
+                                                   for r in rows),
     }
     env = environment()
-    payload = {"bench": "lean_loss", "date": env["time"], "commit": env["commit"], "machine": env["cpu"],
-               "environment": env, "device": rows[0]["lean_unweighted_memory"]["device"] if rows else None,
+    payload = {"bench": "lean_loss_time" if a.time_only else "lean_loss", "date": env["time"],
+               "commit": env["commit"], "machine": env["cpu"], "environment": env,
+               "device": "cuda" if _cuda() else "cpu", "repeats": a.repeats,
                "model": {"kind": "LlamaForCausalLM (random init)", "layers": LAYERS, "hidden": HIDDEN,
                          "tied": False, "batch": 1},
                "load_start": load_start, "load_end": os.getloadavg(), "wall_s": time.time() - started,
                "command": " ".join([Path(sys.executable).name, *sys.argv]), "rows": rows, "targets": targets}
-    path = save_json(a.out, payload)
+    path = save_json("lean_loss_time.json" if a.time_only and a.out == "lean_loss.json" else a.out, payload)
+    if a.time_only:
+        table = [[r["vocab"], r["seq_len"], f"{r['logits_time']['unweighted_s']:.3f}", f"{r['logits_time']['weighted_s']:.3f}",
+                  f"{r['lean_time']['unweighted_s']:.3f}", f"{r['lean_time']['weighted_s']:.3f}",
+                  f"{r['ratios']['lean_over_logits_time_weighted']:.2f}",
+                  f"{r['ratios']['lean_weighted_over_unweighted_time']:.3f}",
+                  f"{r['ratios']['lean_over_logits_cpu_time_weighted']:.2f}",
+                  f"{r['ratios']['lean_weighted_over_unweighted_cpu_time']:.3f}"] for r in rows]
+        print(markdown_table(["V", "T", "logits s", "logits weighted s", "lean s", "lean weighted s",
+                              "lean/logits time (weighted)", "lean weighted/unweighted",
+                              "lean/logits CPU time", "lean weighted/unweighted CPU time"], table))
+        print(json.dumps(targets))
+        print(f"saved {path}")
+        return
     table = [[r["vocab"], r["seq_len"], f"{r['logits_weighted_memory']['step_peak_mib']:.0f}",
               f"{r['lean_weighted_memory']['step_peak_mib']:.0f}", f"{r['ratios']['lean_over_logits_step_peak']:.3f}",
               f"{r['ratios']['lean_over_logits_process_peak_rss']:.3f}",
