@@ -291,6 +291,9 @@ def capture(module: nn.Module, batch: dict, params: ParamSpec = "all", forward: 
     plan, leftover = hook_plan(module, chosen)
     B = batch["input_ids"].shape[0]
     records, handles = [], []
+    stage = getattr(call, "zero_optimization_stage", None)
+    if callable(stage) and stage() == 3:           # the head's weight is a ZeRO-3 partition: the logits path
+        lean = False
 
     def hook(mod, args, out, roles=None):
         if not out.requires_grad:        # frozen up to here: make the output a leaf to read its gradient
