@@ -165,3 +165,24 @@ def test_no_tensor_the_size_of_the_logits_on_the_lean_path(tied, monkeypatch):
         sizes[lean] = mode.largest
     assert sizes[False] >= logits_size
     assert sizes[True] < logits_size // 4, sizes
+
+
+def test_peft_lora_llama_lean_equals_logits(monkeypatch):
+    """LoRA adapters scored on the lean path (the frozen head untouched, the loss's gradient still reaching
+    the adapters through the hidden states) equal the logits path."""
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("DATAFLEX_LEAN_CHUNK", "4x7")
+    model = peft.get_peft_model(tiny_llama(False), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                     lora_dropout=0.0, init_lora_weights=False,
+                                                                     task_type="CAUSAL_LM"))
+    batch = build_batch(vocab=96)
+    lean, full = TorchInterface(model), TorchInterface(model, lean=False)
+    for params in ("lora", ["lora", "lm_head"]):
+        ref = full.per_sample_grad_norms(batch, params)
+        assert (ref > 0).all()
+        torch.testing.assert_close(lean.per_sample_grad_norms(batch, params), ref, rtol=1e-5, atol=1e-6)
+        target = full.batch_grad(build_batch(vocab=96, seed=2), params)
+        torch.testing.assert_close(lean.per_sample_grad_dots(batch, target, params),
+                                   full.per_sample_grad_dots(batch, target, params), rtol=1e-5, atol=1e-6)
+    run = capture(model, batch, ["lora", "lm_head"], forward=lean.forward, lean=True)
+    assert any(isinstance(c, HeadFactor) for c in run.contributions["base_model.model.lm_head.weight"])
