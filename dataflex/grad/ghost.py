@@ -10,7 +10,8 @@ Every chosen parameter's per-sample gradient is then a sum of contributions:
     Linear weight [out, in]   G_i = sum_t b_t a_t^T          factor (rows b_t, cols a_t)
     Embedding weight [V, d]   G_i = sum_t e_{x_t} b_t^T      factor (rows one-hot x_t, cols b_t)
     Linear bias               g_i = sum_t b_t                dense [B, out]
-    LayerNorm / RMSNorm       w: sum_t b_t * xhat_t, b: sum_t b_t   dense (xhat the normalised input)
+    LayerNorm / RMSNorm       w: sum_t b_t * xhat_t, b: sum_t b_t   dense (xhat the normalised input;
+                              transformers' Llama-family RMSNorms too)
     anything else             torch.func vmap over those parameters only (exact, costs a per-sample
                               forward and backward: rare, reported in `EngineRun.fallback`)
 
@@ -66,6 +67,15 @@ from dataflex.models.forward import default_forward
 from dataflex.models.lean import lean_forward
 
 NORMS = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+# transformers' RMSNorms of the Llama family: weight * (x / rms(x)), computed in float32 and cast back to the
+# input's dtype before the weight multiplies it, no bias, eps in `variance_epsilon` (Gemma's 1 + weight is not here)
+HF_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+
+
+def _hf_rms_norm(mod: nn.Module) -> bool:
+    cls = type(mod)
+    return cls.__name__ in HF_RMS_NORMS and cls.__module__.startswith("transformers.") \
+        and hasattr(mod, "variance_epsilon") and set(mod._parameters) == {"weight"}
 
 
 @dataclass
@@ -240,7 +250,7 @@ def hook_plan(module: nn.Module, chosen: dict) -> tuple[list, list]:
         if not roles:
             continue
         ok = (_plain(mod, nn.Linear) or (_plain(mod, nn.Embedding) and mod.max_norm is None)
-              or any(_plain(mod, c) for c in NORMS))
+              or any(_plain(mod, c) for c in NORMS) or _hf_rms_norm(mod))
         if ok and set(roles) <= {"weight", "bias"}:
             plan.append((mod, roles))
             covered.update(roles.values())
@@ -267,10 +277,12 @@ def _contributions(mod, roles, x, b, B) -> list:
             b = b * (idx != mod.padding_idx).unsqueeze(-1).to(b.dtype)
         out.append((roles["weight"], Factor(idx, b, mod.num_embeddings)))
     else:                                               # LayerNorm / RMSNorm: elementwise affine
-        shape = tuple(mod.normalized_shape)
+        shape = tuple(mod.normalized_shape) if hasattr(mod, "normalized_shape") else tuple(mod.weight.shape)
         xf, bf = x.float(), b.float()
         if isinstance(mod, nn.LayerNorm):
             xhat = F.layer_norm(xf, shape, eps=mod.eps)
+        elif _hf_rms_norm(mod):
+            xhat = F.rms_norm(xf, shape, eps=mod.variance_epsilon).to(x.dtype).float()
         else:
             eps = mod.eps if mod.eps is not None else torch.finfo(x.dtype).eps
             xhat = F.rms_norm(xf, shape, eps=eps)
