@@ -227,7 +227,7 @@ def main_train(vocab: int, seq: int) -> None:
 
 # -------------------------------------------------------------------- --scoring: the gradient engine
 
-SCORED = r"proj|lm_head|embed_tokens"      # every matrix (LlamaRMSNorm is not nn.RMSNorm: the exact path)
+SCORED = "all"
 
 
 def child_scoring(vocab: int, seq: int, lean: bool, batch_size: int) -> dict:
