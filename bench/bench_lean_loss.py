@@ -18,6 +18,20 @@ slower than logits.
 
     python bench/bench_lean_loss.py                      # -> bench/results/lean_loss.json
     python bench/bench_lean_loss.py --vocab 32000 --seq 1024 --repeats 2    # a quick look
+
+`--train`: whole training runs instead, `launch/train.py model=hf +reweighter=focal` on a local
+random-init Llama (2 layers, hidden 256, vocabulary 32000 rows; its own small BPE tokenizer, so the
+logits are 32000 wide whatever the tokens), once with the lean default and once with
+`trainer.lean_loss=false`; each run's peak RSS is its process's (`ru_maxrss` of the waited-for child,
+read by an intermediate process that launches only that run), with its losses from summary.json:
+
+    python bench/bench_lean_loss.py --train              # -> bench/results/lean_loss_train.json
+
+`--scoring`: the gradient engine's signals (ghost norms, dots against a batch gradient) of a batch
+on the same random-init Llama, `TorchInterface(lean=True)` vs `lean=False`, peak RSS of each call
+in a fresh subprocess and the two results compared:
+
+    python bench/bench_lean_loss.py --scoring            # -> bench/results/lean_loss_scoring.json
 """
 from __future__ import annotations
 
@@ -120,7 +134,7 @@ def child_time(vocab: int, seq: int, path: str, repeats: int) -> dict:
     hidden = hidden.detach().requires_grad_(True)
     head = model.lm_head
     fns = {w: wrapper(batch, w) for w in (False, True)}
-    times = {False: [], True: []}
+    times, cpu = {False: [], True: []}, {False: [], True: []}
     losses = {}
     for r in range(repeats + 1):                    # the first round warms up
         for weighted in ((False, True) if r % 2 == 0 else (True, False)):
@@ -128,7 +142,7 @@ def child_time(vocab: int, seq: int, path: str, repeats: int) -> dict:
             head.weight.grad = None
             if cuda:
                 torch.cuda.synchronize()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             out = LeanOutput(hidden, head) if path == "lean" else head(hidden)
             loss = fns[weighted](out, batch)
             loss.backward()
@@ -136,10 +150,136 @@ def child_time(vocab: int, seq: int, path: str, repeats: int) -> dict:
                 torch.cuda.synchronize()
             if r:
                 times[weighted].append(time.perf_counter() - t)
+                cpu[weighted].append(time.process_time() - c)
             losses[weighted] = float(loss)
+    # CPU seconds (all threads) as well as wall seconds: on shared cores the wall clock also counts the
+    # time spent waiting for a core, the CPU time only the work
     return {"unweighted_s": statistics.median(times[False]), "weighted_s": statistics.median(times[True]),
+            "unweighted_cpu_s": statistics.median(cpu[False]), "weighted_cpu_s": statistics.median(cpu[True]),
             "unweighted_runs_s": times[False], "weighted_runs_s": times[True],
+            "unweighted_runs_cpu_s": cpu[False], "weighted_runs_cpu_s": cpu[True],
             "loss_unweighted": losses[False], "loss_weighted": losses[True]}
+
+
+# ---------------------------------------------------------------------------- --train: whole runs
+
+TRAIN_ARGS = ["backend=torch", "+reweighter=focal", "trainer.max_steps=4", "trainer.global_batch_size=4",
+              "trainer.eval_every=4", "trainer.max_val_samples=4", "logger=none", "trainer.plot=false",
+              "trainer.ledger_flush_every=4"]
+
+
+def make_model_dir(folder: Path, vocab: int, seq: int) -> Path:
+    """A random-init Llama (HIDDEN, LAYERS, `vocab` rows) and a small BPE tokenizer of its own, saved
+    as transformers saves them (nothing fetched)."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    model, _ = build(vocab, seq)
+    model.save_pretrained(folder)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    lines = [json.loads(x)["text"] for x in (ROOT / "data/default/prose/train.jsonl").read_text().splitlines()[:200]]
+    tok.train_from_iterator(lines, trainer)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(folder)
+    return folder
+
+
+def child_launch(lean: bool, model_dir: str, work: str, seq: int) -> dict:
+    """One training run as this process's only child: its peak RSS is ru_maxrss of RUSAGE_CHILDREN."""
+    run_dir = Path(work) / ("lean" if lean else "logits")
+    env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               DATAFLEX_CACHE=str(Path(work) / f"cache_{int(lean)}"), OMP_NUM_THREADS=str(THREADS),
+               PYTHONPATH=str(ROOT))
+    args = [sys.executable, "launch/train.py", "model=hf", f"model.path={model_dir}", f"model.seq_len={seq}",
+            *TRAIN_ARGS, f"trainer.lean_loss={str(lean).lower()}", f"hydra.run.dir={run_dir}"]
+    t = time.time()
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.time() - t
+    if proc.returncode:
+        raise RuntimeError(f"{args} failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"lean_loss": lean, "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0,
+            "wall_s": wall, "command": " ".join(["python", *args[1:-1]]), "summary": summary}
+
+
+def main_train(vocab: int, seq: int) -> None:
+    import tempfile
+    load_start, started = os.getloadavg(), time.time()
+    with tempfile.TemporaryDirectory() as work:
+        model_dir = str(make_model_dir(Path(work) / "model", vocab, seq))
+        runs = {name: run_child(["launch", str(vocab), str(seq), name, f"{model_dir}|{work}"])
+                for name in ("lean", "logits")}
+    env = environment()
+    ratio = runs["lean"]["peak_rss_mib"] / runs["logits"]["peak_rss_mib"]
+    payload = {"bench": "lean_loss_train", "date": env["time"], "commit": env["commit"], "machine": env["cpu"],
+               "environment": env, "load_start": load_start, "load_end": os.getloadavg(),
+               "wall_s": time.time() - started, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "model": {"kind": "LlamaForCausalLM (random init, local)", "layers": LAYERS, "hidden": HIDDEN,
+                         "vocab": vocab, "tokenizer_vocab": 1000, "seq_len": seq, "tied": False},
+               "train_args": TRAIN_ARGS, "runs": runs, "lean_over_logits_peak_rss": ratio}
+    path = save_json("lean_loss_train.json", payload)
+    for name, r in runs.items():
+        print(f"{name}: peak RSS {r['peak_rss_mib']:.0f} MiB, {r['wall_s']:.0f}s")
+    print(f"lean / logits peak RSS {ratio:.3f}; saved {path}")
+
+
+# -------------------------------------------------------------------- --scoring: the gradient engine
+
+SCORED = "all"
+
+
+def child_scoring(vocab: int, seq: int, lean: bool, batch_size: int) -> dict:
+    """Ghost norms and dots of `batch_size` samples, each call's peak RSS above the RSS before it."""
+    import torch
+
+    from dataflex.grad import TorchInterface
+    from dataflex.grad.params import select_params
+    model, _ = build(vocab, seq)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, vocab, (batch_size, seq + 1), generator=g)
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": torch.ones(batch_size, seq),
+             "position_ids": torch.arange(seq).expand(batch_size, seq)}
+    target = {n: torch.randn(p.shape, generator=g) for n, p in select_params(model, SCORED).items()}
+    interface = TorchInterface(model, lean=lean)
+    norms, norm_s, norm_peak = measure_peak(lambda: interface.per_sample_grad_norms(batch, SCORED))
+    dots, dot_s, dot_peak = measure_peak(lambda: interface.per_sample_grad_dots(batch, target, SCORED))
+    return {"norms": norms.tolist(), "dots": dots.tolist(), "norms_s": norm_s, "dots_s": dot_s,
+            "norms_peak_mib": norm_peak, "dots_peak_mib": dot_peak,
+            "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+
+
+def main_scoring(vocab: int, seq: int, batch_size: int) -> None:
+    load_start, started = os.getloadavg(), time.time()
+    runs = {name: run_child(["scoring", str(vocab), str(seq), name, str(batch_size)]) for name in ("lean", "logits")}
+    lean, full = runs["lean"], runs["logits"]
+
+    def rel(a, b):
+        return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
+    env = environment()
+    payload = {"bench": "lean_loss_scoring", "date": env["time"], "commit": env["commit"], "machine": env["cpu"],
+               "environment": env, "load_start": load_start, "load_end": os.getloadavg(),
+               "wall_s": time.time() - started, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "model": {"kind": "LlamaForCausalLM (random init)", "layers": LAYERS, "hidden": HIDDEN, "vocab": vocab,
+                         "seq_len": seq, "batch": batch_size, "tied": False, "params": SCORED},
+               "runs": runs,
+               "ratios": {"lean_over_logits_norms_peak": lean["norms_peak_mib"] / full["norms_peak_mib"],
+                          "lean_over_logits_dots_peak": lean["dots_peak_mib"] / full["dots_peak_mib"],
+                          "lean_over_logits_norms_time": lean["norms_s"] / full["norms_s"],
+                          "lean_over_logits_dots_time": lean["dots_s"] / full["dots_s"]},
+               "max_rel_diff": {"norms": rel(lean["norms"], full["norms"]), "dots": rel(lean["dots"], full["dots"])}}
+    path = save_json("lean_loss_scoring.json", payload)
+    for name, r in runs.items():
+        print(f"{name}: norms peak {r['norms_peak_mib']:.0f} MiB {r['norms_s']:.1f}s, "
+              f"dots peak {r['dots_peak_mib']:.0f} MiB {r['dots_s']:.1f}s")
+    print(json.dumps(payload["ratios"]), json.dumps(payload["max_rel_diff"]))
+    print(f"saved {path}")
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def run_child(args: list[str]) -> dict:
@@ -157,14 +297,31 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="lean_loss.json")
     ap.add_argument("--child", nargs="+")
+    ap.add_argument("--train", action="store_true", help="whole launch/train.py runs, lean vs logits (peak RSS)")
+    ap.add_argument("--scoring", action="store_true", help="ghost norms and dots, lean vs logits (peak RSS)")
+    ap.add_argument("--batch", type=int, default=4, help="--scoring: samples scored")
+    ap.add_argument("--time-only", action="store_true", help="the loss's time alone (no memory children), "
+                    "-> bench/results/lean_loss_time.json")
     a = ap.parse_args()
     if a.child:
         import torch
         torch.set_num_threads(THREADS)
         kind, vocab, seq, path, extra = a.child[0], int(a.child[1]), int(a.child[2]), a.child[3], a.child[4]
-        result = child_memory(vocab, seq, path, extra == "1") if kind == "memory" \
-            else child_time(vocab, seq, path, int(extra))
+        if kind == "launch":
+            model_dir, work = extra.split("|")
+            result = child_launch(path == "lean", model_dir, work, seq)
+        elif kind == "scoring":
+            result = child_scoring(vocab, seq, path == "lean", int(extra))
+        else:
+            result = child_memory(vocab, seq, path, extra == "1") if kind == "memory" \
+                else child_time(vocab, seq, path, int(extra))
         print(json.dumps(result))
+        return
+    if a.train:
+        main_train(a.vocab[0], a.seq[0] if a.seq != [1024, 2048] else 512)
+        return
+    if a.scoring:
+        main_scoring(a.vocab[0], a.seq[0] if a.seq != [1024, 2048] else 256, a.batch)
         return
 
     load_start = os.getloadavg()
@@ -174,41 +331,68 @@ def main():
         for seq in a.seq:
             row = {"vocab": vocab, "seq_len": seq, "batch": 1}
             for path in ("logits", "lean"):
-                for weighted in (False, True):
+                for weighted in (() if a.time_only else (False, True)):
                     m = run_child(["memory", str(vocab), str(seq), path, str(int(weighted))])
                     row[f"{path}_{'weighted' if weighted else 'unweighted'}_memory"] = m
                 row[f"{path}_time"] = run_child(["time", str(vocab), str(seq), path, str(a.repeats)])
-                print(f"V={vocab} T={seq} {path}: step peak {row[f'{path}_unweighted_memory']['step_peak_mib']:.0f} MiB, "
+                peak = "" if a.time_only else \
+                    f"step peak {row[f'{path}_unweighted_memory']['step_peak_mib']:.0f} MiB, "
+                print(f"V={vocab} T={seq} {path}: {peak}"
                       f"loss {row[f'{path}_time']['unweighted_s']:.3f}s / weighted {row[f'{path}_time']['weighted_s']:.3f}s",
                       flush=True)
-            lw, lu = row["logits_weighted_memory"], row["logits_unweighted_memory"]
-            nw, nu = row["lean_weighted_memory"], row["lean_unweighted_memory"]
-            row["ratios"] = {
-                "lean_over_logits_step_peak": nw["step_peak_mib"] / lw["step_peak_mib"],
-                "lean_over_logits_step_peak_unweighted": nu["step_peak_mib"] / lu["step_peak_mib"],
-                "lean_over_logits_process_peak_rss": nw["process_peak_rss_mib"] / lw["process_peak_rss_mib"],
+            row["ratios"] = {} if a.time_only else {
+                "lean_over_logits_step_peak": row["lean_weighted_memory"]["step_peak_mib"]
+                / row["logits_weighted_memory"]["step_peak_mib"],
+                "lean_over_logits_step_peak_unweighted": row["lean_unweighted_memory"]["step_peak_mib"]
+                / row["logits_unweighted_memory"]["step_peak_mib"],
+                "lean_over_logits_process_peak_rss": row["lean_weighted_memory"]["process_peak_rss_mib"]
+                / row["logits_weighted_memory"]["process_peak_rss_mib"]}
+            row["ratios"] |= {
                 "lean_over_logits_time_weighted": row["lean_time"]["weighted_s"] / row["logits_time"]["weighted_s"],
                 "lean_over_logits_time_unweighted": row["lean_time"]["unweighted_s"] / row["logits_time"]["unweighted_s"],
                 "lean_weighted_over_unweighted_time": row["lean_time"]["weighted_s"] / row["lean_time"]["unweighted_s"],
+                "lean_over_logits_cpu_time_weighted":
+                    row["lean_time"]["weighted_cpu_s"] / row["logits_time"]["weighted_cpu_s"],
+                "lean_weighted_over_unweighted_cpu_time":
+                    row["lean_time"]["weighted_cpu_s"] / row["lean_time"]["unweighted_cpu_s"],
                 "logits_weighted_over_unweighted_time":
                     row["logits_time"]["weighted_s"] / row["logits_time"]["unweighted_s"],
             }
             rows.append(row)
     big = [r for r in rows if r["vocab"] >= 100000]
-    targets = {
-        "lean_memory_le_20pct_at_128k": all(r["ratios"]["lean_over_logits_step_peak"] <= 0.2 for r in big),
+    targets = {} if a.time_only else {
+        "lean_memory_le_20pct_at_128k": all(r["ratios"]["lean_over_logits_step_peak"] <= 0.2 for r in big)}
+    targets |= {
         "weighted_lean_within_5pct": all(abs(r["ratios"]["lean_weighted_over_unweighted_time"] - 1) <= 0.05
                                          for r in rows),
         "lean_no_slower_than_logits": all(r["ratios"]["lean_over_logits_time_weighted"] <= 1.0 for r in rows),
+        "weighted_lean_within_5pct_cpu_time": all(abs(r["ratios"]["lean_weighted_over_unweighted_cpu_time"] - 1) <= 0.05
+                                                  for r in rows),
+        "lean_no_slower_than_logits_cpu_time": all(r["ratios"]["lean_over_logits_cpu_time_weighted"] <= 1.0
+                                                   for r in rows),
     }
     env = environment()
-    payload = {"bench": "lean_loss", "date": env["time"], "commit": env["commit"], "machine": env["cpu"],
-               "environment": env, "device": rows[0]["lean_unweighted_memory"]["device"] if rows else None,
+    payload = {"bench": "lean_loss_time" if a.time_only else "lean_loss", "date": env["time"],
+               "commit": env["commit"], "machine": env["cpu"], "environment": env,
+               "device": "cuda" if _cuda() else "cpu", "repeats": a.repeats,
                "model": {"kind": "LlamaForCausalLM (random init)", "layers": LAYERS, "hidden": HIDDEN,
                          "tied": False, "batch": 1},
                "load_start": load_start, "load_end": os.getloadavg(), "wall_s": time.time() - started,
                "command": " ".join([Path(sys.executable).name, *sys.argv]), "rows": rows, "targets": targets}
-    path = save_json(a.out, payload)
+    path = save_json("lean_loss_time.json" if a.time_only and a.out == "lean_loss.json" else a.out, payload)
+    if a.time_only:
+        table = [[r["vocab"], r["seq_len"], f"{r['logits_time']['unweighted_s']:.3f}", f"{r['logits_time']['weighted_s']:.3f}",
+                  f"{r['lean_time']['unweighted_s']:.3f}", f"{r['lean_time']['weighted_s']:.3f}",
+                  f"{r['ratios']['lean_over_logits_time_weighted']:.2f}",
+                  f"{r['ratios']['lean_weighted_over_unweighted_time']:.3f}",
+                  f"{r['ratios']['lean_over_logits_cpu_time_weighted']:.2f}",
+                  f"{r['ratios']['lean_weighted_over_unweighted_cpu_time']:.3f}"] for r in rows]
+        print(markdown_table(["V", "T", "logits s", "logits weighted s", "lean s", "lean weighted s",
+                              "lean/logits time (weighted)", "lean weighted/unweighted",
+                              "lean/logits CPU time", "lean weighted/unweighted CPU time"], table))
+        print(json.dumps(targets))
+        print(f"saved {path}")
+        return
     table = [[r["vocab"], r["seq_len"], f"{r['logits_weighted_memory']['step_peak_mib']:.0f}",
               f"{r['lean_weighted_memory']['step_peak_mib']:.0f}", f"{r['ratios']['lean_over_logits_step_peak']:.3f}",
               f"{r['ratios']['lean_over_logits_process_peak_rss']:.3f}",

@@ -299,10 +299,11 @@ def test_backend_forward_lean_for_tinygpt():
                                per_token_loss(backend.forward(batch), batch["labels"]), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("stage", [0, 3])
-def test_deepspeed_engine_lean_equals_plain_logits(stage):
-    """ZeRO-0: the engine's lean forward gives the plain module's logits-path scalar and gradients.
-    ZeRO-3 partitions the head outside the engine's forward: the lean request falls back to logits."""
+@pytest.mark.parametrize("stage,tied", [(0, False), (3, False), (3, True), (3, "llama")])
+def test_deepspeed_engine_lean_equals_plain_logits(stage, tied):
+    """The engine's lean forward gives the plain module's logits-path scalar and gradients, ZeRO-0 and
+    ZeRO-3 (whose head weight is a partition outside the engine's forward: the chunked loss calls it
+    through its module, so the engine's hooks gather it and reduce-scatter its gradient), tied too."""
     import copy
     import os
     import sys
@@ -310,19 +311,30 @@ def test_deepspeed_engine_lean_equals_plain_logits(stage):
     pytest.importorskip("deepspeed")
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"   # DeepSpeed's ninja
     from dataflex.backends import DeepSpeedBackend
+    from deepspeed.utils import safe_get_full_grad
     batch = build_batch()
-    model = tiny_gpt()
+    if tied == "llama":
+        from dataflex.hf import forward_for
+        batch = build_batch(vocab=96)
+        model = tiny_llama()
+        run = forward_for(model)
+    else:
+        model = tied_gpt() if tied else tiny_gpt()
+        run = lambda m, b: m(b["input_ids"], b["position_ids"])  # noqa: E731
     reference = copy.deepcopy(model)
-    ref_loss = LossWrapper(weigh=weigh_fn(batch))(reference(batch["input_ids"], batch["position_ids"]), batch)
+    ref_loss = LossWrapper(weigh=weigh_fn(batch))(run(reference, batch), batch)
     ref_loss.backward()
     backend = DeepSpeedBackend(model, micro_batch_size=len(batch["labels"]), zero_stage=stage, lr=1e-3)
     out = backend.forward(batch, lean=True)
-    assert isinstance(out, LeanOutput) == (stage == 0)
+    assert isinstance(out, LeanOutput)
+    if stage == 3:
+        assert out.head.weight.numel() == 0          # partitioned: the loss must gather it
+        assert isinstance(out.head, torch.nn.Linear)
     loss = LossWrapper(weigh=weigh_fn(batch))(out, batch)
     torch.testing.assert_close(loss.detach(), ref_loss.detach(), rtol=1e-5, atol=1e-6)
-    if stage == 0:
-        backend.engine.backward(loss)
-        assert_grads_close(grads(backend.module), grads(reference))
+    backend.engine.backward(loss)
+    got = {n: safe_get_full_grad(p) if stage == 3 else p.grad for n, p in backend.module.named_parameters()}
+    assert_grads_close({n: g.detach() for n, g in got.items() if g is not None}, grads(reference))
 
 
 def test_hf_trainer_lean_equals_logits(tmp_path, domains_builder, monkeypatch):

@@ -69,6 +69,17 @@ def head_params(head) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     return weight, getattr(head, "bias", None)
 
 
+def usable_head(head) -> bool:
+    """Whether the lean loss can take this head: `head_params` accepts it, or it is a plain module whose
+    weight is a DeepSpeed ZeRO-3 partition (gathered by calling the module: `linear_cross_entropy`)."""
+    try:
+        head_params(head)
+        return True
+    except ValueError:
+        return isinstance(head, torch.nn.Module) and hasattr(getattr(head, "weight", None), "ds_id") \
+            and not any(hasattr(head, a) for a in ("base_layer", "lora_A", "modules_to_save"))
+
+
 def chunk_shape(n_tokens: int, vocab: int, device: torch.device, rows: Optional[int] = None,
                 cols: Optional[int] = None) -> tuple[int, int]:
     """(tokens, vocabulary entries) of one logits chunk: a [rows, cols] float32 buffer within the
@@ -231,10 +242,56 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (grad_h, grad_w, grad_b) + none
 
 
+@torch.no_grad()
+def chunked_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                      chunk_size: Optional[int] = None, vocab_chunk: Optional[int] = None) -> torch.Tensor:
+    """[...] float32 log-sum-exp over the vocabulary of each token's logits `hidden @ weight.T + bias`
+    (hidden [..., H]), computed as the loss's forward computes it (logits in the model's dtype,
+    upcast, an online log-sum-exp over [tokens, vocabulary] chunks): no [N, V] tensor. What the
+    gradient engine needs to recompute softmax(z_t) chunk by chunk (`dataflex.grad.ghost.HeadFactor`)."""
+    H = hidden.shape[-1]
+    flat = hidden.reshape(-1, H).to(weight.dtype)
+    N, V = flat.shape[0], weight.shape[0]
+    rows, cols = chunk_shape(N, V, flat.device, chunk_size, vocab_chunk)
+    buf = torch.empty(rows * cols, dtype=torch.float32, device=flat.device)
+    buf_low = None if flat.dtype == torch.float32 else torch.empty(rows * cols, dtype=flat.dtype, device=flat.device)
+    zero = torch.zeros((), device=flat.device)
+    lse = torch.empty(N, dtype=torch.float32, device=flat.device)
+    for s in range(0, N, rows):
+        e = min(N, s + rows)
+        m = torch.full((e - s,), float("-inf"), device=flat.device)
+        total = torch.zeros(e - s, device=flat.device)
+        for v0 in range(0, V, cols):
+            v1 = min(V, v0 + cols)
+            out32, low = _views(buf, buf_low, e - s, v1 - v0)
+            logits = _logits(flat[s:e], weight[v0:v1], None if bias is None else bias[v0:v1], out32, low)
+            new = torch.maximum(m, logits.amax(1))
+            shift = torch.where(torch.isfinite(new), new, zero)
+            total = total * torch.exp(m - shift) + logits.sub_(shift.unsqueeze(1)).exp_().sum(1)
+            m = new
+        lse[s:e] = torch.where(torch.isfinite(m), m, zero) + total.log()
+    return lse.view(hidden.shape[:-1])
+
+
+def _through_module(module: torch.nn.Module, fn, *args):
+    """`fn(*args)` run as `module(*args)`: the module's forward hooks (ZeRO-3's parameter gathering) fire."""
+    module.forward = fn                    # an instance attribute: nn.Module.__call__ calls it
+    try:
+        return module(*args)
+    finally:
+        del module.forward
+
+
 def linear_cross_entropy(hidden: torch.Tensor, head, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                          chunk_size: Optional[int] = None, vocab_chunk: Optional[int] = None) -> torch.Tensor:
     """Per-token cross-entropy, float32, shaped like `labels` (see the module docstring).
     `chunk_size` tokens x `vocab_chunk` vocabulary entries per logits chunk (default: `chunk_shape`)."""
+    if isinstance(head, torch.nn.Module) and hasattr(getattr(head, "weight", None), "ds_id"):
+        # DeepSpeed ZeRO-3: the head's weight is a partition outside its module's call. Called through
+        # the module (its forward swapped for the chunked loss for this one call), the engine's own hooks
+        # gather the weight for the forward and again for the backward, and reduce-scatter its gradient
+        return _through_module(head, lambda h: linear_cross_entropy(h, (head.weight, head.bias), labels,
+                                                                    ignore_index, chunk_size, vocab_chunk), hidden)
     weight, bias = head_params(head)
     H = hidden.shape[-1]
     if weight.shape[-1] != H:

@@ -7,7 +7,7 @@ import torch
 
 from dataflex.grad.factored import factored_grads
 from dataflex.grad.ghost import capture, chunks
-from dataflex.grad.params import ParamSpec, PerSampleGrads, eval_mode, refuse_packed
+from dataflex.grad.params import ParamSpec, PerSampleGrads, eval_mode, refuse_packed, select_params
 from dataflex.grad.projection import SparseProjector
 from dataflex.grad.vmap import vmap_grads
 from dataflex.models.forward import default_forward
@@ -29,20 +29,27 @@ def per_sample_grads(module: torch.nn.Module, batch: dict, params: ParamSpec = "
 
 
 def hook_projected_grads(module, batch, params, projector, chunk_size=16, forward=default_forward,
-                         train_mode=False, call=None) -> PerSampleGrads:
+                         train_mode=False, call=None, lean: bool = False) -> PerSampleGrads:
     """Exact per-sample gradients from the hook engine (dataflex.grad.ghost), materialised one parameter
     at a time ([b, numel], Book-Keeping style: one forward and one activation backward, then a
-    batched outer product per layer) and projected at that parameter's offset, then dropped."""
-    norms, projected = [], []
+    batched outer product per layer) and projected at that parameter's offset, then dropped.
+    `projector=None`: the exact gradients themselves (name -> [B, *shape])."""
+    norms, projected, grads = [], [], {}
+    dtypes = {n: p.dtype for n, p in select_params(module, params).items()}
     for part in chunks(batch, chunk_size):
-        run = capture(module, part, params, forward, train_mode, call)
+        run = capture(module, part, params, forward, train_mode, call, lean)
         sq, out, offset = 0, 0, 0
-        for name in run.shapes:
+        for name, shape in run.shapes.items():
             g = run.materialise(name)
             sq = sq + g.pow(2).sum(1)
-            out = out + projector.project(g, offset)
+            if projector is None:
+                grads.setdefault(name, []).append(g.view(-1, *shape).to(dtypes[name]))
+            else:
+                out = out + projector.project(g, offset)
             offset += g.shape[1]
             del g
         norms.append(sq.sqrt())
         projected.append(out)
+    if projector is None:
+        return PerSampleGrads(torch.cat(norms), grads={n: torch.cat(v) for n, v in grads.items()})
     return PerSampleGrads(torch.cat(norms), projected=torch.cat(projected), projector=projector.describe())

@@ -126,7 +126,7 @@ class FactoredProjector:
             total = torch.zeros(run.batch_size, sides[0], sides[1], device=run.device)
             for c in parts:
                 P_row, P_col = self.matrices(name, shape, d, sides, c.cols.device)
-                rows = P_row.T[c.rows] if c.onehot else c.rows @ P_row.T        # [B, T, k_r]
+                rows = c.project_rows(P_row)                                     # [B, T, k_r]
                 total = total + rows.transpose(1, 2) @ (c.cols @ P_col.T)       # [B, k_r, k_c]
             blocks.append(total.flatten(1)[:, :d] / math.sqrt(d))
         return torch.cat(blocks, dim=1)
@@ -138,12 +138,12 @@ class FactoredProjector:
 
 def factored_grads(module: torch.nn.Module, batch: dict, params: ParamSpec, projector: FactoredProjector,
                    chunk_size: Optional[int] = None, forward: Callable = default_forward, train_mode: bool = False,
-                   call: Optional[Callable] = None) -> PerSampleGrads:
+                   call: Optional[Callable] = None, lean: bool = False) -> PerSampleGrads:
     """PerSampleGrads with `projected` [B, total] and the layout in `projector`; `norms` are the exact
     ghost norms (NaN when the projector was made with norms=False)."""
     norms, projected, run = [], [], None
     for part in chunks(batch, chunk_size):
-        run = capture(module, part, params, forward, train_mode, call)
+        run = capture(module, part, params, forward, train_mode, call, lean)
         projected.append(projector.project_run(run))
         norms.append(norms_squared(run).clamp(min=0).sqrt() if projector.norms
                      else torch.full((run.batch_size,), float("nan"), device=projected[-1].device))

@@ -10,7 +10,8 @@ Every chosen parameter's per-sample gradient is then a sum of contributions:
     Linear weight [out, in]   G_i = sum_t b_t a_t^T          factor (rows b_t, cols a_t)
     Embedding weight [V, d]   G_i = sum_t e_{x_t} b_t^T      factor (rows one-hot x_t, cols b_t)
     Linear bias               g_i = sum_t b_t                dense [B, out]
-    LayerNorm / RMSNorm       w: sum_t b_t * xhat_t, b: sum_t b_t   dense (xhat the normalised input)
+    LayerNorm / RMSNorm       w: sum_t b_t * xhat_t, b: sum_t b_t   dense (xhat the normalised input;
+                              transformers' Llama-family RMSNorms too)
     anything else             torch.func vmap over those parameters only (exact, costs a per-sample
                               forward and backward: rare, reported in `EngineRun.fallback`)
 
@@ -31,6 +32,14 @@ O(T R C); like Book-Keeping (Bu et al., ICML 2023) each parameter takes the chea
 Inner products with a target gradient W (TracIn, Pruthi et al. 2020; GREATS, Wang et al. 2024):
 <G_i, W> = sum_t r_t^T W c_t, O(T R C) and linear, so tied weights need nothing special.
 
+The lean path (`lean=True`, `TorchInterface`'s default; `dataflex.core.lean_loss`): where the model
+offers its last hidden states and output head, the loss is the chunked one and the head's weight is
+a `HeadFactor`: rows g_t = c_t (softmax(z_t) - onehot(y_t)) in R^V, cols h_t, the rows recomputed a
+vocabulary chunk at a time from (h, W, y, log-sum-exp), so that its ghost norm
+sum_{t,s} (g_t . g_s)(h_t . h_s), its chunked materialisation, its dots sum_t g_t^T W h_t, its
+factored projection and its Gram with a tied embedding's one-hot rows (g_s[x_t]) need no
+[B, T, V] tensor (the logits path holds the logits, their log-softmax and their gradient).
+
 Randomness: by default the module runs in eval mode (dropout off), so every path and every
 chunking of the batch gives the same numbers. `train_mode=True` keeps the module's mode: the
 gradients are those of the batched forward's own dropout masks (exact for that forward).
@@ -38,6 +47,7 @@ Tensors stay on the module's device; bf16 activations are accumulated in float32
 """
 from __future__ import annotations
 
+import os
 import re
 import warnings
 import weakref
@@ -49,12 +59,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from dataflex.core.lean_loss import IGNORE_INDEX, LeanOutput, chunk_shape, chunked_logsumexp, head_params
 from dataflex.core.loss import per_sample_loss
 from dataflex.grad.fallback import guarded_per_sample_grads
 from dataflex.grad.params import ParamSpec, eval_mode, select_params
 from dataflex.models.forward import default_forward
+from dataflex.models.lean import lean_forward
 
 NORMS = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+# transformers' RMSNorms of the Llama family: weight * (x / rms(x)), computed in float32 and cast back to the
+# input's dtype before the weight multiplies it, no bias, eps in `variance_epsilon` (Gemma's 1 + weight is not here)
+HF_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+
+
+def _hf_rms_norm(mod: nn.Module) -> bool:
+    cls = type(mod)
+    return cls.__name__ in HF_RMS_NORMS and cls.__module__.startswith("transformers.") \
+        and hasattr(mod, "variance_epsilon") and set(mod._parameters) == {"weight"}
 
 
 @dataclass
@@ -85,9 +106,99 @@ class Factor:
     def materialise_cost(self) -> int:
         return self.cols.shape[1] * self.num_rows * self.cols.shape[2]
 
+    def row_slice(self, v0: int, v1: int) -> torch.Tensor:
+        """[B, T, v1 - v0] float32: rows' entries v0..v1 (one-hot rows made dense for that slice)."""
+        if not self.onehot:
+            return self.rows[..., v0:v1]
+        inside = (self.rows >= v0) & (self.rows < v1)
+        out = torch.zeros(*self.rows.shape, v1 - v0, dtype=self.cols.dtype, device=self.cols.device)
+        out.scatter_(2, (self.rows - v0).clamp(0, v1 - v0 - 1).unsqueeze(2), inside.unsqueeze(2).to(out.dtype))
+        return out
+
+    def row_chunks(self):
+        """(v0, v1, rows[..., v0:v1]) over the rows' entries: one piece (HeadFactor: vocabulary chunks)."""
+        yield 0, self.num_rows, self.row_slice(0, self.num_rows)
+
+    def project_rows(self, P: torch.Tensor) -> torch.Tensor:
+        """[B, T, k] of P r_t for P [k, num_rows]."""
+        return P.T[self.rows] if self.onehot else self.rows @ P.T
+
+    def materialise_slice(self, v0: int, v1: int) -> torch.Tensor:
+        """[B, v1 - v0, C]: rows v0..v1 of the per-sample matrix."""
+        return self.row_slice(v0, v1).transpose(1, 2) @ self.cols
+
+
+class HeadFactor(Factor):
+    """The output head's weight on the lean path (`dataflex.core.lean_loss`): rows are the per-token
+    gradients of the loss with respect to the logits, g_t = c_t (softmax(z_t) - onehot(y_t)) in R^V
+    (c_t = dL/dl_t, the token's weight in the loss), cols the head's inputs h_t. The rows are never
+    held for the whole vocabulary: `row_chunks` recomputes them from (h, W, b, y, lse) one vocabulary
+    chunk at a time ([B, T, chunk], within `core.lean_loss.chunk_shape`'s budget), so norms, dots,
+    projections and per-sample gradients of the head need no [B, T, V] tensor."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 labels: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor, vocab_chunk: Optional[int] = None):
+        B, T = hidden.shape[:2]
+        self.hidden = hidden.detach()                      # the model's dtype: logits recomputed as the loss did
+        self.weight = weight.detach()
+        self.bias = None if bias is None else bias.detach()
+        self.labels, self.lse, self.scale = labels, lse.float(), scale.float()
+        env = os.environ.get("DATAFLEX_LEAN_CHUNK", "").partition("x")[2]   # the loss's override, ROWSxCOLS
+        _, cols = chunk_shape(B * T, self.weight.shape[0], hidden.device, rows=B * T, cols=int(env) if env else None)
+        self.vocab_chunk = vocab_chunk or cols
+        super().__init__(torch.empty(B, T, 0, device=hidden.device), self.hidden.float(), self.weight.shape[0])
+
+    @property
+    def onehot(self) -> bool:
+        return False
+
+    def row_slice(self, v0: int, v1: int) -> torch.Tensor:
+        B, T, H = self.hidden.shape
+        z = self.hidden.reshape(B * T, H) @ self.weight[v0:v1].T
+        if self.bias is not None:
+            z = z + self.bias[v0:v1]
+        g = (z.float() - self.lse.reshape(-1, 1)).exp_().view(B, T, v1 - v0)
+        inside = (self.labels >= v0) & (self.labels < v1)
+        g.scatter_add_(2, (self.labels - v0).clamp(0, v1 - v0 - 1).unsqueeze(2), -inside.unsqueeze(2).to(g.dtype))
+        return g.mul_(self.scale.unsqueeze(2))
+
+    def row_chunks(self):
+        V = self.num_rows
+        for v0 in range(0, V, self.vocab_chunk):
+            v1 = min(V, v0 + self.vocab_chunk)
+            yield v0, v1, self.row_slice(v0, v1)
+
+    def project_rows(self, P: torch.Tensor) -> torch.Tensor:
+        return sum(g @ P[:, v0:v1].T for v0, v1, g in self.row_chunks())
+
+    def materialise(self) -> torch.Tensor:
+        B, _, C = self.cols.shape
+        out = torch.empty(B, self.num_rows, C, device=self.cols.device)
+        for v0, v1, g in self.row_chunks():
+            out[:, v0:v1] = g.transpose(1, 2) @ self.cols
+        return out
+
+    def bias_grad(self) -> torch.Tensor:
+        """[B, V]: the per-sample gradient of the head's bias, sum_t g_t."""
+        return torch.cat([g.sum(1) for _, _, g in self.row_chunks()], dim=1)
+
 
 def row_gram(f: Factor, g: Factor) -> torch.Tensor:
     """[B, T, T'] of r_t . r'_s."""
+    if isinstance(g, HeadFactor) and not isinstance(f, HeadFactor):
+        return row_gram(g, f).transpose(1, 2)
+    if isinstance(f, HeadFactor):                   # vocabulary chunk by chunk
+        if f is g:
+            return sum(r @ r.transpose(1, 2) for _, _, r in f.row_chunks())
+        if g.onehot:                                # r_t[x_s]: gathered from the chunk holding x_s
+            B, T = f.cols.shape[:2]
+            out = torch.zeros(B, T, g.rows.shape[1], device=f.cols.device)
+            for v0, v1, r in f.row_chunks():
+                inside = ((g.rows >= v0) & (g.rows < v1)).unsqueeze(1)
+                idx = (g.rows - v0).clamp(0, v1 - v0 - 1).unsqueeze(1).expand(B, T, g.rows.shape[1])
+                out += r.gather(2, idx) * inside
+            return out
+        return sum(r @ g.row_slice(v0, v1).transpose(1, 2) for v0, v1, r in f.row_chunks())
     if not f.onehot and not g.onehot:
         return f.rows @ g.rows.transpose(1, 2)
     if f.onehot and g.onehot:
@@ -139,7 +250,7 @@ def hook_plan(module: nn.Module, chosen: dict) -> tuple[list, list]:
         if not roles:
             continue
         ok = (_plain(mod, nn.Linear) or (_plain(mod, nn.Embedding) and mod.max_norm is None)
-              or any(_plain(mod, c) for c in NORMS))
+              or any(_plain(mod, c) for c in NORMS) or _hf_rms_norm(mod))
         if ok and set(roles) <= {"weight", "bias"}:
             plan.append((mod, roles))
             covered.update(roles.values())
@@ -166,10 +277,12 @@ def _contributions(mod, roles, x, b, B) -> list:
             b = b * (idx != mod.padding_idx).unsqueeze(-1).to(b.dtype)
         out.append((roles["weight"], Factor(idx, b, mod.num_embeddings)))
     else:                                               # LayerNorm / RMSNorm: elementwise affine
-        shape = tuple(mod.normalized_shape)
+        shape = tuple(mod.normalized_shape) if hasattr(mod, "normalized_shape") else tuple(mod.weight.shape)
         xf, bf = x.float(), b.float()
         if isinstance(mod, nn.LayerNorm):
             xhat = F.layer_norm(xf, shape, eps=mod.eps)
+        elif _hf_rms_norm(mod):
+            xhat = F.rms_norm(xf, shape, eps=mod.variance_epsilon).to(x.dtype).float()
         else:
             eps = mod.eps if mod.eps is not None else torch.finfo(x.dtype).eps
             xhat = F.rms_norm(xf, shape, eps=eps)
@@ -181,13 +294,18 @@ def _contributions(mod, roles, x, b, B) -> list:
 
 
 def capture(module: nn.Module, batch: dict, params: ParamSpec = "all", forward: Callable = default_forward,
-            train_mode: bool = False, call: Optional[Callable] = None) -> EngineRun:
+            train_mode: bool = False, call: Optional[Callable] = None, lean: bool = False) -> EngineRun:
     """One forward and one activation-only backward of the batch; see the module docstring.
-    `call` runs the forward (a DeepSpeed engine); hooks go on `module`."""
+    `call` runs the forward (a DeepSpeed engine); hooks go on `module`. `lean=True`: where the model
+    offers its last hidden states and head (`dataflex.models.lean.lean_forward`), the loss is the
+    chunked one (`core.lean_loss`) and the head's weight gets a `HeadFactor` (no [B, T, V] tensor)."""
     chosen = select_params(module, params)
     plan, leftover = hook_plan(module, chosen)
     B = batch["input_ids"].shape[0]
     records, handles = [], []
+    stage = getattr(call, "zero_optimization_stage", None)
+    if callable(stage) and stage() == 3:           # the head's weight is a ZeRO-3 partition: the logits path
+        lean = False
 
     def hook(mod, args, out, roles=None):
         if not out.requires_grad:        # frozen up to here: make the output a leaf to read its gradient
@@ -203,22 +321,32 @@ def capture(module: nn.Module, batch: dict, params: ParamSpec = "all", forward: 
         for p in frozen:                 # recorded by autograd, so that every use of it can be seen
             p.requires_grad_(True)
         with eval_mode(module, not train_mode), torch.enable_grad():
-            logits = forward(call or module, batch)
-            loss = per_sample_loss(logits, batch["labels"], batch["loss_mask"]).sum()
+            out = lean_forward(forward, call or module, batch) if lean else None
+            head_part = None
+            if isinstance(out, LeanOutput):
+                out, head_part = _lean_loss(out, batch, chosen)
+                records[:] = [r for r in records if r[0] is not head_part[0]]   # HF's one-position head call
+            else:
+                out = forward(call or module, batch)
+            loss = per_sample_loss(out, batch["labels"], batch["loss_mask"]).sum()
             outside = outside_uses(loss, records, {n: p for n, p in chosen.items() if n in hooked})
             outs = [r[3] for r in records]
-            grads = torch.autograd.grad(loss, outs, allow_unused=True) if outs else []
+            grads = torch.autograd.grad(loss, outs, allow_unused=True) if outs and loss.requires_grad \
+                else [None] * len(outs)
     finally:
         for h in handles:
             h.remove()
         for p in frozen:
             p.requires_grad_(False)
     contributions = {n: [] for n in chosen}
-    for (mod, roles, x, out, _), g in zip(records, grads):
-        g = torch.zeros_like(out) if g is None else g.detach()
+    for (mod, roles, x, y, _), g in zip(records, grads):
+        g = torch.zeros_like(y) if g is None else g.detach()
         for name, c in _contributions(mod, roles, x, g, B):
             contributions[name].append(c)
-    del records, grads, loss, logits
+    if head_part is not None:
+        for name, c in head_part[1]:
+            contributions[name].append(c)
+    del records, grads, loss, out
     if outside:
         _warn_outside(module, outside)
     exact_names = [n for n in chosen if n in outside or n in leftover]
@@ -229,6 +357,28 @@ def capture(module: nn.Module, batch: dict, params: ParamSpec = "all", forward: 
             contributions[n] = [exact.grads[n].flatten(1).float()]
     return EngineRun(contributions, {n: _shape(p) for n, p in chosen.items()}, B, exact_names,
                      batch["input_ids"].device)
+
+
+def _lean_loss(out: LeanOutput, batch: dict, chosen: dict) -> tuple[LeanOutput, tuple]:
+    """The lean path's loss input and the head's contributions. The loss runs on the head's detached
+    weight (the gradient still reaches the hidden states, and no edge into a tied weight is seen as a
+    use outside its modules); the head's weight gets a `HeadFactor` over (hidden, weight, labels),
+    with each token's weight in sum_i L_i, c_t = mask_t / n_i, and its bias the dense sum_t g_t."""
+    hidden, head = out
+    weight, bias = head_params(head)
+    labels, mask = batch["labels"], batch["loss_mask"].float()
+    scale = mask / mask.sum(-1, keepdim=True).clamp(min=1.0) * (labels != IGNORE_INDEX)
+    by_id = {id(p): n for n, p in chosen.items()}
+    parts = []
+    if id(weight) in by_id or (bias is not None and id(bias) in by_id):
+        h = hidden.detach().to(weight.dtype)
+        factor = HeadFactor(h, weight, bias, labels, chunked_logsumexp(h, weight, bias), scale)
+        if id(weight) in by_id:
+            parts.append((by_id[id(weight)], factor))
+        if bias is not None and id(bias) in by_id:
+            parts.append((by_id[id(bias)], factor.bias_grad()))
+    detached = (weight.detach(), None if bias is None else bias.detach())
+    return LeanOutput(hidden, detached), (head if isinstance(head, nn.Module) else None, parts)
 
 
 def _accumulators(node) -> Optional[int]:
@@ -316,6 +466,15 @@ def norms_squared(run: EngineRun) -> torch.Tensor:
             if ghost < n * max(f.materialise_cost() for f in factors):
                 sq = sum(ghost_inner(f, g) * (1 if i == j else 2)
                          for i, f in enumerate(factors) for j, g in enumerate(factors) if j >= i)
+            elif any(isinstance(f, HeadFactor) for f in factors):    # materialised a vocabulary chunk at a time
+                head = next(f for f in factors if isinstance(f, HeadFactor))
+                sq = 0
+                for v0, v1, r in head.row_chunks():
+                    block = r.transpose(1, 2) @ head.cols
+                    for f in factors:
+                        if f is not head:
+                            block = block + f.materialise_slice(v0, v1)
+                    sq = sq + block.pow(2).sum((1, 2))
             else:
                 sq = run.materialise(name).pow(2).sum(1)
         total = total + sq
@@ -324,9 +483,10 @@ def norms_squared(run: EngineRun) -> torch.Tensor:
 
 def per_sample_grad_norms(module: nn.Module, batch: dict, params: ParamSpec = "all",
                           forward: Callable = default_forward, chunk_size: Optional[int] = None,
-                          train_mode: bool = False, call: Optional[Callable] = None) -> torch.Tensor:
-    """[B] exact L2 norms of each sample's gradient over the chosen parameters (float32)."""
-    parts = [norms_squared(capture(module, c, params, forward, train_mode, call)) for c in chunks(batch, chunk_size)]
+                          train_mode: bool = False, call: Optional[Callable] = None, lean: bool = False) -> torch.Tensor:
+    """[B] exact L2 norms of each sample's gradient over the chosen parameters (float32); `lean`: see `capture`."""
+    parts = [norms_squared(capture(module, c, params, forward, train_mode, call, lean))
+             for c in chunks(batch, chunk_size)]
     return torch.cat(parts).clamp(min=0).sqrt()
 
 
@@ -367,6 +527,9 @@ def dots(run: EngineRun, target: dict) -> torch.Tensor:
                 total = total + c.materialise().flatten(1) @ t.T
             elif c.onehot:
                 total = total + torch.stack([(W[k][c.rows] * c.cols).sum((1, 2)) for k in range(K)], 1)
+            elif isinstance(c, HeadFactor):          # sum_t g_t^T W h_t, a vocabulary chunk at a time
+                for v0, v1, r in c.row_chunks():
+                    total = total + torch.stack([((r @ W[k][v0:v1]) * c.cols).sum((1, 2)) for k in range(K)], 1)
             else:
                 total = total + torch.stack([((c.rows @ W[k]) * c.cols).sum((1, 2)) for k in range(K)], 1)
     return total
@@ -374,13 +537,15 @@ def dots(run: EngineRun, target: dict) -> torch.Tensor:
 
 def per_sample_grad_dots(module: nn.Module, batch: dict, target: Target, params: ParamSpec = "all",
                          forward: Callable = default_forward, chunk_size: Optional[int] = None,
-                         train_mode: bool = False, call: Optional[Callable] = None) -> torch.Tensor:
+                         train_mode: bool = False, call: Optional[Callable] = None, lean: bool = False) -> torch.Tensor:
     """<g_i, target> for every sample: [B] for one target, [B, K] for K targets (float32). `target`:
     name -> tensor (the parameter's shape, or [K, *shape]) or a flat [P] / [K, P] vector in the
-    order of `select_params(module, params)` (as `PerSampleGrads.flat()` and `batch_grad` give)."""
+    order of `select_params(module, params)` (as `PerSampleGrads.flat()` and `batch_grad` give).
+    `lean`: see `capture`."""
     shapes = {n: _shape(p) for n, p in select_params(module, params).items()}
     split, multi = split_target(target, shapes)
-    parts = [dots(capture(module, c, params, forward, train_mode, call), split) for c in chunks(batch, chunk_size)]
+    parts = [dots(capture(module, c, params, forward, train_mode, call, lean), split)
+             for c in chunks(batch, chunk_size)]
     out = torch.cat(parts)
     return out if multi else out[:, 0]
 

@@ -35,7 +35,7 @@ from dataflex.grad.fallback import guarded_per_sample_grads
 from dataflex.grad.params import ParamSpec, PerSampleGrads, refuse_packed
 from dataflex.models.forward import default_forward
 from dataflex.models.hf import forward_for
-from dataflex.models.lean import lean_forward
+from dataflex.models.lean import lean_forward, offers_lean
 
 OUTPUTS = ("loss", "token_loss", "embedding", "el2n", "logits", "outputs")
 
@@ -158,10 +158,15 @@ class TorchInterface:
         batch = self.to_device(batch)
         if getattr(projector, "factored", False):
             return factored_grads(self.module, batch, params, projector, chunk_size, self.forward, train_mode,
-                                  self._hook_call())
+                                  self._hook_call(), self.lean)
         if getattr(projector, "engine", None) == "hooks":      # SparseProjector over the hook engine
             return hook_projected_grads(self.module, batch, params, projector, chunk_size, self.forward,
-                                        train_mode, self._hook_call())
+                                        train_mode, self._hook_call(), self.lean)
+        if projector is None and self.lean and offers_lean(self.module):
+            # exact gradients from the hook engine on the lean path: the head's per-sample gradient is
+            # formed a vocabulary chunk at a time (ghost.HeadFactor), no [B, T, V] logits
+            return hook_projected_grads(self.module, batch, params, None, chunk_size, self.forward,
+                                        train_mode, self._hook_call(), True)
         # exact per-sample loop where torch.func cannot go (dataflex.grad.fallback), with a one-line warning
         return guarded_per_sample_grads(self.module, batch, params, projector, chunk_size, self.forward, train_mode,
                                         per_sample_grads)
@@ -172,7 +177,7 @@ class TorchInterface:
         refuse_packed(batch, "per_sample_grad_norms")
         batch = self.to_device(batch)
         return ghost.per_sample_grad_norms(self.module, batch, params, self.forward, chunk_size, train_mode,
-                                           self._hook_call())
+                                           self._hook_call(), self.lean)
 
     def per_sample_grad_dots(self, batch: dict, target, params: ParamSpec = "all", chunk_size: Optional[int] = None,
                              train_mode: bool = False) -> torch.Tensor:
@@ -182,7 +187,7 @@ class TorchInterface:
         device = self.device
         batch, target = to_device(batch, device), target_to_device(target, device)
         return ghost.per_sample_grad_dots(self.module, batch, target, params, self.forward, chunk_size, train_mode,
-                                          self._hook_call())
+                                          self._hook_call(), self.lean)
 
     def batch_grad(self, batch: dict, params: ParamSpec = "all", reduction: str = "mean") -> dict:
         """name -> gradient of the batch's mean (or summed) per-sample loss: a target for dots."""

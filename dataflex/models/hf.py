@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from dataflex.core.lean_loss import LeanOutput, head_params
+from dataflex.core.lean_loss import LeanOutput, usable_head
 from dataflex.core.packing import segments_from_positions
 from dataprep.tokenizer import has_tokenizer
 
@@ -111,9 +111,7 @@ def _lean_hf_forward(call: Callable, batch: dict, mask_dtype: Optional[torch.dty
             or _under_functorch(batch["input_ids"]) \
             or "logits_to_keep" not in inspect.signature(base.forward).parameters:
         return None
-    try:
-        head_params(head)
-    except ValueError:
+    if not usable_head(head):
         return None
     captured = []
     hook = decoder.register_forward_hook(lambda _m, _a, out: captured.append(out))
