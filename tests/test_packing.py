@@ -230,15 +230,6 @@ def test_weighted_packed_loss_and_gradient_equal_padded(reduction):
     torch.testing.assert_close(got_grad, want_grad, atol=1e-5, rtol=1e-4)
 
 
-def test_gradient_engine_refuses_packed_batches():
-    _, _, batch = packed_step()
-    iface = TorchInterface(tiny())
-    for call in (lambda: iface.per_sample_grad_norms(batch), lambda: iface.per_sample_grads(batch),
-                 lambda: iface.probe(batch)):
-        with pytest.raises(ValueError, match="packed"):
-            call()
-
-
 # -- the session: plugins, ledger, metrics, resume --------------------------------------------------------------
 
 def flex_run(steps, seed=0, plugins=None, state=None, start=0):

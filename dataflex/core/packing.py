@@ -117,6 +117,7 @@ class Segments:
     """Index maps of a packed batch between [R, T] token slots and the per-sample [S, T] layout."""
 
     def __init__(self, segment_ids: torch.Tensor, position_ids: torch.Tensor, n: int):
+        self.ids = segment_ids
         self.valid = segment_ids >= 0
         self.seg = segment_ids[self.valid]
         self.pos = position_ids[self.valid]
@@ -132,12 +133,19 @@ class Segments:
         return cls(batch["segment_ids"], batch["position_ids"], len(batch["sample_id"]))
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
-        """[S] per-sample sums of a [R, T] tensor."""
-        return torch.zeros(self.n, dtype=x.dtype, device=x.device).index_add(0, self.seg, x[self.valid])
+        """[S, ...] per-sample sums of a [R, T, ...] tensor."""
+        out = torch.zeros((self.n, *x.shape[2:]), dtype=x.dtype, device=x.device)
+        return out.index_add(0, self.seg, x[self.valid])
 
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """[S, T]: each sample's token p at column p (0 beyond the sample), as its padded row holds it."""
-        out = torch.zeros((self.n, self.shape[-1]), dtype=x.dtype, device=x.device)
+    def width(self) -> int:
+        """Slots of the longest sample (0 without any)."""
+        return int(self.pos.max()) + 1 if self.pos.numel() else 0
+
+    def unpack(self, x: torch.Tensor, width: Optional[int] = None) -> torch.Tensor:
+        """[S, T, ...] from [R, T, ...]: each sample's token p at column p (0 beyond the sample), as its
+        padded row holds it; `width` keeps the first columns only (at least `width()`)."""
+        out = torch.zeros((self.n, self.shape[-1] if width is None else width, *x.shape[2:]), dtype=x.dtype,
+                          device=x.device)
         return out.index_put((self.seg, self.pos), x[self.valid])
 
     def pack(self, y: torch.Tensor) -> torch.Tensor:

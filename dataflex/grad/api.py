@@ -6,8 +6,8 @@ from typing import Callable
 import torch
 
 from dataflex.grad.factored import factored_grads
-from dataflex.grad.ghost import capture, chunks
-from dataflex.grad.params import ParamSpec, PerSampleGrads, eval_mode, refuse_packed
+from dataflex.grad.ghost import assemble, batch_samples, capture, chunks
+from dataflex.grad.params import ParamSpec, PerSampleGrads, eval_mode
 from dataflex.grad.projection import SparseProjector
 from dataflex.grad.vmap import vmap_grads
 from dataflex.models.forward import default_forward
@@ -17,9 +17,9 @@ def per_sample_grads(module: torch.nn.Module, batch: dict, params: ParamSpec = "
                      projector=None, chunk_size: int = 16, forward: Callable = default_forward,
                      train_mode: bool = False) -> PerSampleGrads:
     """Per-sample gradients of the chosen parameters: exact (`grads`), or `projected` by a
-    RademacherProjector, SparseProjector or FactoredProjector; `norms` are always exact. Padded batches
-    only (one sample a row): a packed one is refused."""
-    refuse_packed(batch, "per_sample_grads")
+    RademacherProjector, SparseProjector or FactoredProjector; `norms` are always exact. One entry per
+    sample, also on a packed batch (several samples a row: per segment, see dataflex.grad.ghost and
+    `params.sample_rows`)."""
     if getattr(projector, "factored", False):
         return factored_grads(module, batch, params, projector, chunk_size, forward, train_mode)
     if isinstance(projector, SparseProjector) and projector.engine == "hooks":
@@ -33,8 +33,9 @@ def hook_projected_grads(module, batch, params, projector, chunk_size=16, forwar
     """Exact per-sample gradients from the hook engine (dataflex.grad.ghost), materialised one parameter
     at a time ([b, numel], Book-Keeping style: one forward and one activation backward, then a
     batched outer product per layer) and projected at that parameter's offset, then dropped."""
-    norms, projected = [], []
-    for part in chunks(batch, chunk_size):
+    norms, projected, index = [], [], []
+    for part, samples in chunks(batch, chunk_size):
+        index.append(samples)
         run = capture(module, part, params, forward, train_mode, call)
         sq, out, offset = 0, 0, 0
         for name in run.shapes:
@@ -45,4 +46,6 @@ def hook_projected_grads(module, batch, params, projector, chunk_size=16, forwar
             del g
         norms.append(sq.sqrt())
         projected.append(out)
-    return PerSampleGrads(torch.cat(norms), projected=torch.cat(projected), projector=projector.describe())
+    n = batch_samples(batch)
+    return PerSampleGrads(assemble(norms, index, n), projected=assemble(projected, index, n),
+                          projector=projector.describe())
