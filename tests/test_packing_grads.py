@@ -53,7 +53,7 @@ def check_packed_equals_padded(model, batch, padded, exact_grads=True):
 
 
 def test_tinygpt_packed_grads_norms_dots_and_projections_equal_padded():
-    data, plan, batch = packed_step(seed=4)
+    data, plan, batch = packed_step(seed=0)
     padded = data.batch(plan.ids)
     model = tiny(4)
     iface, want = check_packed_equals_padded(model, batch, padded)
@@ -82,7 +82,7 @@ def test_packed_ghost_form_is_masked_to_each_segment():
     """The T x T ghost form of a packed row, restricted to same-segment pairs, equals the squared norm of the
     per-sample factor it materialises, and the padded row's; without the mask (the row as one sample) it
     does not."""
-    data, plan, batch = packed_step(seed=5)
+    data, plan, batch = packed_step(seed=3)
     padded = data.batch(plan.ids)
     model = tiny(5)
     run, ref = capture(model, batch, "all"), capture(model, padded, "all")
@@ -120,7 +120,7 @@ def test_packed_batch_grad_is_the_padded_one():
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_hf_llama_packed_grads_norms_dots_equal_padded(impl):
     model = llama(impl)
-    data, plan, batch = packed_step(seed=7)
+    data, plan, batch = packed_step(seed=1)
     assert batch["input_ids"].shape[1] == SEQ
     check_packed_equals_padded(model, batch, data.batch(plan.ids))
 
@@ -134,7 +134,7 @@ def test_probes_still_refuse_packed_batches():
 def test_a_sample_without_token_slots_has_a_zero_gradient():
     """A packed batch may list a sample that takes no slot (no label token): zero norm, zero dots, zeros from
     every chunking."""
-    data, plan, batch = packed_step(seed=8)
+    data, plan, batch = packed_step(seed=2)
     S = len(plan.ids)
     extra = dict(batch, sample_id=torch.cat([batch["sample_id"], batch["sample_id"][:1]]))
     assert Segments.of(extra).n == S + 1
