@@ -10,8 +10,10 @@ useful-token fraction = label tokens / token slots:
   offline bound: no packing of the whole training set, every sample in one row of its own or shared, can do
           better than sum(lengths) / (seq_len * L2), L2 the Martello-Toth lower bound on the number of rows
           (`offline_bound_fraction`); `offline_ffd_fraction`: first-fit decreasing of the whole set at once.
-Planning cost per step: drawing and first-fit (`plan_rows`), and building the packed batch (`packed_batch`),
-medians over the steps; at seq_len 512 also one TinyGPT forward+backward on a packed batch for scale.
+Planning cost per step: drawing and placing (`plan_rows`), and building the packed batch (`packed_batch`),
+medians over the steps, the build also timed again on one thread (small index work gains nothing from threads
+and, on a loaded machine, loses much to them); at seq_len 512 also one TinyGPT forward+backward on a packed
+batch for scale.
 Training throughput (`throughput`): label tokens trained per second, packed vs padded, TinyGPT (the benchmarks'
 shape) at seq_len `--tput-seq-len` (1024) with `--tput-rows` rows a step, in one process: two DataFlex sessions
 (trainer.packing=true and false, seed 0, size-proportional draws) with a model and AdamW each, stepped in
@@ -124,7 +126,7 @@ def main(argv=None):
         lengths = data.lengths(torch.arange(len(data)))
         padded = float(lengths.sum()) / (len(data) * T)
         sampler = DataAwareSampler(data.sizes, seed=0, weights=torch.tensor(data.sizes, dtype=torch.float64))
-        plan_s, build_s, used, counts, born, waits = [], [], 0, [], {}, []
+        plan_s, build_s, build1_s, used, counts, born, waits = [], [], [], 0, [], {}, []
 
         def draw(n, step=0):
             ids = sampler.draw(n)
@@ -138,6 +140,11 @@ def main(argv=None):
             t1 = time.perf_counter()
             batch = data.packed_batch(plan.ids, plan.rows, plan.offsets, args.rows)
             t2 = time.perf_counter()
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)            # the same build on one thread (a loader worker's setting)
+            data.packed_batch(plan.ids, plan.rows, plan.offsets, args.rows)
+            build1_s.append(time.perf_counter() - t2)
+            torch.set_num_threads(threads)
             plan_s.append(t1 - t0), build_s.append(t2 - t1)
             used += plan.slots_used()
             counts.append(len(plan.ids))
@@ -148,6 +155,7 @@ def main(argv=None):
                "samples_per_step_packed": round(sum(counts) / len(counts), 1),
                "plan_ms_median": round(1000 * sorted(plan_s)[len(plan_s) // 2], 3),
                "build_ms_median": round(1000 * sorted(build_s)[len(build_s) // 2], 3),
+               "build_ms_median_one_thread": round(1000 * sorted(build1_s)[len(build1_s) // 2], 3),
                "waiting_at_end": len(sampler.pending), "max_wait_steps": max(waits),
                "offline_bound_fraction": round(float(lengths.sum()) / (T * rows_lower_bound(lengths, T)), 4),
                "offline_ffd_fraction": round(float(lengths.sum()) / (T * first_fit_decreasing_rows(lengths, T)), 4)}
@@ -165,6 +173,8 @@ def main(argv=None):
             step_ms = 1000 * sorted(times)[1]
             row["tinygpt_step_ms"] = round(step_ms, 1)
             row["packing_share_of_step"] = round((row["plan_ms_median"] + row["build_ms_median"]) / step_ms, 4)
+            row["packing_share_of_step_one_thread_build"] = round(
+                (row["plan_ms_median"] + row["build_ms_median_one_thread"]) / step_ms, 4)
         results.append(row)
         print(f"seq_len {T}: padded {padded:.3f}, packed {packed:.3f} (offline bound "
               f"{row['offline_bound_fraction']}), plan {row['plan_ms_median']} ms, build {row['build_ms_median']} ms",
@@ -175,9 +185,11 @@ def main(argv=None):
                "environment": environment(),
                "machine": environment()["cpu"], "load_start": load_start, "load_end": os.getloadavg()}
     path = save_json("packing.json", payload)
-    print(markdown_table(["seq_len", "padded", "packed", "offline bound", "offline FFD", "plan ms", "build ms"],
+    print(markdown_table(["seq_len", "padded", "packed", "offline bound", "offline FFD", "plan ms", "build ms",
+                          "build ms (1 thread)"],
                          [[r["seq_len"], r["padded_fraction"], r["packed_fraction"], r["offline_bound_fraction"],
-                           r["offline_ffd_fraction"], r["plan_ms_median"], r["build_ms_median"]] for r in results]))
+                           r["offline_ffd_fraction"], r["plan_ms_median"], r["build_ms_median"],
+                           r["build_ms_median_one_thread"]] for r in results]))
     print(markdown_table(["seq_len", "layout", "label tokens/s", "step ms", "label tokens/step"],
                          [[tput["seq_len"], k, tput[k]["label_tokens_per_s"], tput[k]["step_ms_mean"],
                            tput[k]["label_tokens_per_step"]] for k in ("padded", "packed")]))
