@@ -25,6 +25,7 @@ Results: bench/results/packing.json (date, commit, machine, load at start and en
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -128,14 +129,14 @@ def main(argv=None):
         sampler = DataAwareSampler(data.sizes, seed=0, weights=torch.tensor(data.sizes, dtype=torch.float64))
         plan_s, build_s, build1_s, used, counts, born, waits = [], [], [], 0, [], {}, []
 
-        def draw(n, step=0):
+        def draw(n, step, sampler=sampler, born=born):
             ids = sampler.draw(n)
             for i in ids.tolist():
                 born.setdefault(i, []).append(step)
             return ids
         for step in range(args.steps):
             t0 = time.perf_counter()
-            plan = plan_rows(sampler.pending, lambda n: draw(n, step), data.lengths, args.rows, T)
+            plan = plan_rows(sampler.pending, functools.partial(draw, step=step), data.lengths, args.rows, T)
             sampler.pending = plan.carry
             t1 = time.perf_counter()
             batch = data.packed_batch(plan.ids, plan.rows, plan.offsets, args.rows)

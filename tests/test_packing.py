@@ -99,19 +99,19 @@ def test_waiting_samples_are_placed_first_and_wait_about_one_step():
         lens = g.integers(0, T + 1, size=int(g.integers(1, 4 * R + 2)))
         keep = np.cumsum(lens) <= R * T // 2
         ids = np.flatnonzero(keep)
-        plan = plan_rows(ids.tolist(), None, lambda i: lens[np.asarray(i)], R, T)
+        plan = plan_rows(ids.tolist(), None, lambda i, lens=lens: lens[np.asarray(i)], R, T)
         assert plan.carry == [] and sorted(plan.ids.tolist()) == ids.tolist()
         assert (np.bincount(plan.rows.numpy(), weights=plan.lengths.numpy(), minlength=R) <= T).all()
     data = MixtureDataset(ragged_domains())
     sampler = DataAwareSampler(data.sizes, seed=0)
     born, waits = {}, []
+    def draw(n, step):
+        ids = sampler.draw(n)
+        for i in ids.tolist():
+            born.setdefault(i, []).append(step)
+        return ids
     for step in range(100):
-        def draw(n):
-            ids = sampler.draw(n)
-            for i in ids.tolist():
-                born.setdefault(i, []).append(step)
-            return ids
-        plan = plan_rows(sampler.pending, draw, data.lengths, 4, SEQ)
+        plan = plan_rows(sampler.pending, lambda n, step=step: draw(n, step), data.lengths, 4, SEQ)
         sampler.pending = plan.carry
         waits += [step - born[i].pop(0) for i in plan.ids.tolist()]
     assert max(waits) <= 3 and np.mean(waits) < 1

@@ -134,7 +134,7 @@ def test_probes_still_refuse_packed_batches():
 def test_a_sample_without_token_slots_has_a_zero_gradient():
     """A packed batch may list a sample that takes no slot (no label token): zero norm, zero dots, zeros from
     every chunking."""
-    data, plan, batch = packed_step(seed=2)
+    _, plan, batch = packed_step(seed=2)
     S = len(plan.ids)
     extra = dict(batch, sample_id=torch.cat([batch["sample_id"], batch["sample_id"][:1]]))
     assert Segments.of(extra).n == S + 1
