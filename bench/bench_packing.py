@@ -4,10 +4,16 @@
 
 useful-token fraction = label tokens / token slots:
   padded: every sample of the training set in a row of its own (what trainer.packing=false trains on);
-  packed: the rows DataFlex's first-fit plans over `--steps` steps of `--rows` rows, drawn as a run draws
-          (size-proportional domain weights, seed 0), samples waiting for a row counted when they train.
-Planning cost per step: drawing and first-fit (`plan_rows`), and building the packed batch (`packed_batch`),
-medians over the steps; at seq_len 512 also one TinyGPT forward+backward on a packed batch for scale.
+  packed: the rows DataFlex's planner (best-fit decreasing, dataflex.core.packing.plan_rows) fills over `--steps`
+          steps of `--rows` rows, drawn as a run draws (size-proportional domain weights, seed 0), samples
+          waiting for a row counted when they train (`max_wait_steps`: the longest wait of a trained sample);
+  offline bound: no packing of the whole training set, every sample in one row of its own or shared, can do
+          better than sum(lengths) / (seq_len * L2), L2 the Martello-Toth lower bound on the number of rows
+          (`offline_bound_fraction`); `offline_ffd_fraction`: first-fit decreasing of the whole set at once.
+Planning cost per step: drawing and placing (`plan_rows`), and building the packed batch (`packed_batch`),
+medians over the steps, the build also timed again on one thread (small index work gains nothing from threads
+and, on a loaded machine, loses much to them); at seq_len 512 also one TinyGPT forward+backward on a packed
+batch for scale.
 Training throughput (`throughput`): label tokens trained per second, packed vs padded, TinyGPT (the benchmarks'
 shape) at seq_len `--tput-seq-len` (1024) with `--tput-rows` rows a step, in one process: two DataFlex sessions
 (trainer.packing=true and false, seed 0, size-proportional draws) with a model and AdamW each, stepped in
@@ -19,6 +25,7 @@ Results: bench/results/packing.json (date, commit, machine, load at start and en
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -71,6 +78,33 @@ def throughput(T: int, rows: int, steps: int, rounds: int) -> dict:
     return out
 
 
+def rows_lower_bound(lengths, T: int) -> int:
+    """Martello & Toth's L2 lower bound on the bins of a bin-packing instance (capacity T): for every K <= T/2,
+    items over T - K need a bin each, items in (T/2, T - K] too, and items in [K, T/2] fill what those leave."""
+    import numpy as np
+
+    L = np.asarray(lengths, dtype=np.int64)
+    best = int(np.ceil(L.sum() / T))
+    for K in np.unique(np.concatenate([[0], L[L <= T // 2]])).tolist():
+        j1, j2 = L[L > T - K], L[(L > T / 2) & (L <= T - K)]
+        j3 = L[(L >= K) & (L <= T / 2)]
+        best = max(best, len(j1) + len(j2) + max(0, int(np.ceil((j3.sum() - (len(j2) * T - j2.sum())) / T))))
+    return best
+
+
+def first_fit_decreasing_rows(lengths, T: int) -> int:
+    import numpy as np
+
+    free = np.zeros(0, dtype=np.int64)
+    for n in np.sort(np.asarray(lengths, dtype=np.int64))[::-1].tolist():
+        fits = np.flatnonzero(free >= n)
+        if len(fits):
+            free[fits[0]] -= n
+        else:
+            free = np.append(free, T - n)
+    return len(free)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048, 4096])
@@ -93,24 +127,39 @@ def main(argv=None):
         lengths = data.lengths(torch.arange(len(data)))
         padded = float(lengths.sum()) / (len(data) * T)
         sampler = DataAwareSampler(data.sizes, seed=0, weights=torch.tensor(data.sizes, dtype=torch.float64))
-        plan_s, build_s, used, counts = [], [], 0, []
-        for _ in range(args.steps):
+        plan_s, build_s, build1_s, used, counts, born, waits = [], [], [], 0, [], {}, []
+
+        def draw(n, step, sampler=sampler, born=born):
+            ids = sampler.draw(n)
+            for i in ids.tolist():
+                born.setdefault(i, []).append(step)
+            return ids
+        for step in range(args.steps):
             t0 = time.perf_counter()
-            plan = plan_rows(sampler.pending, sampler.draw, data.lengths, args.rows, T)
+            plan = plan_rows(sampler.pending, functools.partial(draw, step=step), data.lengths, args.rows, T)
             sampler.pending = plan.carry
             t1 = time.perf_counter()
             batch = data.packed_batch(plan.ids, plan.rows, plan.offsets, args.rows)
             t2 = time.perf_counter()
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)            # the same build on one thread (a loader worker's setting)
+            data.packed_batch(plan.ids, plan.rows, plan.offsets, args.rows)
+            build1_s.append(time.perf_counter() - t2)
+            torch.set_num_threads(threads)
             plan_s.append(t1 - t0), build_s.append(t2 - t1)
             used += plan.slots_used()
             counts.append(len(plan.ids))
+            waits += [step - born[i].pop(0) for i in plan.ids.tolist()]
         packed = used / (args.steps * args.rows * T)
         row = {"seq_len": T, "samples": len(data), "mean_sample_tokens": float(lengths.mean()),
                "padded_fraction": round(padded, 4), "packed_fraction": round(packed, 4),
                "samples_per_step_packed": round(sum(counts) / len(counts), 1),
                "plan_ms_median": round(1000 * sorted(plan_s)[len(plan_s) // 2], 3),
                "build_ms_median": round(1000 * sorted(build_s)[len(build_s) // 2], 3),
-               "waiting_at_end": len(sampler.pending)}
+               "build_ms_median_one_thread": round(1000 * sorted(build1_s)[len(build1_s) // 2], 3),
+               "waiting_at_end": len(sampler.pending), "max_wait_steps": max(waits),
+               "offline_bound_fraction": round(float(lengths.sum()) / (T * rows_lower_bound(lengths, T)), 4),
+               "offline_ffd_fraction": round(float(lengths.sum()) / (T * first_fit_decreasing_rows(lengths, T)), 4)}
         if T == 512:            # scale: one TinyGPT step on this packed batch
             from dataflex.core.loss import LossWrapper
             from dataflex.models.tiny_gpt import TinyGPT
@@ -125,18 +174,23 @@ def main(argv=None):
             step_ms = 1000 * sorted(times)[1]
             row["tinygpt_step_ms"] = round(step_ms, 1)
             row["packing_share_of_step"] = round((row["plan_ms_median"] + row["build_ms_median"]) / step_ms, 4)
+            row["packing_share_of_step_one_thread_build"] = round(
+                (row["plan_ms_median"] + row["build_ms_median_one_thread"]) / step_ms, 4)
         results.append(row)
-        print(f"seq_len {T}: padded {padded:.3f}, packed {packed:.3f}, plan {row['plan_ms_median']} ms, "
-              f"build {row['build_ms_median']} ms", file=sys.stderr)
+        print(f"seq_len {T}: padded {padded:.3f}, packed {packed:.3f} (offline bound "
+              f"{row['offline_bound_fraction']}), plan {row['plan_ms_median']} ms, build {row['build_ms_median']} ms",
+              file=sys.stderr)
     tput = throughput(args.tput_seq_len, args.tput_rows, args.tput_steps, args.tput_rounds)
     payload = {"bench": "packing", "command": "OMP_NUM_THREADS=2 python bench/bench_packing.py " + " ".join(argv or sys.argv[1:]),
                "rows": args.rows, "steps": args.steps, "results": results, "throughput": tput,
                "environment": environment(),
                "machine": environment()["cpu"], "load_start": load_start, "load_end": os.getloadavg()}
     path = save_json("packing.json", payload)
-    print(markdown_table(["seq_len", "padded", "packed", "plan ms", "build ms"],
-                         [[r["seq_len"], r["padded_fraction"], r["packed_fraction"], r["plan_ms_median"],
-                           r["build_ms_median"]] for r in results]))
+    print(markdown_table(["seq_len", "padded", "packed", "offline bound", "offline FFD", "plan ms", "build ms",
+                          "build ms (1 thread)"],
+                         [[r["seq_len"], r["padded_fraction"], r["packed_fraction"], r["offline_bound_fraction"],
+                           r["offline_ffd_fraction"], r["plan_ms_median"], r["build_ms_median"],
+                           r["build_ms_median_one_thread"]] for r in results]))
     print(markdown_table(["seq_len", "layout", "label tokens/s", "step ms", "label tokens/step"],
                          [[tput["seq_len"], k, tput[k]["label_tokens_per_s"], tput[k]["step_ms_mean"],
                            tput[k]["label_tokens_per_step"]] for k in ("padded", "packed")]))

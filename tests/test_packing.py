@@ -89,6 +89,34 @@ def test_first_fit_is_deterministic_fills_rows_and_drops_nothing():
     assert fill > 0.9, fill
 
 
+def test_waiting_samples_are_placed_first_and_wait_about_one_step():
+    """What waits never fills more than half a step before drawing stops, and longest-first placement puts
+    any set of samples of at most half the slots into empty rows: every pending sample trains the next step
+    (checked on random lengths, then over a run)."""
+    g = np.random.default_rng(0)
+    for _ in range(200):
+        R, T = int(g.integers(1, 9)), int(g.integers(8, 65))
+        lens = g.integers(0, T + 1, size=int(g.integers(1, 4 * R + 2)))
+        keep = np.cumsum(lens) <= R * T // 2
+        ids = np.flatnonzero(keep)
+        plan = plan_rows(ids.tolist(), None, lambda i, lens=lens: lens[np.asarray(i)], R, T)
+        assert plan.carry == [] and sorted(plan.ids.tolist()) == ids.tolist()
+        assert (np.bincount(plan.rows.numpy(), weights=plan.lengths.numpy(), minlength=R) <= T).all()
+    data = MixtureDataset(ragged_domains())
+    sampler = DataAwareSampler(data.sizes, seed=0)
+    born, waits = {}, []
+    def draw(n, step):
+        ids = sampler.draw(n)
+        for i in ids.tolist():
+            born.setdefault(i, []).append(step)
+        return ids
+    for step in range(100):
+        plan = plan_rows(sampler.pending, lambda n, step=step: draw(n, step), data.lengths, 4, SEQ)
+        sampler.pending = plan.carry
+        waits += [step - born[i].pop(0) for i in plan.ids.tolist()]
+    assert max(waits) <= 3 and np.mean(waits) < 1
+
+
 def test_packed_batch_holds_each_sample_as_its_padded_row():
     data = MixtureDataset(ragged_domains())
     sampler = DataAwareSampler(data.sizes, seed=1)
@@ -140,7 +168,7 @@ def packed_step(seed=0, rows=4):
 def test_tinygpt_packed_per_sample_losses_equal_padded(lean):
     data, plan, batch = packed_step()
     model = tiny()
-    assert batch["sample_id"].numel() > 2 * 4                         # rows really hold several samples
+    assert batch["sample_id"].numel() > 4 and plan.rows.bincount().max() >= 2    # rows really hold several samples
     wrapper = LossWrapper()
     with torch.no_grad():
         out = model(batch["input_ids"], position_ids=batch["position_ids"], lean=lean)
@@ -150,11 +178,11 @@ def test_tinygpt_packed_per_sample_losses_equal_padded(lean):
 
 
 def test_changing_one_sample_changes_no_other_loss_in_its_row():
-    data, plan, batch = packed_step(seed=1)
+    data, plan, batch = packed_step(seed=3)
     model = tiny(1)
-    row0 = torch.nonzero(plan.rows == 0).flatten()
-    assert len(row0) >= 3
-    victim = int(row0[len(row0) // 2])                                # a sample in the middle of row 0
+    crowded = torch.nonzero(plan.rows == plan.rows.bincount().argmax()).flatten()
+    assert len(crowded) >= 3
+    victim = int(crowded[len(crowded) // 2])                          # a sample in the middle of a crowded row
     changed = {k: v.clone() for k, v in batch.items()}
     slots = batch["segment_ids"] == victim
     changed["input_ids"][slots] = (changed["input_ids"][slots] * 7 + 3) % VOCAB
@@ -196,7 +224,8 @@ def test_hf_llama_packed_per_sample_losses_equal_padded_and_do_not_leak(impl):
                                            position_ids=batch["position_ids"]))
     assert not torch.allclose(leaky.last["loss"], want, atol=1e-3)
     # one sample's tokens changed: no other sample's loss moves
-    victim = int(torch.nonzero(plan.rows == 1).flatten()[0])
+    crowded = int(plan.rows.bincount().argmax())                        # a row of several samples
+    victim = int(torch.nonzero(plan.rows == crowded).flatten()[1])
     changed = dict(batch, input_ids=batch["input_ids"].clone())
     changed["input_ids"][batch["segment_ids"] == victim] = 1
     other = LossWrapper()
@@ -228,15 +257,6 @@ def test_weighted_packed_loss_and_gradient_equal_padded(reduction):
     want, want_grad = value(padded, None)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_grad, want_grad, atol=1e-5, rtol=1e-4)
-
-
-def test_gradient_engine_refuses_packed_batches():
-    _, _, batch = packed_step()
-    iface = TorchInterface(tiny())
-    for call in (lambda: iface.per_sample_grad_norms(batch), lambda: iface.per_sample_grads(batch),
-                 lambda: iface.probe(batch)):
-        with pytest.raises(ValueError, match="packed"):
-            call()
 
 
 # -- the session: plugins, ledger, metrics, resume --------------------------------------------------------------
@@ -280,7 +300,9 @@ def test_session_ledger_metrics_and_per_sample_losses(with_plugins):
         assert rec["token_slots"] == 4 * SEQ and rec["tokens"] <= rec["token_slots"]
         assert sum(rec["domain_tokens"].values()) == rec["tokens"]
         if with_plugins:
-            assert (~led.selected).sum() > 0 and (led[~led.selected]["rank"] == -1).all()
+            assert (led[~led.selected]["rank"] == -1).all()
+    if with_plugins:          # candidates the selector left (a step filled by waiting samples draws none)
+        assert sum(int((~pd.DataFrame(rec["ledger"]).selected).sum()) for rec in records) > 0
     assert len(flex.state.losses) == len(flex.state.batch_ids) > 4
 
 

@@ -7,10 +7,11 @@ A packed batch holds `input_ids`, `labels`, `loss_mask` and `position_ids` as [R
 its padded row: models keep attention inside a sample from `segment_ids` or from the position ids
 (a new sample starts wherever the position does not advance by 1, transformers' packed convention).
 
-The step's plan (`plan_rows`) is a deterministic first-fit: samples left over from the previous step
-first, then fresh draws in chunks sized from the free slots, each sample into the first row with room;
-a sample that fits no row waits for the next step (`carry`), never dropped. Drawing stops when every
-slot is filled or `lookahead` samples are waiting.
+The step's plan (`plan_rows`) is a deterministic best-fit decreasing: samples left over from the previous
+step first, then fresh draws gathered to cover the free slots, each group longest first, each sample into
+the fullest row that still holds it; a sample that fits no row waits for the next step (`carry`, kept in
+the sampler's state), never dropped. Drawing stops when every slot is filled, `lookahead` samples are
+waiting, or what waits fills half of the step's slots (so the next step surely places it).
 
 `Segments` maps between the packed rows and the per-sample layout ([S, T], a sample's token p at
 column p, what a padded batch holds): per-sample sums, unpacking, packing and spreading a per-sample
@@ -25,15 +26,16 @@ import numpy as np
 import torch
 
 
-def first_fit(lengths: Sequence[int], free: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(row, offset) of each sample, in order, placed into the first row with room for it ((-1, -1) where
-    none has); `free` [R] (slots left in each row) is updated in place."""
+def best_fit(lengths: Sequence[int], free: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, offset) of each sample, in the order given, placed into the row with the least room that still
+    holds it (the first such row on ties; (-1, -1) where none has); `free` [R] (slots left in each row) is
+    updated in place."""
     rows = np.full(len(lengths), -1, dtype=np.int64)
     offsets = np.full(len(lengths), -1, dtype=np.int64)
     for i, n in enumerate(lengths):
         fits = np.flatnonzero(free >= n)
         if len(fits):
-            r = int(fits[0])
+            r = int(fits[np.argmin(free[fits])])
             rows[i], offsets[i] = r, seq_len - free[r]
             free[r] -= n
     return rows, offsets
@@ -65,12 +67,22 @@ class Plan:
 
 def plan_rows(pending: Sequence[int], draw: Optional[Callable[[int], torch.Tensor]], lengths: Callable, n_rows: int,
               seq_len: int, lookahead: int = 16, first_guess: Optional[float] = None) -> Plan:
-    """First-fit of `pending` (carried from the last step), then of fresh `draw(n)` ids, into `n_rows`
-    rows of `seq_len` slots. `lengths(ids)` gives each sample's slots (its label tokens). Deterministic
-    given the same pending ids and draws; nothing is dropped: a sample that does not fit is carried.
-    `draw=None`: place `pending` only."""
+    """Best-fit decreasing of `pending` (carried from the last step), then of fresh `draw(n)` ids, into `n_rows`
+    rows of `seq_len` slots. `lengths(ids)` gives each sample's slots (its label tokens). Deterministic given the
+    same pending ids and draws; nothing is dropped: a sample that fits no row is carried to the next step.
+
+    Each group is placed longest first (draw order on ties), each sample into the fullest row that still holds
+    it: first the pending samples, then fresh draws gathered until they cover the free slots and half of what
+    may still wait, drawn in chunks of at most a sample a row (one a row while no length is known, or sized
+    from `first_guess`; then from the mean length drawn), so a wrong guess overshoots by one chunk at most.
+    Drawing stops when every slot is filled, `lookahead` samples wait, or the waiting samples fill half of the
+    step's slots: the next step places its pending samples first, and longest-first placement never fails
+    while what is placed fits in half the slots of empty rows (a sample that fits no row finds every row more
+    than half full), so a carried sample trains about one step later. `draw=None`: place `pending` only."""
     free = np.full(n_rows, seq_len, dtype=np.int64)
     ids_all, len_all, row_all, off_all, carry = [], [], [], [], []
+    carried = [0]                                           # slots of the samples that fit no row
+    budget = n_rows * seq_len // 2
 
     def place(ids):
         ids = np.asarray(ids, dtype=np.int64)
@@ -79,19 +91,31 @@ def plan_rows(pending: Sequence[int], draw: Optional[Callable[[int], torch.Tenso
         lens = np.asarray(lengths(ids), dtype=np.int64)
         if (lens > seq_len).any() or (lens < 0).any():
             raise ValueError(f"sample lengths must lie in [0, {seq_len}], got {lens.max()}")
-        rows, offs = first_fit(lens.tolist(), free, seq_len)
+        order = np.argsort(-lens, kind="stable")            # longest first, draw order on ties
+        rows = np.full(len(ids), -1, dtype=np.int64)
+        offs = np.full(len(ids), -1, dtype=np.int64)
+        rows[order], offs[order] = best_fit(lens[order].tolist(), free, seq_len)
         ok = rows >= 0
         ids_all.append(ids[ok]), len_all.append(lens[ok]), row_all.append(rows[ok]), off_all.append(offs[ok])
-        carry.extend(ids[~ok].tolist())
-        seen.append(lens)
+        carry.extend(ids[~ok].tolist())                     # in the order given
+        carried[0] += int(lens[~ok].sum())
 
     seen: list = []
     place(pending)
-    while draw is not None and free.sum() > 0 and len(carry) < lookahead:
-        lens = np.concatenate(seen) if seen else np.zeros(0)
-        mean = float(lens.mean()) if len(lens) else float(first_guess or max(1.0, seq_len / 4))
-        n = max(1, math.ceil(free.sum() / max(mean, 1.0)))
-        place(draw(n).numpy())
+    while draw is not None and free.sum() > 0 and len(carry) < lookahead and carried[0] < budget:
+        target = free.sum() + (budget - carried[0]) // 2    # slots to gather, then placed together
+        got, total = [], 0
+        while total < target:
+            if seen:            # chunks of at most a sample a row, sized from the mean length seen
+                mean = max(float(np.concatenate(seen).mean()), 1.0)
+                n = int(min(n_rows, max(1, math.ceil((target - total) / mean))))
+            else:
+                n = n_rows if not first_guess else int(min(n_rows, max(1, math.ceil(target / first_guess))))
+            ids = draw(n).numpy()
+            lens = np.asarray(lengths(ids), dtype=np.int64)
+            got.append(ids), seen.append(lens)
+            total += int(lens.sum()) if len(ids) else target
+        place(np.concatenate(got))
     cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64))
     return Plan(cat(ids_all), cat(len_all), cat(row_all), cat(off_all), carry, n_rows, seq_len)
 
@@ -117,6 +141,7 @@ class Segments:
     """Index maps of a packed batch between [R, T] token slots and the per-sample [S, T] layout."""
 
     def __init__(self, segment_ids: torch.Tensor, position_ids: torch.Tensor, n: int):
+        self.ids = segment_ids
         self.valid = segment_ids >= 0
         self.seg = segment_ids[self.valid]
         self.pos = position_ids[self.valid]
@@ -132,12 +157,19 @@ class Segments:
         return cls(batch["segment_ids"], batch["position_ids"], len(batch["sample_id"]))
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
-        """[S] per-sample sums of a [R, T] tensor."""
-        return torch.zeros(self.n, dtype=x.dtype, device=x.device).index_add(0, self.seg, x[self.valid])
+        """[S, ...] per-sample sums of a [R, T, ...] tensor."""
+        out = torch.zeros((self.n, *x.shape[2:]), dtype=x.dtype, device=x.device)
+        return out.index_add(0, self.seg, x[self.valid])
 
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """[S, T]: each sample's token p at column p (0 beyond the sample), as its padded row holds it."""
-        out = torch.zeros((self.n, self.shape[-1]), dtype=x.dtype, device=x.device)
+    def width(self) -> int:
+        """Slots of the longest sample (0 without any)."""
+        return int(self.pos.max()) + 1 if self.pos.numel() else 0
+
+    def unpack(self, x: torch.Tensor, width: Optional[int] = None) -> torch.Tensor:
+        """[S, T, ...] from [R, T, ...]: each sample's token p at column p (0 beyond the sample), as its
+        padded row holds it; `width` keeps the first columns only (at least `width()`)."""
+        out = torch.zeros((self.n, self.shape[-1] if width is None else width, *x.shape[2:]), dtype=x.dtype,
+                          device=x.device)
         return out.index_put((self.seg, self.pos), x[self.valid])
 
     def pack(self, y: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,8 @@ from typing import Callable
 import torch
 
 from dataflex.grad.factored import factored_grads
-from dataflex.grad.ghost import capture, chunks
-from dataflex.grad.params import ParamSpec, PerSampleGrads, eval_mode, refuse_packed, select_params
+from dataflex.grad.ghost import assemble, batch_samples, capture, chunks
+from dataflex.grad.params import ParamSpec, PerSampleGrads, eval_mode, select_params
 from dataflex.grad.projection import SparseProjector
 from dataflex.grad.vmap import vmap_grads
 from dataflex.models.forward import default_forward
@@ -17,9 +17,9 @@ def per_sample_grads(module: torch.nn.Module, batch: dict, params: ParamSpec = "
                      projector=None, chunk_size: int = 16, forward: Callable = default_forward,
                      train_mode: bool = False) -> PerSampleGrads:
     """Per-sample gradients of the chosen parameters: exact (`grads`), or `projected` by a
-    RademacherProjector, SparseProjector or FactoredProjector; `norms` are always exact. Padded batches
-    only (one sample a row): a packed one is refused."""
-    refuse_packed(batch, "per_sample_grads")
+    RademacherProjector, SparseProjector or FactoredProjector; `norms` are always exact. One entry per
+    sample, also on a packed batch (several samples a row: per segment, see dataflex.grad.ghost and
+    `params.sample_rows`)."""
     if getattr(projector, "factored", False):
         return factored_grads(module, batch, params, projector, chunk_size, forward, train_mode)
     if isinstance(projector, SparseProjector) and projector.engine == "hooks":
@@ -34,9 +34,10 @@ def hook_projected_grads(module, batch, params, projector, chunk_size=16, forwar
     at a time ([b, numel], Book-Keeping style: one forward and one activation backward, then a
     batched outer product per layer) and projected at that parameter's offset, then dropped.
     `projector=None`: the exact gradients themselves (name -> [B, *shape])."""
-    norms, projected, grads = [], [], {}
+    norms, projected, grads, index = [], [], {}, []
     dtypes = {n: p.dtype for n, p in select_params(module, params).items()}
-    for part in chunks(batch, chunk_size):
+    for part, samples in chunks(batch, chunk_size):
+        index.append(samples)
         run = capture(module, part, params, forward, train_mode, call, lean)
         sq, out, offset = 0, 0, 0
         for name, shape in run.shapes.items():
@@ -50,6 +51,8 @@ def hook_projected_grads(module, batch, params, projector, chunk_size=16, forwar
             del g
         norms.append(sq.sqrt())
         projected.append(out)
+    n = batch_samples(batch)
     if projector is None:
-        return PerSampleGrads(torch.cat(norms), grads={n: torch.cat(v) for n, v in grads.items()})
-    return PerSampleGrads(torch.cat(norms), projected=torch.cat(projected), projector=projector.describe())
+        return PerSampleGrads(assemble(norms, index, n), grads={k: assemble(v, index, n) for k, v in grads.items()})
+    return PerSampleGrads(assemble(norms, index, n), projected=assemble(projected, index, n),
+                          projector=projector.describe())

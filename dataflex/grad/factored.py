@@ -35,7 +35,7 @@ from typing import Callable, Optional
 
 import torch
 
-from dataflex.grad.ghost import EngineRun, Factor, capture, chunks, norms_squared
+from dataflex.grad.ghost import EngineRun, Factor, assemble, batch_samples, capture, chunks, norms_squared
 from dataflex.grad.params import ParamSpec, PerSampleGrads
 from dataflex.models.forward import default_forward
 
@@ -127,7 +127,8 @@ class FactoredProjector:
             for c in parts:
                 P_row, P_col = self.matrices(name, shape, d, sides, c.cols.device)
                 rows = c.project_rows(P_row)                                     # [B, T, k_r]
-                total = total + rows.transpose(1, 2) @ (c.cols @ P_col.T)       # [B, k_r, k_c]
+                rows, cols = c.samplewise(rows), c.samplewise(c.cols @ P_col.T)  # per sample (packed rows split)
+                total = total + rows.transpose(1, 2) @ cols                     # [B, k_r, k_c]
             blocks.append(total.flatten(1)[:, :d] / math.sqrt(d))
         return torch.cat(blocks, dim=1)
 
@@ -141,12 +142,14 @@ def factored_grads(module: torch.nn.Module, batch: dict, params: ParamSpec, proj
                    call: Optional[Callable] = None, lean: bool = False) -> PerSampleGrads:
     """PerSampleGrads with `projected` [B, total] and the layout in `projector`; `norms` are the exact
     ghost norms (NaN when the projector was made with norms=False)."""
-    norms, projected, run = [], [], None
-    for part in chunks(batch, chunk_size):
+    norms, projected, index, run = [], [], [], None
+    for part, samples in chunks(batch, chunk_size):
         run = capture(module, part, params, forward, train_mode, call, lean)
         projected.append(projector.project_run(run))
         norms.append(norms_squared(run).clamp(min=0).sqrt() if projector.norms
                      else torch.full((run.batch_size,), float("nan"), device=projected[-1].device))
+        index.append(samples)
     layout = [(n, d, list(s) if s else None) for n, d, s in projector.layout(run.shapes) if d]
-    return PerSampleGrads(torch.cat(norms), projected=torch.cat(projected),
+    n = batch_samples(batch)
+    return PerSampleGrads(assemble(norms, index, n), projected=assemble(projected, index, n),
                           projector={**projector.describe(), "layout": layout, "fallback": run.fallback})

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dataflex.core.loss import per_sample_loss
-from dataflex.grad.params import ParamSpec, PerSampleGrads, eval_mode, select_params
+from dataflex.grad.params import ParamSpec, PerSampleGrads, eval_mode, sample_rows, select_params
 from dataflex.grad.vmap import vmap_grads
 from dataflex.models.forward import SAMPLE_KEYS, default_forward
 
@@ -84,6 +84,7 @@ def loop_per_sample_grads(module: nn.Module, batch: dict, params: ParamSpec = "a
     chosen are differentiated too (requires_grad is set for the call and restored)."""
 
     forward = forward or default_forward
+    batch = sample_rows(batch)          # a packed batch: each sample on its own row (exact, see sample_rows)
     chosen = select_params(module, params)
     flags = {n: p.requires_grad for n, p in chosen.items()}
     keys = [k for k in (*SAMPLE_KEYS, "attention_mask") if k in batch]

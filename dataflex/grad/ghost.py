@@ -38,7 +38,15 @@ a `HeadFactor`: rows g_t = c_t (softmax(z_t) - onehot(y_t)) in R^V, cols h_t, th
 vocabulary chunk at a time from (h, W, y, log-sum-exp), so that its ghost norm
 sum_{t,s} (g_t . g_s)(h_t . h_s), its chunked materialisation, its dots sum_t g_t^T W h_t, its
 factored projection and its Gram with a tied embedding's one-hot rows (g_s[x_t]) need no
-[B, T, V] tensor (the logits path holds the logits, their log-softmax and their gradient).
+[B, T, V] tensor (the logits path holds the logits, their log-softmax and their gradient). Packed batches take the logits path for the head.
+
+Packed batches (`segment_ids`: several samples a row, `dataflex.core.packing`): a sample is a segment, so
+L = sum_j L_j runs over segments, and every sum over t above runs over that segment's own token slots.
+Attention never crosses segments, so b_t = dL_j/dy_t for the segment j holding t, and the forward and
+backward run on the packed rows as trained. Norms take the same T x T form per row, masked to same-segment
+pairs; dots and dense contributions are per-token terms summed per segment; materialising (and the
+factored projection) lays each segment's tokens out as its own row. Results have one entry per sample
+(`sample_id` order), as for a padded batch; a sample with no token slot has a zero gradient.
 
 Randomness: by default the module runs in eval mode (dropout off), so every path and every
 chunking of the batch gives the same numbers. `train_mode=True` keeps the module's mode: the
@@ -60,7 +68,8 @@ from torch import nn
 from torch.func import functional_call
 
 from dataflex.core.lean_loss import IGNORE_INDEX, LeanOutput, chunk_shape, chunked_logsumexp, head_params
-from dataflex.core.loss import per_sample_loss
+from dataflex.core.loss import per_sample_loss, per_token_loss
+from dataflex.core.packing import Segments
 from dataflex.grad.fallback import guarded_per_sample_grads
 from dataflex.grad.params import ParamSpec, eval_mode, select_params
 from dataflex.models.forward import default_forward
@@ -81,22 +90,38 @@ def _hf_rms_norm(mod: nn.Module) -> bool:
 @dataclass
 class Factor:
     """A per-sample matrix sum_t outer(rows_t, cols_t): rows [B, T, R] (or [B, T] indices of one-hot
-    rows out of `num_rows`), cols [B, T, C], float32."""
+    rows out of `num_rows`), cols [B, T, C], float32. Packed (`seg`): B counts rows, each holding several
+    samples; sample j's sum runs over its own token slots (`seg.n` samples)."""
     rows: torch.Tensor
     cols: torch.Tensor
     num_rows: int
+    seg: Optional[Segments] = None
 
     @property
     def onehot(self) -> bool:
         return not self.rows.is_floating_point()
 
+    @property
+    def batch(self) -> int:
+        """Samples (not rows)."""
+        return self.seg.n if self.seg is not None else self.rows.shape[0]
+
+    def samplewise(self, x: torch.Tensor) -> torch.Tensor:
+        """[samples, tokens, ...] from a [B, T, ...] token tensor: each segment's tokens as its own row."""
+        return x if self.seg is None else self.seg.unpack(x, self.seg.width())
+
+    def per_sample(self, x: torch.Tensor) -> torch.Tensor:
+        """[samples, ...] sums over each sample's tokens of a [B, T, ...] per-token tensor."""
+        return token_sum(x, self.seg)
+
     def materialise(self) -> torch.Tensor:
-        B, T, C = self.cols.shape
+        rows, cols = self.samplewise(self.rows), self.samplewise(self.cols)
+        B, T, C = cols.shape
         if not self.onehot:
-            return self.rows.transpose(1, 2) @ self.cols
-        out = torch.zeros(B * self.num_rows, C, dtype=self.cols.dtype, device=self.cols.device)
-        offset = torch.arange(B, device=self.rows.device).unsqueeze(1) * self.num_rows
-        out.index_add_(0, (self.rows + offset).flatten(), self.cols.flatten(0, 1))
+            return rows.transpose(1, 2) @ cols
+        out = torch.zeros(B * self.num_rows, C, dtype=cols.dtype, device=cols.device)
+        offset = torch.arange(B, device=rows.device).unsqueeze(1) * self.num_rows
+        out.index_add_(0, (rows + offset).flatten(), cols.flatten(0, 1))
         return out.view(B, self.num_rows, C)
 
     def ghost_cost(self) -> int:
@@ -209,9 +234,20 @@ def row_gram(f: Factor, g: Factor) -> torch.Tensor:
     return f.rows.gather(2, g.rows.unsqueeze(1).expand(B, T, g.rows.shape[1]))
 
 
+def token_sum(x: torch.Tensor, seg: Optional[Segments]) -> torch.Tensor:
+    """[samples, ...]: a [B, T, ...] per-token tensor summed over each sample's tokens (its row when padded,
+    its segment when packed)."""
+    return x.sum(1) if seg is None else seg.sum(x)
+
+
 def ghost_inner(f: Factor, g: Factor) -> torch.Tensor:
-    """[B] of <F_i, G_i> = sum_{t,s} (r_t . r'_s)(c_t . c'_s)."""
-    return (row_gram(f, g) * (f.cols @ g.cols.transpose(1, 2))).sum((1, 2))
+    """[samples] of <F_i, G_i> = sum_{t,s} (r_t . r'_s)(c_t . c'_s), t and s in sample i (packed: the row's
+    T x T form masked to same-segment pairs)."""
+    both = row_gram(f, g) * (f.cols @ g.cols.transpose(1, 2))
+    if f.seg is None:
+        return both.sum((1, 2))
+    ids = f.seg.ids
+    return f.seg.sum((both * (ids.unsqueeze(2) == ids.unsqueeze(1)).to(both.dtype)).sum(2))
 
 
 @dataclass
@@ -261,23 +297,25 @@ def _flat3(t: torch.Tensor, B: int) -> torch.Tensor:
     return t.reshape(B, -1, t.shape[-1]).float()
 
 
-def _contributions(mod, roles, x, b, B) -> list:
-    """[(name, Factor | dense)] of one call of a hooked layer: input x, output gradient b."""
+def _contributions(mod, roles, x, b, B, seg: Optional[Segments] = None) -> list:
+    """[(name, Factor | dense)] of one call of a hooked layer: input x, output gradient b; B rows (packed:
+    `seg` maps their token slots to samples)."""
     out = []
     if isinstance(mod, nn.Linear):
         b = _flat3(b, B)
         if "weight" in roles:
-            out.append((roles["weight"], Factor(b, _flat3(x, B), mod.out_features)))
+            out.append((roles["weight"], Factor(b, _flat3(x, B), mod.out_features, seg)))
         if "bias" in roles:
-            out.append((roles["bias"], b.sum(1)))
+            out.append((roles["bias"], token_sum(b, seg)))
     elif isinstance(mod, nn.Embedding):
         idx = x.reshape(B, -1)
         b = _flat3(b, B)
         if mod.padding_idx is not None:                 # the padding row gets no gradient
             b = b * (idx != mod.padding_idx).unsqueeze(-1).to(b.dtype)
-        out.append((roles["weight"], Factor(idx, b, mod.num_embeddings)))
+        out.append((roles["weight"], Factor(idx, b, mod.num_embeddings, seg)))
     else:                                               # LayerNorm / RMSNorm: elementwise affine
-        shape = tuple(mod.normalized_shape) if hasattr(mod, "normalized_shape") else tuple(mod.weight.shape)
+        shape = _norm_shape(mod)
+        width = int(torch.Size(shape).numel())
         xf, bf = x.float(), b.float()
         if isinstance(mod, nn.LayerNorm):
             xhat = F.layer_norm(xf, shape, eps=mod.eps)
@@ -287,10 +325,34 @@ def _contributions(mod, roles, x, b, B) -> list:
             eps = mod.eps if mod.eps is not None else torch.finfo(x.dtype).eps
             xhat = F.rms_norm(xf, shape, eps=eps)
         if "weight" in roles:
-            out.append((roles["weight"], (bf * xhat).reshape(B, -1, *shape).sum(1).reshape(B, -1)))
+            out.append((roles["weight"], token_sum((bf * xhat).reshape(B, -1, width), seg)))
         if "bias" in roles:
-            out.append((roles["bias"], bf.reshape(B, -1, *shape).sum(1).reshape(B, -1)))
+            out.append((roles["bias"], token_sum(bf.reshape(B, -1, width), seg)))
     return out
+
+
+def _norm_shape(mod) -> tuple:
+    """The elementwise-affine shape of a norm layer (torch's LayerNorm/RMSNorm, or an HF RMSNorm that has
+    only its weight)."""
+    return tuple(mod.normalized_shape) if hasattr(mod, "normalized_shape") else tuple(mod.weight.shape)
+
+
+def _per_token(mod, x, out, B: int, T: int) -> bool:
+    """Whether a hooked call's tensors hold one entry per token slot of the B x T rows, batch first (what
+    splitting a packed row into its samples needs)."""
+    if isinstance(mod, nn.Embedding):
+        return x.numel() == B * T and x.shape[0] == B
+    width = mod.out_features if isinstance(mod, nn.Linear) else int(torch.Size(_norm_shape(mod)).numel())
+    return out.numel() == B * T * width and out.shape[0] == B
+
+
+def sample_losses(logits, batch: dict, seg: Optional[Segments] = None) -> torch.Tensor:
+    """[samples] mean loss over each sample's label tokens: its row (padded) or its segment (packed)."""
+    if seg is None:
+        return per_sample_loss(logits, batch["labels"], batch["loss_mask"])
+    token = per_token_loss(logits, batch["labels"])
+    mask = batch["loss_mask"].to(token.dtype)
+    return seg.sum(token * mask) / seg.sum(mask).clamp(min=1.0)
 
 
 def capture(module: nn.Module, batch: dict, params: ParamSpec = "all", forward: Callable = default_forward,
@@ -301,7 +363,8 @@ def capture(module: nn.Module, batch: dict, params: ParamSpec = "all", forward: 
     chunked one (`core.lean_loss`) and the head's weight gets a `HeadFactor` (no [B, T, V] tensor)."""
     chosen = select_params(module, params)
     plan, leftover = hook_plan(module, chosen)
-    B = batch["input_ids"].shape[0]
+    B, T = batch["input_ids"].shape
+    seg = Segments.of(batch)
     records, handles = [], []
     stage = getattr(call, "zero_optimization_stage", None)
     if callable(stage) and stage() == 3:           # the head's weight is a ZeRO-3 partition: the logits path
@@ -321,14 +384,14 @@ def capture(module: nn.Module, batch: dict, params: ParamSpec = "all", forward: 
         for p in frozen:                 # recorded by autograd, so that every use of it can be seen
             p.requires_grad_(True)
         with eval_mode(module, not train_mode), torch.enable_grad():
-            out = lean_forward(forward, call or module, batch) if lean else None
+            out = lean_forward(forward, call or module, batch) if lean and seg is None else None
             head_part = None
             if isinstance(out, LeanOutput):
                 out, head_part = _lean_loss(out, batch, chosen)
                 records[:] = [r for r in records if r[0] is not head_part[0]]   # HF's one-position head call
             else:
                 out = forward(call or module, batch)
-            loss = per_sample_loss(out, batch["labels"], batch["loss_mask"]).sum()
+            loss = sample_losses(out, batch, seg).sum()
             outside = outside_uses(loss, records, {n: p for n, p in chosen.items() if n in hooked})
             outs = [r[3] for r in records]
             grads = torch.autograd.grad(loss, outs, allow_unused=True) if outs and loss.requires_grad \
@@ -338,10 +401,13 @@ def capture(module: nn.Module, batch: dict, params: ParamSpec = "all", forward: 
             h.remove()
         for p in frozen:
             p.requires_grad_(False)
-    contributions = {n: [] for n in chosen}
+    contributions, unsplit = {n: [] for n in chosen}, set()
     for (mod, roles, x, y, _), g in zip(records, grads):
+        if seg is not None and not _per_token(mod, x, y, B, T):     # a packed row's call not per token slot
+            unsplit.update(roles.values())
+            continue
         g = torch.zeros_like(y) if g is None else g.detach()
-        for name, c in _contributions(mod, roles, x, g, B):
+        for name, c in _contributions(mod, roles, x, g, B, seg):
             contributions[name].append(c)
     if head_part is not None:
         for name, c in head_part[1]:
@@ -349,14 +415,14 @@ def capture(module: nn.Module, batch: dict, params: ParamSpec = "all", forward: 
     del records, grads, loss, out
     if outside:
         _warn_outside(module, outside)
-    exact_names = [n for n in chosen if n in outside or n in leftover]
+    exact_names = [n for n in chosen if n in outside or n in leftover or n in unsplit]
     if exact_names:
         exact = guarded_per_sample_grads(module, batch, [f"^{re.escape(n)}$" for n in exact_names],
                                          forward=forward, train_mode=train_mode)
         for n in exact_names:                # the exact gradient holds the hooked uses too: it replaces them
             contributions[n] = [exact.grads[n].flatten(1).float()]
-    return EngineRun(contributions, {n: _shape(p) for n, p in chosen.items()}, B, exact_names,
-                     batch["input_ids"].device)
+    return EngineRun(contributions, {n: _shape(p) for n, p in chosen.items()}, B if seg is None else seg.n,
+                     exact_names, batch["input_ids"].device)
 
 
 def _lean_loss(out: LeanOutput, batch: dict, chosen: dict) -> tuple[LeanOutput, tuple]:
@@ -443,12 +509,42 @@ def _warn_outside(module: nn.Module, names: set) -> None:
                       "gradients come from the exact path (torch.func), which materialises them", stacklevel=3)
 
 
+ROW_KEYS = ("input_ids", "labels", "loss_mask", "position_ids", "attention_mask", "segment_ids")
+
+
 def chunks(batch: dict, chunk_size: Optional[int]):
+    """(part, samples): `chunk_size` rows at a time, and the indices of the batch's samples the part holds
+    (a padded batch: its rows; a packed one: the samples with token slots in those rows, renumbered from 0)."""
     n = batch["input_ids"].shape[0]
     size = n if not chunk_size else chunk_size
-    keys = ("input_ids", "labels", "loss_mask", "position_ids", "attention_mask")
+    packed = "segment_ids" in batch
+    if packed and size >= n:
+        yield batch, torch.arange(len(batch["sample_id"]), device=batch["input_ids"].device)
+        return
     for start in range(0, n, size):
-        yield {k: batch[k][start:start + size] for k in keys if k in batch}
+        part = {k: batch[k][start:start + size] for k in ROW_KEYS if k in batch}
+        if not packed:
+            yield part, torch.arange(start, min(n, start + size), device=batch["input_ids"].device)
+            continue
+        seg = part["segment_ids"]
+        samples = torch.unique(seg[seg >= 0])                       # sorted
+        part["segment_ids"] = torch.where(seg >= 0, torch.searchsorted(samples, seg.clamp(min=0)), seg)
+        part["sample_id"] = batch["sample_id"][samples.to(batch["sample_id"].device)]
+        yield part, samples
+
+
+def assemble(results: list, indices: list, n: int) -> torch.Tensor:
+    """The chunks' per-sample results [k, ...] in the batch's sample order ([n, ...]; zeros for a sample no
+    chunk holds: a packed sample without token slots, whose gradient is zero)."""
+    if len(results) == 1 and len(indices[0]) == n:
+        return results[0]
+    first = results[0]
+    out = torch.zeros((n, *first.shape[1:]), dtype=first.dtype, device=first.device)
+    return out.index_copy(0, torch.cat(indices).to(first.device), torch.cat(results))
+
+
+def batch_samples(batch: dict) -> int:
+    return len(batch["sample_id"]) if "segment_ids" in batch else batch["input_ids"].shape[0]
 
 
 def norms_squared(run: EngineRun) -> torch.Tensor:
@@ -485,9 +581,11 @@ def per_sample_grad_norms(module: nn.Module, batch: dict, params: ParamSpec = "a
                           forward: Callable = default_forward, chunk_size: Optional[int] = None,
                           train_mode: bool = False, call: Optional[Callable] = None, lean: bool = False) -> torch.Tensor:
     """[B] exact L2 norms of each sample's gradient over the chosen parameters (float32); `lean`: see `capture`."""
-    parts = [norms_squared(capture(module, c, params, forward, train_mode, call, lean))
-             for c in chunks(batch, chunk_size)]
-    return torch.cat(parts).clamp(min=0).sqrt()
+    parts, index = [], []
+    for part, samples in chunks(batch, chunk_size):
+        parts.append(norms_squared(capture(module, part, params, forward, train_mode, call, lean)))
+        index.append(samples)
+    return assemble(parts, index, batch_samples(batch)).clamp(min=0).sqrt()
 
 
 Target = Union[dict, torch.Tensor]
@@ -523,15 +621,15 @@ def dots(run: EngineRun, target: dict) -> torch.Tensor:
                 total = total + c @ t.T
                 continue
             W = t.view(K, c.num_rows, -1)
-            if K > 1 and c.rows.shape[0] * c.num_rows * c.cols.shape[2] <= 2 ** 26:
+            if K > 1 and c.batch * c.num_rows * c.cols.shape[2] <= 2 ** 26:
                 total = total + c.materialise().flatten(1) @ t.T
             elif c.onehot:
-                total = total + torch.stack([(W[k][c.rows] * c.cols).sum((1, 2)) for k in range(K)], 1)
-            elif isinstance(c, HeadFactor):          # sum_t g_t^T W h_t, a vocabulary chunk at a time
+                total = total + torch.stack([c.per_sample((W[k][c.rows] * c.cols).sum(2)) for k in range(K)], 1)
+            elif isinstance(c, HeadFactor):          # sum_t g_t^T W h_t, a vocabulary chunk at a time (padded rows)
                 for v0, v1, r in c.row_chunks():
                     total = total + torch.stack([((r @ W[k][v0:v1]) * c.cols).sum((1, 2)) for k in range(K)], 1)
             else:
-                total = total + torch.stack([((c.rows @ W[k]) * c.cols).sum((1, 2)) for k in range(K)], 1)
+                total = total + torch.stack([c.per_sample(((c.rows @ W[k]) * c.cols).sum(2)) for k in range(K)], 1)
     return total
 
 
@@ -544,9 +642,11 @@ def per_sample_grad_dots(module: nn.Module, batch: dict, target: Target, params:
     `lean`: see `capture`."""
     shapes = {n: _shape(p) for n, p in select_params(module, params).items()}
     split, multi = split_target(target, shapes)
-    parts = [dots(capture(module, c, params, forward, train_mode, call, lean), split)
-             for c in chunks(batch, chunk_size)]
-    out = torch.cat(parts)
+    parts, index = [], []
+    for part, samples in chunks(batch, chunk_size):
+        parts.append(dots(capture(module, part, params, forward, train_mode, call, lean), split))
+        index.append(samples)
+    out = assemble(parts, index, batch_samples(batch))
     return out if multi else out[:, 0]
 
 
@@ -557,7 +657,7 @@ def batch_grad(module: nn.Module, batch: dict, params: ParamSpec = "all", forwar
     chosen = {n: p.detach().requires_grad_() for n, p in select_params(module, params).items()}
     with eval_mode(module, not train_mode), torch.enable_grad():
         call = lambda *a, **kw: functional_call(module, chosen, a, kw)  # noqa: E731
-        losses = per_sample_loss(forward(call, batch), batch["labels"], batch["loss_mask"])
+        losses = sample_losses(forward(call, batch), batch, Segments.of(batch))
         loss = losses.mean() if reduction == "mean" else losses.sum()
         grads = torch.autograd.grad(loss, list(chosen.values()), allow_unused=True)
     return {n: (torch.zeros_like(p) if g is None else g.detach()) for (n, p), g in zip(chosen.items(), grads)}

@@ -154,7 +154,6 @@ class TorchInterface:
 
     def per_sample_grads(self, batch: dict, params: ParamSpec = "all", projector=None, chunk_size: int = 16,
                          train_mode: bool = False) -> PerSampleGrads:
-        refuse_packed(batch, "per_sample_grads")
         batch = self.to_device(batch)
         if getattr(projector, "factored", False):
             return factored_grads(self.module, batch, params, projector, chunk_size, self.forward, train_mode,
@@ -174,7 +173,6 @@ class TorchInterface:
     def per_sample_grad_norms(self, batch: dict, params: ParamSpec = "all", chunk_size: Optional[int] = None,
                               train_mode: bool = False) -> torch.Tensor:
         """[B] exact per-sample gradient norms over the chosen parameters, float32."""
-        refuse_packed(batch, "per_sample_grad_norms")
         batch = self.to_device(batch)
         return ghost.per_sample_grad_norms(self.module, batch, params, self.forward, chunk_size, train_mode,
                                            self._hook_call(), self.lean)
@@ -183,7 +181,6 @@ class TorchInterface:
                              train_mode: bool = False) -> torch.Tensor:
         """<g_i, target>: [B] for one target, [B, K] for K; `target` is name -> tensor or a flat
         vector in the order of select_params (see dataflex.grad.ghost.per_sample_grad_dots)."""
-        refuse_packed(batch, "per_sample_grad_dots")
         device = self.device
         batch, target = to_device(batch, device), target_to_device(target, device)
         return ghost.per_sample_grad_dots(self.module, batch, target, params, self.forward, chunk_size, train_mode,
@@ -191,7 +188,6 @@ class TorchInterface:
 
     def batch_grad(self, batch: dict, params: ParamSpec = "all", reduction: str = "mean") -> dict:
         """name -> gradient of the batch's mean (or summed) per-sample loss: a target for dots."""
-        refuse_packed(batch, "batch_grad")
         batch = self.to_device(batch)
         return ghost.batch_grad(self.module, batch, params, self.forward, reduction)
 

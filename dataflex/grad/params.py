@@ -11,6 +11,9 @@ parameter at a time (`engine="vmap"`: from vmap, chunk by chunk), so memory stay
 `FactoredProjector` never materialises a per-sample gradient (`dataflex.grad.factored`: one forward
 and one backward of the batch).
 
+Packed batches (several samples a row) give one result per sample, computed per segment: the hook engine
+on the packed rows (`dataflex.grad.ghost`), the exact paths on each sample's own row (`sample_rows`).
+
 Randomness: by default the module runs in eval mode for the call (dropout off: the same numbers
 for every chunking and every path). `train_mode=True` keeps the module's mode; vmap then draws
 each sample's own dropout mask (`randomness="different"`), as a batched step would, but not the
@@ -24,6 +27,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
+
+from dataflex.core.packing import Segments
 
 ParamSpec = Union[str, Sequence[str]]
 
@@ -83,9 +88,26 @@ class PerSampleGrads:
 
 
 def refuse_packed(batch: dict, what: str) -> None:
-    """Gradient signals run on padded batches (one sample a row: `Signals` builds them from sample ids);
-    a packed training batch (`segment_ids`) would mix the samples of a row into one gradient."""
+    """Probes run on padded batches (one sample a row: `Signals` builds them from sample ids); gradient
+    signals take packed ones too (per segment)."""
     if "segment_ids" in batch:
-        raise ValueError(f"{what}: this batch is packed (several samples a row); per-sample gradients are computed "
-                         "on padded batches, one sample a row: pass MixtureDataset.batch(sample_ids) (what "
-                         "state.signals does), not the packed training batch")
+        raise ValueError(f"{what}: this batch is packed (several samples a row); probes run on padded batches, one "
+                         "sample a row: pass MixtureDataset.batch(sample_ids) (what state.signals does), not the "
+                         "packed training batch")
+
+
+def sample_rows(batch: dict) -> dict:
+    """One sample a row: a padded batch as it is; a packed one (`segment_ids`, dataflex.core.packing) with each
+    sample's token slots as its own row, token p at column p and positions 0, 1, ..., as its padded row
+    holds them, cut to the longest sample. Attention never crosses samples in a packed row and positions
+    restart at each, so a sample's loss, and its gradient, are the same in both layouts: the exact
+    per-sample paths (torch.func's vmap, the loop) run each sample on its own row of L <= T columns
+    rather than each on a whole packed row."""
+    if "segment_ids" not in batch:
+        return batch
+    seg = Segments.of(batch)
+    width = max(seg.width(), 1)
+    out = {k: seg.unpack(batch[k], width) for k in ("input_ids", "labels", "loss_mask")}
+    out["position_ids"] = torch.arange(width, device=batch["input_ids"].device).expand(seg.n, width).contiguous()
+    out.update({k: batch[k] for k in ("sample_id", "domain") if k in batch})
+    return out

@@ -5,12 +5,13 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from dataflex.core.loss import per_sample_loss
-from dataflex.grad.params import PerSampleGrads, select_params
+from dataflex.grad.params import PerSampleGrads, sample_rows, select_params
 from dataflex.grad.projection import SparseProjector
 from dataflex.models.forward import SAMPLE_KEYS
 
 
 def vmap_grads(module, batch, params, projector, chunk_size, forward, train_mode) -> PerSampleGrads:
+    batch = sample_rows(batch)          # a packed batch: each sample on its own row (exact, see sample_rows)
     chosen = select_params(module, params)
     trainable = {n: p.detach() for n, p in chosen.items()}
     fixed = {n: p.detach() for n, p in module.named_parameters() if n not in trainable}

@@ -9,7 +9,7 @@
         record = flex.end_step()                   # metrics and ledger rows of the step
 
 `packing=True`: each step fills `global_batch_size` rows of seq_len token slots with several samples
-back to back (dataflex.core.packing: first-fit, position ids restarting at each sample, what does not
+back to back (dataflex.core.packing: best-fit decreasing, position ids restarting at each sample, what does not
 fit waits in the sampler's state for the next step). Every per-sample signal stays per sample.
 """
 from __future__ import annotations
@@ -120,7 +120,7 @@ class DataFlex:
         return batch
 
     def _next_packed(self, selector) -> dict:
-        """The packed step: samples waiting from the last step first, then fresh draws, first-fit into
+        """The packed step: samples waiting from the last step first, then fresh draws, best-fit decreasing into
         `global_batch_size` rows. With a selector, the fresh samples that would fill the rows set how many
         it keeps (k), its candidates are those k and (candidate_factor - 1) k more draws, and the kept ones
         are packed after the waiting ones; kept samples that do not fit wait for the next step."""
