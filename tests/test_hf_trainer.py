@@ -278,3 +278,34 @@ def test_two_ranks_under_torchrun_equal_one_process(tmp_path):
     la, lb = pd.read_parquet(tmp_path / "one" / "ledger"), pd.read_parquet(tmp_path / "two" / "ledger")
     assert (la.sample_id.values == lb.sample_id.values).all() and set(lb["rank"]) == {0, 1}
     torch.testing.assert_close(torch.tensor(la.weight.values), torch.tensor(lb.weight.values), rtol=1e-4, atol=1e-6)
+
+
+def test_a_reloaded_adapter_in_inference_mode_is_named(tmp_path):
+    """PeftModel.from_pretrained loads adapters frozen: DataFlexTrainer says to load them with is_trainable=True
+    (or to score them by name with params="lora"), and per-sample signals over "trainable" say the same; the
+    adapters scored by name work as they are."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from test_hf import tiny_model
+
+    from conftest import synthetic_domains
+
+    from dataflex.grad.interface import TorchInterface
+    from dataflex.utils.errors import UserError
+
+    get_peft_model(tiny_model("llama", vocab=64, seed=2), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])) \
+        .save_pretrained(tmp_path / "adapter")
+    frozen = PeftModel.from_pretrained(tiny_model("llama", vocab=64, seed=2), tmp_path / "adapter")
+    assert not any(p.requires_grad for p in frozen.parameters())
+    flex = dataflex.DataFlex(synthetic_domains(16), global_batch_size=8, seed=0)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True,
+                             per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True)
+    with pytest.raises(UserError, match=r"is_trainable=True.*params=\"lora\""):
+        DataFlexTrainer(model=frozen, args=args, flex=flex)
+    batch = flex.data.batch(torch.arange(4))
+    with pytest.raises(ValueError, match="is_trainable=True"):
+        TorchInterface(frozen).per_sample_grad_norms(batch, params="trainable")
+    norms = TorchInterface(frozen).per_sample_grad_norms(batch, params="lora")
+    assert norms.shape == (4,) and bool((norms > 0).all())
+    trainable = PeftModel.from_pretrained(tiny_model("llama", vocab=64, seed=2), tmp_path / "adapter",
+                                          is_trainable=True)
+    DataFlexTrainer(model=trainable, args=args, flex=flex)      # accepted

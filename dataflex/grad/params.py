@@ -56,9 +56,23 @@ def select_params(module: torch.nn.Module, params: ParamSpec = "all") -> dict:
     else:
         regexes = [re.compile(r"lora_" if p == "lora" else p) for p in patterns]
         chosen = {n: p for n, p in named.items() if any(r.search(n) for r in regexes)}
+    if not chosen and patterns == ["trainable"] and named:
+        raise ValueError(frozen_message(module))
     if not chosen:
         raise ValueError(f"no parameter matches {patterns!r}; parameters look like: {list(named)[:6]}")
     return chosen
+
+
+def frozen_message(module: torch.nn.Module) -> str:
+    """What to say when nothing requires grad: a peft adapter reloaded with `PeftModel.from_pretrained`
+    is frozen (inference mode) unless it was loaded with `is_trainable=True`."""
+    if hasattr(module, "peft_config"):
+        return ("no parameter requires grad: this peft model's adapters are frozen (PeftModel.from_pretrained "
+                "loads them for inference). To train them, load with PeftModel.from_pretrained(base, path, "
+                "is_trainable=True); to score them without training, pass params=\"lora\" (the adapters by "
+                "name, frozen or not)")
+    return ("no parameter requires grad (every parameter is frozen): unfreeze what should train, or name the "
+            "parameters to score (params=\"all\", \"lora\", a regular expression)")
 
 
 @dataclass

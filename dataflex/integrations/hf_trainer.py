@@ -58,6 +58,7 @@ from dataflex.core.loss import per_token_loss, reduce_loss
 from dataflex.data.mixture import MixtureDataset
 from dataflex.data.provenance import sample_table
 from dataflex.grad.interface import TorchInterface
+from dataflex.grad.params import frozen_message
 from dataflex.models.hf import forward_for
 from dataflex.models.lean import lean_forward
 from dataflex.run.outputs import RunOutputs, flatten_for_wandb, truncate_run
@@ -186,6 +187,9 @@ class DataFlexTrainerMixin:
         self.flex_lean_loss = lean_loss     # the loss from hidden states + lm_head, no logits (dataflex.core.lean_loss)
         if as_eval_set(kwargs.get("eval_dataset")) is not None:
             kwargs["eval_dataset"] = as_eval_set(kwargs["eval_dataset"])
+        model = kwargs.get("model", args[0] if args else None)
+        if isinstance(model, torch.nn.Module) and not any(p.requires_grad for p in model.parameters()):
+            raise UserError(f"{type(self).__name__}: {frozen_message(model)}")      # a reloaded adapter
         super().__init__(*args, **kwargs)
         self.flex = flex = self._flex_session(flex)
         if self.args.max_steps is None or self.args.max_steps <= 0:
