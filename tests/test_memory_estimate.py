@@ -18,8 +18,10 @@ from dataflex.run.memory import (
 
 PY, TRAIN = sys.executable, str(ROOT / "launch" / "train.py")
 
-# one training step of a TinyGPT in a fresh process: the rise of its peak resident memory (ru_maxrss) over
-# what it held before the step (the weights, the batch)
+# one training step of a TinyGPT in a fresh process: the rise of its peak anonymous resident memory (RssAnon,
+# sampled every 0.5 ms during the step) over what it held before the step (the weights, the batch). Not
+# ru_maxrss: that counts file-backed pages (torch's code) too, which a loaded machine's page cache evicts
+# and the step faults back in (it measured 640-706 MiB where the step adds ~300 inside a busy test run)
 MEASURE = r"""
 import json, resource, sys, torch, torch.nn.functional as F
 torch.set_num_threads(1)
@@ -31,9 +33,17 @@ m = TinyGPT(vocab_size=V, seq_len=T, d_model=H, n_layers=L, n_heads=4)
 opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
 ids, labels = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
 pos = (torch.arange(T) % (T // 4)).expand(B, T).contiguous() if packed else None    # four samples a row
-def rss():
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
-before = rss()
+import threading, time
+def anon():     # anonymous resident memory only: file-backed pages (torch's code) come and go with the page cache
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("RssAnon"))
+peak, done = [0], threading.Event()
+def watch():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.0005)
+before = anon()
+watcher = threading.Thread(target=watch, daemon=True)
+watcher.start()
 out = m(ids, position_ids=pos, lean=bool(lean))
 if lean:
     loss = linear_cross_entropy(out.hidden, out.head, labels).mean()
@@ -41,7 +51,9 @@ else:
     loss = F.cross_entropy(out.float().view(-1, V), labels.view(-1), reduction="none").mean()
 loss.backward()
 opt.step()
-print(json.dumps({"rise": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before}))
+done.set()
+watcher.join()
+print(json.dumps({"rise": max(peak[0], anon()) - before}))
 """
 
 
@@ -70,7 +82,6 @@ def test_hf_parameters_counted_from_config_json():
         assert hf_shape(config.to_dict()).params == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.slow     # a measurement: 300-310 MiB measured alone and 8 at once, but 706 MiB once inside the full suite
 @pytest.mark.parametrize("B,T,H,L,V,lean,packed", [
     (8, 1024, 128, 2, 2048, True, True),       # the default path: lean loss, packed rows (T^2 mask and scores)
     (8, 512, 64, 2, 8192, False, False),       # trainer.lean_loss=false: the full logits dominate
@@ -82,7 +93,7 @@ def test_estimate_against_the_measured_peak(B, T, H, L, V, lean, packed):
     est = estimate(tinygpt_shape(V, T, H, L, 4), T, B, packing=packed, lean=lean, device="cpu")
     step = est.grads + est.optimizer + est.activations + est.loss
     assert rise > 100 << 20               # large enough to measure
-    assert 0.75 * rise <= step <= 2.0 * rise, (step / 2**20, rise / 2**20)   # 0.99x and 1.02x measured
+    assert 0.75 * rise <= step <= 2.0 * rise, (step / 2**20, rise / 2**20)   # 1.02-1.07x and 1.05x of the measured rise (RssAnon)
 
 
 def test_estimate_grows_with_what_matters():
