@@ -123,8 +123,9 @@ def one_thread():
 
 def leave_spawned_group() -> None:
     """The end of an `mp.spawn` rank: ranks meet, the group is destroyed, and the process leaves without the
-    interpreter's teardown. After a step raised on every rank, that teardown aborted in gloo's threads ("terminate called without an active exception") in about 1 exit in 20 on 2
-    CPU ranks, though the group was destroyed; with this exit, 0 in 60 (tests/test_session.py)."""
+    interpreter's teardown. After a step raised on every rank, that teardown aborted in gloo's threads
+    ("terminate called without an active exception") in about 1 exit in 20 on 2 CPU ranks, though the group
+    was destroyed; with this exit, 0 in 60 (tests/test_session.py)."""
     import os
     import sys
 

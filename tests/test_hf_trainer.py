@@ -19,12 +19,7 @@ from dataflex.selectors import LossSelector  # noqa: E402
 from dataflex.utils.safeload import load_weights_only  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def args(tmp_path, **kw):

@@ -104,23 +104,33 @@ def test_a_second_run_into_a_running_folder_is_refused(tmp_path):
     assert proc.returncode == 143, proc.stderr[-3000:]
 
 
+def start_two_ranks(run_dir: Path) -> subprocess.Popen:
+    """A `trainer.nprocs=2` run of 2000 steps started as a user starts it (no launcher variables inherited),
+    returned once it has written its first metrics."""
+    env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="0")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DATAFLEX_FAULT",
+                "DATAFLEX_RUN_LOCK", "DATAFLEX_LAUNCHER_PID"):
+        env.pop(var, None)
+    proc = subprocess.Popen([PY, TRAIN, *COMMON, "trainer.nprocs=2", "trainer.max_steps=2000",
+                             "trainer.eval_every=1000", f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run_dir / "metrics.jsonl").exists():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("the job did not start")
+        time.sleep(0.5)
+    return proc
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_of_two_ranks_stops_all_of_them(tmp_path):
     """`trainer.nprocs=2`: SIGTERM to the process the user started reaches both ranks, which agree on a
     step, checkpoint and stop; the launcher exits 143 and no process of the job is left within 30 s."""
     run_dir = tmp_path / "run"
-    env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="0")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DATAFLEX_FAULT",
-                "DATAFLEX_RUN_LOCK"):
-        env.pop(var, None)
-    proc = subprocess.Popen([PY, TRAIN, *COMMON, "trainer.nprocs=2", "trainer.max_steps=2000",
-                             "trainer.eval_every=1000", f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_two_ranks(run_dir)
     try:
-        deadline = time.time() + 300
-        while not (run_dir / "metrics.jsonl").exists():
-            assert proc.poll() is None and time.time() < deadline, "the job did not start"
-            time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 143
     finally:
@@ -144,18 +154,8 @@ def test_kill_9_of_the_launcher_of_two_ranks_leaves_no_process(tmp_path):
     ranks notice their launcher is gone and stop (politely: the ledger and summary.json are written), and no
     process of the job is left 30 s later."""
     run_dir = tmp_path / "run"
-    env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="0")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DATAFLEX_FAULT",
-                "DATAFLEX_RUN_LOCK", "DATAFLEX_LAUNCHER_PID"):
-        env.pop(var, None)
-    proc = subprocess.Popen([PY, TRAIN, *COMMON, "trainer.nprocs=2", "trainer.max_steps=2000",
-                             "trainer.eval_every=1000", f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_two_ranks(run_dir)
     try:
-        deadline = time.time() + 300
-        while not (run_dir / "metrics.jsonl").exists():
-            assert proc.poll() is None and time.time() < deadline, "the job did not start"
-            time.sleep(0.5)
         assert subprocess.run(["pgrep", "-f", f"hydra.run.dir={run_dir}"], capture_output=True,
                               text=True).stdout.split().__len__() >= 3     # the launcher and two ranks
         proc.kill()

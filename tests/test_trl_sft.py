@@ -29,12 +29,7 @@ TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant
             "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
