@@ -83,13 +83,21 @@ def run(folder, domains, steps=6, crash=None, resume=None, **kw):
                              plugins=[BanditMixer(), LossReweighter(burnout_steps=0), LossSelector(keep_fraction=0.5)])
     trainer = DataFlexTrainer(model=model, flex=flex, args=args(folder, max_steps=steps, save_strategy="steps",
                                                                 save_steps=3, **kw))
+    if not train_or_crash(trainer, crash, resume):
+        return None
+    return trainer, model, flex
+
+
+def train_or_crash(trainer, crash=None, resume=None) -> bool:
+    """Train (resuming from `resume`), or crash at optimizer step `crash` (after Trainer saved what it saves):
+    whether it trained to the end."""
     if crash:
         trainer.add_callback(CrashAt(crash))
         with pytest.raises(Crash):
             trainer.train()
-        return None
+        return False
     trainer.train(resume_from_checkpoint=resume)
-    return trainer, model, flex
+    return True
 
 
 def records(folder):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 from test_hf import tiny_model, train_bpe  # noqa: E402
-from test_hf_trainer import Crash, CrashAt  # noqa: E402
+from test_hf_trainer import train_or_crash  # noqa: E402
 
 import datasets  # noqa: E402
 from trl import SFTConfig  # noqa: E402  (required, in the hf extra: a broken install fails here, never skips)
@@ -132,13 +132,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tok):
     def run(folder, crash=None, resume=None):
         trainer = make(tok, folder, [BanditMixer(), LossReweighter(burnout_steps=0)], steps=4,
                        save_strategy="steps", save_steps=2)
-        if crash:
-            trainer.add_callback(CrashAt(crash))
-            with pytest.raises(Crash):
-                trainer.train()
-            return None
-        trainer.train(resume_from_checkpoint=resume)
-        return trainer
+        return trainer if train_or_crash(trainer, crash, resume) else None
 
     a = run(tmp_path / "a")
     run(tmp_path / "b", crash=3)
