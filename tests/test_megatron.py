@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import megatron.core  # noqa: E402,F401  (required: a broken install fails here, never skips)
-from test_launch import FAST, ROOT, check_outputs, run  # noqa: E402
+from test_launch import FAST, check_outputs, run  # noqa: E402
 
 from dataflex.core.loss import LossWrapper, per_sample_loss  # noqa: E402
 from dataflex.models.tiny_gpt import TinyGPT  # noqa: E402
