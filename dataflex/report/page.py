@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from dataflex.report import plots
-from dataflex.report.runs import Strategy
+from dataflex.report.runs import Strategy, cost_mismatch
 from dataflex.report.stats import (
     LEVEL,
     NAN,
@@ -20,7 +20,6 @@ from dataflex.report.stats import (
     StrategyStats,
     best_dynamic,
     comparison_level,
-    cost_mismatch,
     domains_of,
     mean_std,
     metric_names,
@@ -189,7 +188,7 @@ def loss_table(stats: list, domains: list, baseline: str) -> str:
 
 def cost_table(stats: list, ref: Reference, with_time: bool = True) -> str:
     """Steps and tokens to the baseline's final loss; wall time, s/step and overhead only when `with_time`
-    (the runs were made alike: `stats.cost_mismatch` is empty)."""
+    (the runs were made alike: `runs.cost_mismatch` is empty)."""
     header = ["strategy", "steps to baseline's final (seeds)", "x baseline steps", "tokens to baseline's final"]
     header += ["wall time s", "s / step", "overhead / step"] if with_time else []
     rows = []

@@ -202,3 +202,27 @@ def pick_baseline(strategies: list, label: Optional[str] = None) -> Strategy:
         if found:
             return found[0]
     return strategies[0]
+
+
+COST_KEYS = (("logger", "name"), ("backend", "name"), ("trainer", "nprocs"), ("trainer", "eval_every"),
+             ("trainer", "max_val_samples"), ("trainer", "global_batch_size"), ("model", "seq_len"))
+
+
+def cost_mismatch(strategies: list) -> list:
+    """What makes the runs' wall times incomparable: ["logger.name: wandb vs none", ...] over every run's
+    config (a logger that uploads, evaluations more often, another back end or rank count all cost time
+    that is not the strategy's), plus runs made on different machines (summary.json's `host`, where
+    recorded). Empty when the runs were made alike."""
+    seen: dict = {}
+    for s in strategies:
+        for r in s.runs:
+            for section, key in COST_KEYS:
+                part = r.config.get(section)
+                value = part.get(key) if isinstance(part, dict) else None
+                seen.setdefault(f"{section}.{key}", set()).add(json_key(value))
+            seen.setdefault("host", set()).add(json_key(r.summary.get("host")))
+    return [f"{k}: {' vs '.join(sorted(v))}" for k, v in seen.items() if len(v) > 1]
+
+
+def json_key(value) -> str:
+    return "unset" if value is None else str(value)
