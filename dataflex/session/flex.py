@@ -20,7 +20,7 @@ import torch
 
 from dataflex.core.events import Event
 from dataflex.core.loss import LossWrapper
-from dataflex.core.packing import plan_rows
+from dataflex.core.packing import Segments, plan_rows
 from dataflex.core.plugin import Engine, Plugin
 from dataflex.core.sampler import DataAwareSampler
 from dataflex.core.state import DataState, per_domain_mean
@@ -161,7 +161,9 @@ class DataFlex:
         self._plan = plan
         r0, r1, a, b = plan.rank_bounds(self.rank, self.world_size)
         self._share = (a, b)
-        return self.data.packed_batch(plan.ids[a:b], plan.rows[a:b], plan.offsets[a:b], r1 - r0, r0)
+        batch = self.data.packed_batch(plan.ids[a:b], plan.rows[a:b], plan.offsets[a:b], r1 - r0, r0)
+        self._micro = MicroBatches(Segments.of(batch).sum(batch["loss_mask"]), r1 - r0)   # per sample, and the rows
+        return batch
 
     def _mine(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's share of a per-sample tensor of the global batch (its rows' samples when packed)."""
