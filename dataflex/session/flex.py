@@ -39,7 +39,8 @@ class DataFlex:
                  seed: int = 0, rank: Optional[int] = None, world_size: Optional[int] = None,
                  initial_weights: str = "size", probe_batch_size: int = 64, check_ranks_every: int = 0,
                  loss_reduction: str = "token", datasets: Optional[dict] = None, optimizer=None,
-                 nonfinite: str = "drop", tokenizer=None, packing: bool = False, pack_lookahead: int = 16):
+                 nonfinite: str = "drop", tokenizer=None, packing: bool = False, pack_lookahead: int = 16,
+                 pack_probes: Optional[bool] = None):
         self.optimizer = optimizer      # the training optimizer, read (never stepped) by Signals.optimizer_state
         self.tokenizer = tokenizer      # the run's tokenizer: plugins that read text (embedding selectors) decode with it
         self.data = train if isinstance(train, MixtureDataset) else MixtureDataset(train)
@@ -61,6 +62,7 @@ class DataFlex:
         self.datasets = {k: as_mixture(k, v) for k, v in (datasets or {}).items() if v is not None}
         self._needs_tokens = any(getattr(p, "needs_token_losses", False) for p in self.engine.plugins)
         self.packing, self.pack_lookahead = bool(packing), int(pack_lookahead)
+        self.pack_probes = self.packing if pack_probes is None else bool(pack_probes)   # Signals' probes packed
         self._token_totals = {"tokens": 0.0, "domain": [0.0] * len(sizes), "expected": [0.0] * len(sizes)}
         self.loss.token_signal = self._needs_tokens     # packed batches unpack token losses only when read
         self._plan, self._share = None, None
