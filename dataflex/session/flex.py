@@ -100,6 +100,8 @@ class DataFlex:
             and self.engine.of("mixer") is None
         if s.domain_weights is not None or masks:
             self.sampler.set_pool(s.domain_weights, masks, proportional=follow_pool, unit=s.weight_unit)
+            if self.sampler.withdrawn:    # waiting samples the new pool excludes: never trained, counted here
+                s.metrics["pack/withdrawn"] = len(self.sampler.withdrawn)
         s.domain_weights, s.weight_unit = self.sampler.target, self.sampler.unit     # in the mixer's unit
         s.draw_probabilities = self.sampler.weights                                 # per drawn sample
         selector = self.engine.of("selector")
