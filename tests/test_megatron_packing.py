@@ -97,6 +97,12 @@ def test_micro_batches_of_packed_rows_hold_their_own_samples():
         assert seg.min() == 0 and seg.max() == len(p["sample_id"]) - 1
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_transformer_engine_without_cuda_is_refused_with_the_way_out(megatron_backend):
+    with pytest.raises(ValueError, match="transformer_engine=true needs CUDA.*leave it false"):
+        megatron_backend(transformer_engine=True)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="THD packed sequences need CUDA")
 def test_thd_packed_sequences_equal_padded_on_cuda(megatron_backend):
     pytest.importorskip("transformer_engine")
