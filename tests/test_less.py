@@ -301,9 +301,46 @@ def test_domain_masked_to_nothing_comes_back():
     assert (domains == 1).any()
 
 
+# -- packed rows ----------------------------------------------------------------------------------------
+def test_packed_warmup_counts_token_epochs_and_withdraws_waiting_warmup_samples():
+    """Under packing the warm-up's epochs count the pool's label tokens (a step trains rows x seq_len slots);
+    samples drawn in the warm-up that wait for a row when the selection lands are withdrawn (counted, never
+    trained), so from the selection on only kept samples train; every warm-up draw is trained or withdrawn."""
+    from test_packing import SEQ, VOCAB, ragged_domains
+
+    from dataflex.models.tiny_gpt import TinyGPT
+    model = TinyGPT(vocab_size=VOCAB, seq_len=SEQ, d_model=32, n_layers=2, n_heads=4, lora_rank=4, seed=0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, betas=BETAS)
+    plugin = LessSelector(target="short", warmup_fraction=0.5, warmup_epochs=2, num_checkpoints=2,
+                          keep_fraction=0.2, dim=256, target_samples=4, progress=False)
+    data = MixtureDataset(ragged_domains())
+    flex = DataFlex(data, global_batch_size=4, plugins=[plugin], interface=TorchInterface(model), optimizer=opt,
+                    packing=True, pack_lookahead=8)
+    trained, records, pending, pool = [], [], [], None
+    while plugin.phase != "selected" or flex.step < plugin.warmup_steps + 3:
+        pending.append(list(flex.sampler.pending))
+        b, r = step(flex, model, opt)
+        trained.append(b["sample_id"].tolist())
+        records.append(r)
+        if pool is None:                                    # the warm-up pool, as the sampler holds it
+            pool = torch.cat([off + torch.nonzero(flex.sampler.keep_mask(d)).flatten()
+                              for d, off in enumerate(flex.sampler.offsets)])
+    tokens = int(data.lengths(pool).sum())
+    assert plugin.warmup_steps == -(-2 * tokens // (4 * SEQ)) and plugin.warmup_steps < len(pool) // 2
+    w = plugin.warmup_steps
+    kept = set(plugin.kept_ids.tolist())
+    waiting = pending[w]                                    # drawn in the warm-up, waiting when it ends
+    withdrawn = [i for i in waiting if i not in kept]
+    assert withdrawn, "the run should end its warm-up with samples waiting outside the kept pool"
+    assert records[w].get("pack/withdrawn") == len(withdrawn)
+    assert all(set(ids) <= kept for ids in trained[w:])
+    assert set(i for ids in trained[:w] for i in ids) <= set(pool.tolist())
+
+
 # -- the one command -------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_launch_less_trains_on_kept_samples_after_warmup(tmp_path, monkeypatch):
+@pytest.mark.parametrize("packing", [False, True])
+def test_launch_less_trains_on_kept_samples_after_warmup(tmp_path, monkeypatch, packing):
     import sys
 
     from test_launch import FAST, ROOT, run
@@ -311,15 +348,20 @@ def test_launch_less_trains_on_kept_samples_after_warmup(tmp_path, monkeypatch):
     args = [a for a in FAST if not a.startswith("trainer.max_steps")]
     run([sys.executable, str(ROOT / "launch" / "train.py"), "backend=torch", "logger=none", "+selector=less",
          "selector.target=math", "selector.warmup_steps=4", "selector.num_checkpoints=2", "selector.dim=256",
-         "selector.keep_fraction=0.05", "model.lora_rank=4", "trainer.max_steps=7", "trainer.packing=false", *args,
-         f"hydra.run.dir={tmp_path}"])
+         "selector.keep_fraction=0.05", "model.lora_rank=4", "trainer.max_steps=7",
+         f"trainer.packing={str(packing).lower()}", *args, f"hydra.run.dir={tmp_path}"])
     sel = json.loads((tmp_path / "less_selection.json").read_text())
     ledger = pd.read_parquet(tmp_path / "ledger")
     kept = set(sel["sample_ids"])
     after = ledger[ledger.selected & (ledger.step >= 4)]
-    assert len(after) == 3 * 8 and set(after.sample_id) <= kept
     warm = ledger[ledger.selected & (ledger.step < 4)]
-    assert len(warm) == 4 * 8 and not set(warm.sample_id) <= kept
+    assert set(after.sample_id) <= kept and not set(warm.sample_id) <= kept   # no warm-up sample waits past it
+    if packing:      # every row of every step used, each sample once a step
+        assert after.groupby("step")["row"].nunique().tolist() == [8] * 3
+        assert warm.groupby("step")["row"].nunique().tolist() == [8] * 4
+        assert not ledger[ledger.selected].duplicated(["step", "sample_id"]).any()
+    else:
+        assert len(after) == 3 * 8 and len(warm) == 4 * 8
     assert sel["checkpoint_steps"] == [2, 4] and sel["subtasks"] == ["math"]
     counts = sel["kept_per_domain"]
     assert sum(counts.values()) == len(kept)

@@ -125,10 +125,12 @@ def test_hf_llama_packed_grads_norms_dots_equal_padded(impl):
     check_packed_equals_padded(model, batch, data.batch(plan.ids))
 
 
-def test_probes_still_refuse_packed_batches():
+def test_probes_of_logits_refuse_packed_batches():
+    """Per-sample probes take packed rows (tests/test_packing_probes.py); logits and raw outputs are per row."""
     _, _, batch = packed_step()
-    with pytest.raises(ValueError, match="packed"):
-        TorchInterface(tiny()).probe(batch)
+    for output in ("logits", "outputs"):
+        with pytest.raises(ValueError, match="packed"):
+            TorchInterface(tiny()).probe(batch, output)
 
 
 def test_a_sample_without_token_slots_has_a_zero_gradient():

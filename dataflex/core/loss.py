@@ -178,10 +178,14 @@ def _all_nonfinite(labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.where(labels > 0, nan, torch.zeros_like(nan))
 
 
-def el2n(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """[B] mean over label tokens of the L2 error ||p - e_y||."""
+def el2n_tokens(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] the L2 error ||p - e_y|| of every position, float64."""
     p = torch.softmax(logits.double(), -1)
     err = p.pow(2).sum(-1) - 2 * p.gather(-1, labels.unsqueeze(-1)).squeeze(-1) + 1
-    norm = err.clamp(min=0).sqrt()
+    return err.clamp(min=0).sqrt()
+
+
+def el2n(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """[B] mean over label tokens of the L2 error ||p - e_y||."""
     mask = loss_mask.double()
-    return (norm * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return (el2n_tokens(logits, labels) * mask).sum(-1) / mask.sum(-1).clamp(min=1)

@@ -183,3 +183,26 @@ class Segments:
         if self.n == 0:
             return torch.zeros(self.shape, dtype=v.dtype, device=v.device)
         return v[self._flat // self.shape[-1]] * self.valid.to(v.dtype)
+
+
+ROW_KEYS = ("input_ids", "labels", "loss_mask", "position_ids", "segment_ids")
+
+
+def slice_rows(batch: dict, r0: int, r1: int) -> dict:
+    """Rows [r0, r1) of a batch (a micro-batch): a padded batch's rows; a packed batch's rows with the samples
+    they hold (per-sample keys cut to them, `segment_ids` renumbered from 0). Samples lie in row order."""
+    if "segment_ids" not in batch:
+        return {k: v[r0:r1] for k, v in batch.items()}
+    seg = batch["segment_ids"]
+    n = len(batch["sample_id"])
+    row_of = torch.full((n,), -1, dtype=torch.long, device=seg.device)
+    rows = torch.arange(seg.shape[0], device=seg.device).unsqueeze(1).expand_as(seg)
+    row_of[seg[seg >= 0]] = rows[seg >= 0]
+    if n:                                   # a sample without token slots goes with the one before it
+        row_of = row_of.cummax(0).values.clamp(min=0)
+    s0 = int(torch.searchsorted(row_of, torch.tensor(r0, device=seg.device)))
+    s1 = int(torch.searchsorted(row_of, torch.tensor(r1, device=seg.device)))
+    out = {k: (v[r0:r1] if k in ROW_KEYS else v[s0:s1]) for k, v in batch.items()}
+    part = out["segment_ids"]
+    out["segment_ids"] = torch.where(part >= 0, part - s0, part)
+    return out

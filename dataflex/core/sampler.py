@@ -100,6 +100,7 @@ class DataAwareSampler:
         self._perm: list[Optional[FeistelPermutation]] = [None] * len(self.sizes)
         self.weights = torch.full((len(self.sizes),), 1.0 / len(self.sizes), dtype=torch.float64)
         self.pending: list = []     # packed layout: samples drawn (and kept) that wait for the next step's rows
+        self.withdrawn: list = []   # waiting samples the last set_pool's masks excluded (never trained)
         self.lengths = lengths      # global ids -> label tokens of each sample (unit=token needs it)
         self._mean: list[Optional[float]] = [None] * len(self.sizes)
         self.unit, self.target = "sample", self.weights
@@ -178,7 +179,11 @@ class DataAwareSampler:
         `weights=None` keeps the current weights; `proportional=True` sets them to `pool_sizes()` (what
         a run without a mixer draws: each domain in proportion to what it keeps, in samples). `unit`: that
         of `weights` (None: the current one); token weights are converted again after a mask changes the
-        pools' mean lengths. On an error nothing changes."""
+        pools' mean lengths. On an error nothing changes.
+
+        Samples waiting for a packed row (`pending`) that a new mask excludes are withdrawn: drawn from the
+        old pool and never trained, they leave `pending` for `withdrawn` (the ids, until the next call), so a
+        selector's new pool holds from the next step on (LESS after its warm-up)."""
         saved = (list(self._bits), list(self._kept), self.weights, self.target, self.unit, list(self._mean))
         try:
             for domain, mask in (masks or {}).items():
@@ -196,6 +201,17 @@ class DataAwareSampler:
         except Exception:
             self._bits, self._kept, self.weights, self.target, self.unit, self._mean = saved
             raise
+        self.withdrawn = []
+        if masks and self.pending:
+            ids = np.asarray(self.pending, dtype=np.int64)
+            d = self.domain_of(torch.from_numpy(ids)).numpy()
+            local = ids - np.asarray(self.offsets, dtype=np.int64)[d]
+            keep = np.ones(len(ids), dtype=bool)
+            for dom in {int(x) for x in masks}:
+                where = d == dom
+                if where.any() and self._bits[dom] is not None:
+                    keep[where] = self._is_kept(dom, local[where])
+            self.pending, self.withdrawn = ids[keep].tolist(), ids[~keep].tolist()
 
     def pool_sizes(self) -> list:
         """Samples each domain can draw from: the kept count under a mask, else the domain's size."""

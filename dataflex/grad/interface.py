@@ -20,6 +20,10 @@ Devices: every entry point first moves the batch (and a dots target) to `interfa
 device of the model's input embedding (else its first parameter): batches built on the host (the
 sampler's, `MixtureDataset.batch`) are handed to a model on a GPU as they should be. Results stay on
 that device; `dataflex.session.signals.Signals` gathers them there and copies them to the host once.
+
+Probes take packed batches too (several samples a row, `dataflex.core.packing`) for the per-sample
+outputs (`PACKED_OUTPUTS`): each sample's result is reduced over its own token slots, and token losses come
+back per sample ([S, T], token p at column p), what its padded row gives.
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ from typing import Callable, Optional
 
 import torch
 
-from dataflex.core.loss import el2n, per_sample_from_token_loss, per_token_loss
+from dataflex.core.loss import el2n, el2n_tokens, per_sample_from_token_loss, per_token_loss
+from dataflex.core.packing import Segments
 from dataflex.grad import ghost
 from dataflex.grad.api import hook_projected_grads, per_sample_grads
 from dataflex.grad.factored import factored_grads
@@ -38,6 +43,7 @@ from dataflex.models.hf import forward_for
 from dataflex.models.lean import lean_forward, offers_lean
 
 OUTPUTS = ("loss", "token_loss", "embedding", "el2n", "logits", "outputs")
+PACKED_OUTPUTS = ("loss", "token_loss", "embedding", "el2n")     # per sample: a packed batch gives them too
 
 
 def last_hidden_module(module: torch.nn.Module) -> torch.nn.Module:
@@ -79,6 +85,7 @@ def target_to_device(target, device: torch.device):
 
 
 class TorchInterface:
+    probes_packed = True        # probe() takes packed batches for PACKED_OUTPUTS (Signals packs its probes)
     # a reference model dataflex loaded or wrapped (`as_reference`): Signals places it on the training
     # model's device before its first probe; a user's own interface stays where the user put it
     follows_training_device = False
@@ -109,10 +116,12 @@ class TorchInterface:
     def probe(self, batch: dict, output: str = "loss"):
         """Forward without gradients: per-sample losses, per-token losses ([B, T], 0 off the loss
         mask), embeddings (the last hidden state averaged over the label tokens, [B, d]), logits,
-        or the model's raw outputs."""
+        or the model's raw outputs. A packed batch: B counts samples, for `PACKED_OUTPUTS` only."""
         if output not in OUTPUTS:
             raise ValueError(f"probe output must be one of {OUTPUTS}, got {output!r}")
-        refuse_packed(batch, "probe")
+        seg = Segments.of(batch)
+        if output not in PACKED_OUTPUTS:
+            refuse_packed(batch, f"probe(output={output!r})")
         batch = self.to_device(batch)
         was_training = self.module.training
         self.module.eval()
@@ -131,6 +140,8 @@ class TorchInterface:
             if output == "logits":
                 return logits
             mask = batch["loss_mask"].float()
+            if seg is not None:      # packed: each sample's mean over its own label tokens
+                return _packed_probe(seg, output, logits, captured, batch, mask)
             if output == "embedding":
                 h = captured[-1].float()
                 return (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
@@ -190,6 +201,20 @@ class TorchInterface:
         """name -> gradient of the batch's mean (or summed) per-sample loss: a target for dots."""
         batch = self.to_device(batch)
         return ghost.batch_grad(self.module, batch, params, self.forward, reduction)
+
+
+def _packed_probe(seg: Segments, output: str, logits, captured: list, batch: dict, mask: torch.Tensor):
+    """A probe's per-sample output from packed rows: the padded formulas, each sample's sums over its slots."""
+    count = seg.sum(mask).clamp(min=1)
+    if output == "embedding":
+        return seg.sum(captured[-1].float() * mask.unsqueeze(-1)) / count.unsqueeze(-1)
+    if output == "el2n":
+        return (seg.sum(el2n_tokens(getattr(logits, "logits", logits), batch["labels"]) * mask.double())
+                / count.double()).float()
+    token_loss = per_token_loss(logits, batch["labels"]) * mask
+    if output == "token_loss":
+        return seg.unpack(token_loss.float())
+    return (seg.sum(token_loss) / count).float()
 
 
 _REFERENCE_LOADERS: list = []     # set by dataflex.run.reference: a run folder or checkpoint -> TorchInterface

@@ -272,15 +272,9 @@ def train(cfg, hc, ckpt):
 
 
 def packing_for(cfg) -> bool:
-    """trainer.packing, except under Megatron-core (its packed-sequence path is not wired yet: padded rows,
-    with a note)."""
-    packing = bool(cfg.trainer.get("packing", False))
-    if packing and cfg.backend.name == "megatron":
-        if dist.rank() == 0:
-            print("note: trainer.packing=true is not available on backend=megatron yet; training on padded rows",
-                  file=sys.stderr)
-        return False
-    return packing
+    """trainer.packing (every back end: Megatron-core through an explicit block-diagonal mask on its local layer
+    spec, or its THD packed sequences with backend.transformer_engine=true)."""
+    return bool(cfg.trainer.get("packing", False))
 
 
 def eval_record(flex, step: int, val_loss: dict, limit: int | None) -> dict:

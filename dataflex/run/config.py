@@ -62,6 +62,7 @@ SCHEMA = {
     "model.n_heads": ("int", lambda v: v > 0, "an integer > 0"),
     "backend.zero_stage": ("int", lambda v: 0 <= v <= 3, "0, 1, 2 or 3"),
     "backend.bf16": ("bool", None, "true or false"),
+    "backend.transformer_engine": ("bool", None, "true or false"),
     "backend.config": ("str?", None, "null or the path of a DeepSpeed JSON file"),
 }
 _MISSING = object()

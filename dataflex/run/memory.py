@@ -277,7 +277,8 @@ def check_run_memory(cfg, world: int, launching: bool) -> None:
         if backend.get("micro_batch_size"):
             micro = min(micro, int(backend.micro_batch_size))
     ranks = ranks_on_this_machine(world) if device == "cpu" else 1
-    est = estimate(shape, int(model.seq_len), micro, packing=bool(tr.get("packing", False)) and backend.name != "megatron",
+    packed_mask = bool(tr.get("packing", False)) and not backend.get("transformer_engine", False)    # THD: no mask
+    est = estimate(shape, int(model.seq_len), micro, packing=packed_mask,
                    lean=bool(tr.get("lean_loss", True)) and backend.name != "megatron"
                    and not (backend.name == "deepspeed" and int(backend.get("zero_stage", 0) or 0) == 3),
                    zero_stage=int(backend.get("zero_stage", 0) or 0) if backend.name == "deepspeed" else 0,

@@ -20,7 +20,7 @@ import torch
 
 from dataflex.core.events import Event
 from dataflex.core.loss import LossWrapper
-from dataflex.core.packing import plan_rows
+from dataflex.core.packing import Segments, plan_rows
 from dataflex.core.plugin import Engine, Plugin
 from dataflex.core.sampler import DataAwareSampler
 from dataflex.core.state import DataState, per_domain_mean
@@ -39,7 +39,8 @@ class DataFlex:
                  seed: int = 0, rank: Optional[int] = None, world_size: Optional[int] = None,
                  initial_weights: str = "size", probe_batch_size: int = 64, check_ranks_every: int = 0,
                  loss_reduction: str = "token", datasets: Optional[dict] = None, optimizer=None,
-                 nonfinite: str = "drop", tokenizer=None, packing: bool = False, pack_lookahead: int = 16):
+                 nonfinite: str = "drop", tokenizer=None, packing: bool = False, pack_lookahead: int = 16,
+                 pack_probes: Optional[bool] = None):
         self.optimizer = optimizer      # the training optimizer, read (never stepped) by Signals.optimizer_state
         self.tokenizer = tokenizer      # the run's tokenizer: plugins that read text (embedding selectors) decode with it
         self.data = train if isinstance(train, MixtureDataset) else MixtureDataset(train)
@@ -61,6 +62,7 @@ class DataFlex:
         self.datasets = {k: as_mixture(k, v) for k, v in (datasets or {}).items() if v is not None}
         self._needs_tokens = any(getattr(p, "needs_token_losses", False) for p in self.engine.plugins)
         self.packing, self.pack_lookahead = bool(packing), int(pack_lookahead)
+        self.pack_probes = self.packing if pack_probes is None else bool(pack_probes)   # Signals' probes packed
         self._token_totals = {"tokens": 0.0, "domain": [0.0] * len(sizes), "expected": [0.0] * len(sizes)}
         self.loss.token_signal = self._needs_tokens     # packed batches unpack token losses only when read
         self._plan, self._share = None, None
@@ -98,6 +100,8 @@ class DataFlex:
             and self.engine.of("mixer") is None
         if s.domain_weights is not None or masks:
             self.sampler.set_pool(s.domain_weights, masks, proportional=follow_pool, unit=s.weight_unit)
+            if self.sampler.withdrawn:    # waiting samples the new pool excludes: never trained, counted here
+                s.metrics["pack/withdrawn"] = len(self.sampler.withdrawn)
         s.domain_weights, s.weight_unit = self.sampler.target, self.sampler.unit     # in the mixer's unit
         s.draw_probabilities = self.sampler.weights                                 # per drawn sample
         selector = self.engine.of("selector")
@@ -161,7 +165,9 @@ class DataFlex:
         self._plan = plan
         r0, r1, a, b = plan.rank_bounds(self.rank, self.world_size)
         self._share = (a, b)
-        return self.data.packed_batch(plan.ids[a:b], plan.rows[a:b], plan.offsets[a:b], r1 - r0, r0)
+        batch = self.data.packed_batch(plan.ids[a:b], plan.rows[a:b], plan.offsets[a:b], r1 - r0, r0)
+        self._micro = MicroBatches(Segments.of(batch).sum(batch["loss_mask"]), r1 - r0)   # per sample, and the rows
+        return batch
 
     def _mine(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's share of a per-sample tensor of the global batch (its rows' samples when packed)."""

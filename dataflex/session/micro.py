@@ -1,5 +1,6 @@
 """A step's micro-batches: Megatron's schedule (or a loop with gradient accumulation) calls `flex.loss` once per
-micro-batch, in order, each on the next rows of the local batch."""
+micro-batch, in order, each on the next rows of the local batch (packed: the next rows with the samples they
+hold, `dataflex.core.packing.slice_rows`; micro-batches then differ in samples, and in samples per rank)."""
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,9 @@ from dataflex.utils import dist
 class MicroBatches:
     """The micro-batches of one step seen so far, and the weights known before any loss."""
 
-    def __init__(self, local_labels: torch.Tensor):
+    def __init__(self, local_labels: torch.Tensor, local_rows: int | None = None):
         self.local_labels = local_labels        # label tokens of every sample of this rank's local batch
+        self.local_rows = len(local_labels) if local_rows is None else int(local_rows)    # its rows (packed)
         self.parts: list = []
         self.rows = 0
         self.weights = None
@@ -59,18 +61,22 @@ class MicroBatches:
         if offset + n > len(self.local_labels):
             raise RuntimeError(f"flex.loss got {offset + n} samples in micro-batches this step, the local batch "
                                f"has {len(self.local_labels)}: call flex.next_batch() once per step")
-        label_tokens = batch["loss_mask"].to(device, non_blocking=True).sum(-1).float()
-        local = torch.stack([signal["loss"].float(), signal["tokens"].float(), label_tokens], 1)
-        self.parts.append(dist.all_gather_cat(local).cpu().view(-1, n, 3))      # [ranks, n, 3]
+        label_tokens = (signal["labels"].to(device).float() if "labels" in signal          # packed: per sample
+                        else batch["loss_mask"].to(device, non_blocking=True).sum(-1).float())
+        rank = torch.full((n,), float(dist.rank()), device=device)
+        local = torch.stack([signal["loss"].float(), signal["tokens"].float(), label_tokens, rank], 1)
+        self.parts.append(dist.all_gather_cat(local).cpu())      # [samples of every rank, 4]
         self.rows += n
-        weights = flex.sampler.rank_slice(self.weights)[offset:offset + n].to(device)
+        weights = flex._mine(self.weights)[offset:offset + n].to(device)
         weights = weights * torch.isfinite(signal["loss"]).to(weights.dtype)
         # the micro-batch's scalar is its share of the global loss times the number of micro-batches: the schedule
         # (Megatron's, or a loop's `loss / accumulation_steps`) averages over micro-batches
-        scale = len(self.local_labels) / n
+        scale = self.local_rows / len(batch["loss_mask"])
         answer = {"sample_weights": weights, "denominator": (self.total / (flex.world_size * scale)).to(device)}
         if self.rows == len(self.local_labels):        # the step's last micro-batch: the whole batch's signals
-            gathered = torch.cat(self.parts, 1).reshape(-1, 3)      # rank-major: the global batch's order
+            parts = torch.cat(self.parts)
+            order = torch.sort(parts[:, 3], stable=True).indices    # rank-major: the global batch's order
+            gathered = parts[order, :3]
             finite = flex._settle_losses(gathered[:, 0], gathered[:, 1], gathered[:, 2])
             w = self.weights * finite.double()
             flex._weights = w * len(w) / w.sum() if w.sum() > 0 else w

@@ -4,15 +4,24 @@ optimizer's state, by sample id, split over ranks and gathered so every rank dec
 Devices: batches are built on the host (`MixtureDataset.batch`) and the interface moves them to its
 model's device; a reference model dataflex loaded (`as_reference`) is placed on the training model's
 device before its first probe. Per-sample results are gathered on the device they were computed on
-and copied to the host once (plugins and the ledger work on host tensors)."""
+and copied to the host once (plugins and the ledger work on host tensors).
+
+Packed probes: in a run that packs (`DataFlex(packing=True)`, `pack_probes` not False), each chunk of probed
+samples is packed into as few rows of seq_len slots as hold it (best-fit decreasing, `pack_probe`) when that
+takes fewer rows than one a row, for the per-sample outputs (`PACKED_OUTPUTS`: losses, token losses,
+embeddings, EL2N) of an interface that takes packed rows (`probes_packed`); each sample's result is that of
+its padded row (attention stays within a sample, positions restart) up to float rounding, in the order asked.
+A chunk of samples as long as seq_len (nothing to gain) runs padded. Logits and raw outputs stay padded."""
 from __future__ import annotations
 
 from typing import Optional, Protocol
 
 import torch
 
+from dataflex.core.packing import plan_rows
 from dataflex.core.state import per_domain_mean
 from dataflex.data.mixture import MixtureDataset
+from dataflex.grad.interface import PACKED_OUTPUTS
 from dataflex.grad.params import ParamSpec, PerSampleGrads, select_params
 from dataflex.grad.projection import RademacherProjector
 from dataflex.utils import dist
@@ -29,6 +38,7 @@ class SessionView(Protocol):
     state: object
     probe_batch_size: int
     world_size: int
+    pack_probes: bool
 
 GATHERED_OUTPUTS = ("loss", "token_loss", "embedding", "el2n")
 
@@ -38,6 +48,19 @@ def as_mixture(name: str, data) -> MixtureDataset:
     if isinstance(data, MixtureDataset):
         return data
     return MixtureDataset(data if isinstance(data, dict) else {name: data})
+
+
+def pack_probe(data: MixtureDataset, ids: torch.Tensor) -> tuple[torch.Tensor, dict] | None:
+    """(order, packed batch) of the samples `ids` in as few rows of seq_len slots as hold them: best-fit
+    decreasing (every sample fits, with one row a sample at most); the batch's sample i is `ids[order[i]]`.
+    None when packing takes as many rows as samples (nothing to gain)."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    lengths = data.lengths(ids)
+    plan = plan_rows(range(len(ids)), None, lambda i: lengths[i], len(ids), data.seq_len)
+    rows = int(plan.rows.max()) + 1 if len(plan.rows) else 0
+    if rows >= len(ids):
+        return None
+    return plan.ids, data.packed_batch(ids[plan.ids], plan.rows, plan.offsets, rows)
 
 
 def host(t: torch.Tensor) -> torch.Tensor:
@@ -50,6 +73,15 @@ class Signals:
 
     def __init__(self, flex: SessionView):
         self.flex = flex
+
+    def sample_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Label tokens of training samples `ids` (global ids): the token slots each takes in a packed row."""
+        return torch.as_tensor(self.flex.data.lengths(torch.as_tensor(ids, dtype=torch.long)))
+
+    @property
+    def seq_len(self) -> int:
+        """Token slots of a row (the training data's sample length)."""
+        return int(self.flex.data.seq_len)
 
     def dataset(self, name: str) -> Optional[MixtureDataset]:
         """A dataset the run was given besides training (`DataFlex(datasets={"val": .., "target": ..})`)."""
@@ -94,13 +126,28 @@ class Signals:
         # every rank runs the same number of forwards: under ZeRO-3 each one is a collective
         for start in range(0, per_rank, chunk):
             part = mine[start:start + chunk]
-            out = interface.probe(data.batch(part if len(part) else ids[:1]), output)
+            out = self._probe_chunk(interface, data, part if len(part) else ids[:1], output)
             if len(part):
                 parts.append(out)
         if output not in GATHERED_OUTPUTS:
             return parts
         local = torch.cat(parts) if parts else torch.zeros(0, device=getattr(interface, "device", "cpu"))
         return host(dist.all_gather_cat(local.float()))
+
+    def _probe_chunk(self, interface, data: MixtureDataset, ids: torch.Tensor, output: str):
+        """interface.probe on the samples `ids`, results in their order: packed where it takes fewer rows
+        (module docstring), else one sample a row."""
+        packed = None
+        if (output in PACKED_OUTPUTS and getattr(self.flex, "pack_probes", False)
+                and getattr(interface, "probes_packed", False) and len(ids) > 1):
+            packed = pack_probe(data, ids)
+        if packed is None:
+            return interface.probe(data.batch(ids), output)
+        order, batch = packed
+        out = interface.probe(batch, output)
+        back = torch.empty_like(out)
+        back[order.to(out.device)] = out
+        return back
 
     def _place_reference(self, interface) -> None:
         """A reference model dataflex loaded follows the training model onto its device (once)."""

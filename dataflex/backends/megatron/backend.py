@@ -8,6 +8,12 @@ What is Megatron's and what is dataflex's:
   dropout, weights drawn per parameter from (`trainer.seed`, its global name) with Megatron's init
   distributions (`layout_free_init`), so every tensor/pipeline/data layout starts from the same full
   model; wrapped in Megatron's `DistributedDataParallel`.
+- **Packed rows** (`trainer.packing=true`, the default): the schedule's micro-batches are row ranges with the
+  samples they hold (`core.packing.slice_rows`); each is called with position ids restarting per sample
+  and an explicit block-diagonal causal attention mask (the local layer spec, CPU and CUDA), or, with
+  `backend.transformer_engine=true` (CUDA), flattened into one THD sequence with `PackedSeqParams`
+  (`model.gpt_inputs`). Per-sample losses, the loss_func's signal and the gradients are those of the same
+  samples padded one a row; probes take packed batches too (losses and token losses per sample).
 - **Parallel layout.** `parallel_state.initialize_model_parallel(tp, pp)`; the data-parallel size
   is world / (tp * pp). The sampler is dataflex's (the external data-loader path, no static blend):
   `DataFlex(rank=data_parallel_rank, world_size=data_parallel_size)` so every rank computes the same
@@ -67,10 +73,12 @@ from dataflex.backends.megatron.cpu_shim import cpu_device
 from dataflex.backends.megatron.model import (
     build_gpt,
     gpt_forward,
+    gpt_inputs,
     init_parallel,
     layout_name,
 )
 from dataflex.core.loss import per_sample_from_token_loss
+from dataflex.core.packing import Segments, slice_rows
 from dataflex.grad.interface import TorchInterface
 from dataflex.utils import dist
 
@@ -108,9 +116,13 @@ class MegatronInterface(TorchInterface):
         batch = self.backend.to_device(batch)
         if output in ("loss", "token_loss"):
             token_loss = self.backend.token_losses(batch)
-            if output == "token_loss":
-                return token_loss * batch["loss_mask"].to(token_loss)
-            return per_sample_from_token_loss(token_loss, batch["loss_mask"].to(token_loss))
+            mask = batch["loss_mask"].to(token_loss)
+            seg = Segments.of(batch)
+            if output == "token_loss":       # packed: per sample [S, T], as a padded batch gives them
+                return token_loss * mask if seg is None else seg.unpack(token_loss * mask)
+            if seg is None:
+                return per_sample_from_token_loss(token_loss, mask)
+            return seg.sum(token_loss * mask) / seg.sum(mask).clamp(min=1.0)
         self._whole_model(f"probe(output={output!r})")
         with cpu_device():
             return super().probe(batch, output)
@@ -145,7 +157,7 @@ class MegatronBackend(Backend):
     def __init__(self, sizes: dict, global_batch_size: int, tensor_model_parallel_size: int = 1,
                  pipeline_model_parallel_size: int = 1, micro_batch_size=None, use_distributed_optimizer: bool = False,
                  bf16: bool = False, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 0,
-                 max_steps: int = 1000, grad_clip: float = 1.0, seed: int = 0):
+                 max_steps: int = 1000, grad_clip: float = 1.0, seed: int = 0, transformer_engine: bool = False):
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import (
             DistributedDataParallel,
@@ -157,6 +169,10 @@ class MegatronBackend(Backend):
         from dataflex.backends.base import setup_distributed
         setup_distributed("megatron")
         self.tp, self.pp = int(tensor_model_parallel_size), int(pipeline_model_parallel_size)
+        if transformer_engine and not torch.cuda.is_available():
+            raise ValueError("backend.transformer_engine=true needs CUDA (Transformer Engine's layers and its THD "
+                             "packed-sequence attention); leave it false on this machine")
+        self.thd = bool(transformer_engine)     # packed rows as Megatron's THD sequences (model.gpt_inputs)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -173,7 +189,7 @@ class MegatronBackend(Backend):
                 raise ValueError(f"backend.micro_batch_size={self.micro_batch_size} must divide the local batch "
                                  f"{self.local_batch} (global {global_batch_size} / data-parallel {self.dp})")
             self.seq_len = sizes["seq_len"]
-            self.module, self.config = build_gpt(sizes, self.tp, self.pp, seed, bf16)
+            self.module, self.config = build_gpt(sizes, self.tp, self.pp, seed, bf16, transformer_engine)
             if torch.cuda.is_available():
                 self.module.cuda()
             self.model = DistributedDataParallel(
@@ -198,25 +214,30 @@ class MegatronBackend(Backend):
         return ps.is_pipeline_last_stage()
 
     def _run(self, batch: dict, micro: int, loss_of, forward_only: bool):
-        """Megatron's forward/backward schedule over `batch` cut into micro-batches of `micro` samples;
-        `loss_of(token_loss, micro_batch, index) -> (scalar, stats)` is the loss_func's body."""
+        """Megatron's forward/backward schedule over `batch` cut into micro-batches of `micro` rows (a packed
+        batch's rows with the samples they hold); `loss_of(token_loss, micro_batch, index) -> (scalar, stats)`
+        is the loss_func's body, `token_loss` [rows, T] whatever form the model was called in."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
         n = batch["input_ids"].shape[0]
-        pieces = [{k: v[i:i + micro] for k, v in batch.items()} for i in range(0, n, micro)]
+        pieces = [slice_rows(batch, i, i + micro) for i in range(0, n, micro)]
         position = iter(range(len(pieces)))
+        thd = self.thd and "segment_ids" in batch
 
         def forward_step(data_iterator, model):
             mb, index = next(data_iterator), next(position)
-            out = model(mb["input_ids"], mb["position_ids"], None, labels=mb["labels"])
+            args, kwargs, unflatten = gpt_inputs(mb, thd)
+            out = model(*args, **kwargs)
 
             def loss_func(token_loss):
-                return loss_of(token_loss, mb, index)
+                return loss_of(unflatten(token_loss), mb, index)
             return out, loss_func
 
+        # THD: each micro-batch is one sequence of micro * T tokens (the shapes pipeline stages exchange)
+        seq_length, micro_size = (self.seq_len * micro, 1) if thd else (self.seq_len, micro)
         with cpu_device():
             return get_forward_backward_func()(
                 forward_step_func=forward_step, data_iterator=iter(pieces), model=[self.model],
-                num_microbatches=len(pieces), seq_length=self.seq_len, micro_batch_size=micro,
+                num_microbatches=len(pieces), seq_length=seq_length, micro_batch_size=micro_size,
                 forward_only=forward_only)
 
     def token_losses(self, batch: dict) -> torch.Tensor:

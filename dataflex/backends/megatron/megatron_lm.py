@@ -21,6 +21,12 @@ batch keys, and a per-iteration hook, with dataflex deciding the data.
   iterator on every rank (each rank's DataFlex draws the same global batch from the shared seed and
   takes its data-parallel slice), where pretrain_gpt.py's `get_batch` reads it on tensor-parallel rank 0.
 
+Packed rows (`DataFlex(packing=True)`) take Megatron-LM's own packed convention (`--reset-position-ids
+--reset-attention-mask`): position ids restart at every sample and `attention_mask` is the block-diagonal causal
+mask ([b, 1, s, s] bool, True = masked out), so attention never crosses samples; micro-batches are row ranges with
+the samples they hold, and each carries `segments` (its segment ids, positions and sample ids) that the forward
+step hands to the loss_func (`segments=`), so per-sample losses are per sample, not per row.
+
 Pipeline parallelism is not supported here (only the last stage runs a loss_func, so the other stages'
 DataFlex would not see the step's losses): `backend=megatron` broadcasts them. Megatron-LM's
 `--calculate-per-token-loss` is refused (its scaling by the global token count is not dataflex's).
@@ -32,13 +38,21 @@ from typing import Callable, Optional
 
 import torch
 
+from dataflex.backends.megatron.model import megatron_mask
+from dataflex.core.packing import slice_rows
+
 MEGATRON_LM_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
 
 
 def megatron_lm_batch(batch: dict) -> dict:
-    """A dataflex batch with Megatron-LM's keys (attention_mask None: the model's causal mask)."""
-    return {"tokens": batch["input_ids"], "labels": batch["labels"], "loss_mask": batch["loss_mask"],
-            "attention_mask": None, "position_ids": batch["position_ids"]}
+    """A dataflex batch with Megatron-LM's keys (attention_mask None: the model's causal mask); a packed one
+    with the block-diagonal mask and `segments` (module docstring)."""
+    out = {"tokens": batch["input_ids"], "labels": batch["labels"], "loss_mask": batch["loss_mask"],
+           "attention_mask": megatron_mask(batch), "position_ids": batch["position_ids"]}
+    if "segment_ids" in batch:
+        out["segments"] = {k: batch[k] for k in ("segment_ids", "position_ids", "sample_id", "domain", "row")
+                           if k in batch}
+    return out
 
 
 def _per_token_loss_mode(model) -> bool:
@@ -52,12 +66,12 @@ def _per_token_loss_mode(model) -> bool:
 def megatron_lm_loss_func(flex, report_key: str = "lm loss") -> Callable:
     """pretrain_gpt.py's `loss_func(loss_mask, output_tensor, model=None)` through dataflex (module docstring)."""
 
-    def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None):
+    def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None, segments: Optional[dict] = None):
         if _per_token_loss_mode(model):
             raise NotImplementedError("dataflex's loss_func with --calculate-per-token-loss: Megatron-LM would divide "
                                       "by the global token count, dataflex weighs by its own denominator; leave it off")
         token_loss = output_tensor.float().view(loss_mask.shape)
-        loss = flex.loss.from_token_loss(token_loss, {"loss_mask": loss_mask})
+        loss = flex.loss.from_token_loss(token_loss, {"loss_mask": loss_mask, **(segments or {})})
         num_tokens = loss_mask.sum().clone().detach().to(torch.int)
         plain = (token_loss.detach() * loss_mask.float()).sum()
         reporting = torch.cat([plain.view(1), num_tokens.view(1).to(plain)])
@@ -92,7 +106,7 @@ class MegatronLMData:
             if self.device is not None:
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             m = self.micro_batch_size
-            self._queue = [megatron_lm_batch({k: v[i:i + m] for k, v in batch.items()}) for i in range(0, n, m)]
+            self._queue = [megatron_lm_batch(slice_rows(batch, i, i + m)) for i in range(0, n, m)]
             self._open = True
         return self._queue.pop(0)
 
@@ -125,6 +139,7 @@ def megatron_lm_forward_step(flex, loss_func: Optional[Callable] = None) -> Call
                                       "stage sees the losses); backend=megatron supports pipeline stages")
         batch = next(data_iterator)
         output_tensor = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
-        return output_tensor, partial(loss_func, batch["loss_mask"], model=model)
+        packed = {"segments": batch["segments"]} if "segments" in batch else {}    # packed rows: per sample
+        return output_tensor, partial(loss_func, batch["loss_mask"], model=model, **packed)
 
     return forward_step

@@ -65,6 +65,14 @@ from dataflex.selectors.less.math import FEATURES, aggregate, checkpoint_weights
 from dataflex.utils import dist
 
 
+def _offsets(sizes) -> list:
+    """The first global id of each domain."""
+    out = [0]
+    for n in sizes[:-1]:
+        out.append(out[-1] + n)
+    return out
+
+
 class LessSelector(Selector):
     # checked before any data is read (dataflex.core.settings)
     SETTINGS = {"warmup_fraction": "(0, 1]", "warmup_epochs": "(0, inf)", "warmup_steps": "[1, inf)",
@@ -159,7 +167,13 @@ class LessSelector(Selector):
             counts.append(k)
         self.pool_counts = counts
         steps = self.warmup_steps
-        if steps is None:
+        if steps is None and getattr(state, "packing", False):
+            # packed rows: a step trains rows x seq_len token slots, so epochs count the pool's label tokens
+            pool = torch.cat([off + torch.nonzero(state.pool_masks[d]).flatten()
+                              for d, off in enumerate(_offsets(state.domain_sizes))])
+            tokens = int(state.signals.sample_tokens(pool).sum())
+            steps = math.ceil(self.warmup_epochs * tokens / (state.global_batch_size * state.signals.seq_len))
+        elif steps is None:
             steps = math.ceil(self.warmup_epochs * sum(counts) / state.global_batch_size)
         if steps < self.num_checkpoints:
             raise ValueError(f"selector.warmup_steps={steps} is fewer than selector.num_checkpoints="
