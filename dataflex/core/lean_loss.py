@@ -154,7 +154,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             coef = hint.to(device=device, dtype=torch.float32)
             one_block = rows >= N
             if need_w:
-                grad_w = torch.empty_like(weight) if one_block else torch.zeros(V, H, dtype=torch.float32, device=device)
+                grad_w = torch.empty_like(weight) if one_block else torch.empty(V, H, dtype=torch.float32, device=device)
             if need_b:
                 grad_b = torch.zeros(V, dtype=torch.float32, device=device)
         for s in range(0, N, rows):
@@ -192,8 +192,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if grad_w is not None:
                     if any_dead:                    # a NaN hidden row times a zero row is NaN
                         h = torch.where(dead.unsqueeze(1), torch.zeros((), dtype=h.dtype, device=device), h)
-                    if one_block:
+                    if one_block or (s == 0 and not lowp):      # the first block writes, the others add
                         torch.mm(d.t(), h, out=grad_w)
+                    elif s == 0:
+                        grad_w.copy_(torch.mm(d.t(), h))
                     elif lowp:
                         grad_w.add_(torch.mm(d.t(), h))
                     else:
@@ -266,7 +268,7 @@ def _recompute_backward(ctx, grad_loss, hidden, weight, bias, safe, valid, lse):
     grad_h = torch.empty_like(hidden) if need_h else None
     grad_w = None
     if need_w:   # one token block: each slice written once, in the weight's dtype, as the logits path's matmul
-        grad_w = torch.empty_like(weight) if one_block else torch.zeros(V, H, dtype=torch.float32, device=device)
+        grad_w = torch.empty_like(weight) if one_block else torch.empty(V, H, dtype=torch.float32, device=device)
     grad_b = torch.zeros(V, dtype=torch.float32, device=device) if need_b and bias is not None else None
     for s in range(0, N, rows):
         e = min(N, s + rows)
@@ -294,8 +296,10 @@ def _recompute_backward(ctx, grad_loss, hidden, weight, bias, safe, valid, lse):
                 else:
                     gh.addmm_(d, w)
             if need_w:
-                if one_block:
+                if one_block or (s == 0 and not lowp):      # the first token block writes, the others add
                     torch.mm(d.t(), h, out=grad_w[v0:v1])
+                elif s == 0:
+                    grad_w[v0:v1].copy_(torch.mm(d.t(), h))
                 elif lowp:
                     grad_w[v0:v1].add_(torch.mm(d.t(), h))
                 else:
