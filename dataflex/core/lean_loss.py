@@ -14,12 +14,32 @@ weights, token weights and any reduction are applied on the per-token output
 (`dataflex.core.loss.reduce_loss`), and the gradient reaches the hidden states and the head's weight
 and bias (tied or untied).
 
+Which computation runs (the same values and gradients, fp32 to 1e-5, from each):
+
+- weights known before the losses (`grad_hint`: no plugin, fixed sample and token weights, the mixer's
+  loss weights, the global denominator, the HF Trainer's accumulation path; `LossWrapper.known_weights`):
+  the forward forms the gradients while it computes the losses, whole-vocabulary chunks of tokens:
+  `d_t = c_t (softmax_t - onehot_t)`, then `d W` (the hidden states') and `d^T h` (the weight's): 3
+  head-sized matmuls, as many as the logits path's, and the backward only multiplies them by one scalar.
+  The backward checks that the gradient it gets is that scalar times the hint on every label token (to
+  4e-6 relative: float32 rounding); when it is not (the caller also backpropagates through the
+  per-token losses, or weighs by them and its hint was wrong) it recomputes, exactly as below. A hint
+  costs time when it is wrong, never a wrong gradient. Memory: the weight's gradient ([V, H] float32)
+  and the hidden states' ([N, H]) held from the forward to the backward.
+- weights computed from the losses (focal, tilted, rho-1...: a reweighter needs every loss before its
+  weights exist), or no hint: the forward keeps each token's log-sum-exp only and the backward
+  recomputes each chunk's logits: 4 head-sized matmuls. The extra one is inherent to an exact gradient
+  without the [N, V] logits: the weight's gradient `sum_t c_t (softmax_t - onehot_t) h_t^T` needs every
+  c_t, which exists only after every loss, and keeping the softmax until then is the logits' memory.
+- a frozen head (LoRA) with hidden states that need a gradient: the forward forms `(softmax - onehot) W`
+  per token ([N, H] floats) and the backward scales it by each token's gradient, whatever it is: 2
+  matmuls, no recomputation.
+
 Memory: one chunk buffer (64 MiB of float32 on CPU, 256 MiB on CUDA, plus its copy in the model's
-dtype when that is not float32) and, in the backward, the weight's gradient. Compute: one extra
-logits matmul in the backward (4 head-sized matmuls instead of 3), each with a large dimension
-(up to 4096 tokens per chunk). When the head is frozen (LoRA) and the hidden states need a
-gradient, the forward forms `(softmax - onehot) W` per token already ([N, H] floats) and the
-backward only scales it: 2 matmuls, no recomputation.
+dtype when that is not float32) and the weight's gradient. The recomputing path's chunks are up to 4096
+tokens by the vocabulary that fits; the other two take whole-vocabulary chunks of at least 256 tokens (the
+buffer grows past 64 MiB above V = 64k on CPU: 128 MiB at V = 128k) because the softmax must be complete
+before the gradient, and fewer tokens take the matmuls' large dimension away.
 
 Non-finite tokens: a token whose logits hold NaN or inf has a NaN or inf loss, as on the logits
 path, and `reduce_loss` gives it weight 0; its gradient here is exactly 0 (its row of
@@ -41,6 +61,10 @@ import torch
 IGNORE_INDEX = -100
 # bytes of one [chunk, V] float32 buffer (allocated once per forward and once per backward)
 CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
+# whole-vocabulary chunks (gradients formed in the forward) hold at least this many tokens: below it the three
+# head matmuls lose their large dimension (on a 2-core CPU at V = 128k, 128-token blocks made them ~20% slower
+# than 256-token ones); the chunk buffer then exceeds CHUNK_BYTES above V = 64k (128 MiB at V = 128k)
+WHOLE_VOCAB_MIN_ROWS = 256
 
 
 class LeanOutput(NamedTuple):
@@ -127,7 +151,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, rows: int, cols: int, ignore_index: int, grad_enabled: bool,
-                hint: Optional[torch.Tensor] = None):
+                hint: Optional[torch.Tensor] = None, whole_rows: int = 1):
         N, H = hidden.shape
         V = weight.shape[0]
         device = hidden.device
@@ -144,7 +168,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         # the upstream gradient known up to one scalar (`hint`): every gradient formed now, 3 matmuls, no recomputation
         fused = hint is not None and not early and (need_h or need_w or need_b)
         if early or fused:                          # whole-vocabulary chunks: the softmax is complete in one
-            rows, cols = max(1, min(N, rows * cols // V)), V
+            rows, cols = whole_rows, V
         flat = torch.empty(rows * cols, dtype=torch.float32, device=device)
         lowp = hidden.dtype != torch.float32
         flat_low = torch.empty(rows * cols, dtype=hidden.dtype, device=device) if lowp else None
@@ -214,7 +238,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        none = (None,) * 6
+        none = (None,) * 7
         if ctx.early:
             grad_dir, valid, lse = ctx.saved_tensors
             g = torch.where(valid & torch.isfinite(lse), grad_loss.float(), torch.zeros((), device=grad_loss.device))
@@ -253,7 +277,7 @@ def _scale_of(g: torch.Tensor, hint: torch.Tensor, live: torch.Tensor) -> Option
 
 def _recompute_backward(ctx, grad_loss, hidden, weight, bias, safe, valid, lse):
     """The backward that recomputes each chunk's logits: exact for any per-token upstream gradient."""
-    none = (None,) * 6
+    none = (None,) * 7
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     N, H = hidden.shape
     V = weight.shape[0]
@@ -380,12 +404,17 @@ def linear_cross_entropy(hidden: torch.Tensor, head, labels: torch.Tensor, ignor
         flat = flat.contiguous()
     if weight.dtype != flat.dtype:                 # autocast-free mixed dtypes: compute in the weight's dtype
         flat = flat.to(weight.dtype)
-    rows, cols = chunk_shape(flat.shape[0], weight.shape[0], flat.device, chunk_size, vocab_chunk)
+    N, V = flat.shape[0], weight.shape[0]
+    rows, cols = chunk_shape(N, V, flat.device, chunk_size, vocab_chunk)
+    # tokens per whole-vocabulary chunk (a frozen head, or a hint): the same buffer, at least WHOLE_VOCAB_MIN_ROWS
+    # unless the chunk shape is given
+    explicit = chunk_size is not None or vocab_chunk is not None or bool(os.environ.get("DATAFLEX_LEAN_CHUNK"))
+    whole_rows = max(1, min(N, rows * cols // V if explicit else max(rows * cols // V, WHOLE_VOCAB_MIN_ROWS)))
     if grad_hint is not None and grad_hint.shape != labels.shape:
         raise ValueError(f"grad_hint {tuple(grad_hint.shape)} must be shaped like the labels {tuple(labels.shape)}")
     hint = None if grad_hint is None else grad_hint.detach().reshape(-1)
     loss = ChunkedLinearCrossEntropy.apply(flat, weight, bias, labels.reshape(-1), rows, cols, int(ignore_index),
-                                           torch.is_grad_enabled(), hint)
+                                           torch.is_grad_enabled(), hint, whole_rows)
     return loss.view(labels.shape)
 
 
