@@ -360,3 +360,30 @@ def test_session_lean_equals_logits_and_hints_when_it_can(plugins, recomputed):
         params.append({n: p.detach().clone() for n, p in model.named_parameters()})
     assert_close_dict(params[1], params[0], rtol=1e-5, atol=1e-6)
     assert len(recomputed) == (2 if plugins == "reweighter" else 0)
+
+
+def test_hf_trainer_accumulation_hints_its_micro_batches(tmp_path, domains_builder, recomputed):
+    """DataFlexTrainer with gradient accumulation weighs the whole batch first (a reweighter on its losses), so
+    each micro-batch's weights are known before its forward: the lean path forms its gradients there, and the
+    trained parameters equal the logits path's."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    import dataflex
+    from dataflex.integrations.hf_trainer import DataFlexTrainer
+    from dataflex.reweighters import LossReweighter
+    params = []
+    for lean in (False, True):
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=2, vocab_size=64, max_position_embeddings=64,
+                                       bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+        flex = dataflex.DataFlex(domains_builder(16), global_batch_size=8, plugins=[LossReweighter(burnout_steps=0)],
+                                 seed=0)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / str(lean)), max_steps=2, learning_rate=1e-2,
+                                              gradient_accumulation_steps=2, per_device_train_batch_size=4,
+                                              report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+        DataFlexTrainer(model=model, args=args, flex=flex, lean_loss=lean).train()
+        params.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    assert_close_dict(params[1], params[0], rtol=1e-4, atol=1e-5)
+    assert not recomputed
