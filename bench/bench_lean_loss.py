@@ -9,8 +9,11 @@ one run:
   `bench.common.measure_peak`), and the process's whole peak RSS (`ru_maxrss`). CUDA:
   `max_memory_allocated` above `memory_allocated` before the step.
 - time: one subprocess per (V, seq_len, path) times the loss alone (head + per-token loss +
-  weighting + backward into the hidden states and the head) from fixed hidden states, weighted and
-  unweighted alternating, median of `--repeats`.
+  weighting + backward into the hidden states and the head) from fixed hidden states, in three
+  weightings taking turns, median of `--repeats`: `unweighted` (no plugin), `weighted` (fixed sample and
+  token weights and a global denominator, known before the losses: the lean path forms its gradients in
+  the forward) and `loss_weighted` (token weights computed from the losses, focal's: the lean backward
+  recomputes the logits).
 
 Ratios are against the logits path measured in the same run. Targets (issue 22): lean peak memory
 <= 20% of the logits path's at V = 128k; weighted lean within 5% of unweighted lean time; lean no
@@ -68,17 +71,29 @@ def build(vocab: int, seq: int, seed: int = 0):
     return model, batch
 
 
-def wrapper(batch, weighted: bool):
+WEIGHTINGS = ("unweighted", "weighted", "loss_weighted")
+
+
+def wrapper(batch, weighted):
+    """`LossWrapper` without plugin (every weight 1), with fixed sample and token weights and a global
+    denominator (`weighted`: known before the losses, as the session's mixer loss weights or the HF Trainer's
+    accumulation path give them: `known_weights`), or with token weights computed from the losses
+    (`loss_weighted`: focal's (1 - p)^2, p = exp(-l), as a loss-dependent reweighter)."""
     import torch
 
     from dataflex.loss import LossWrapper
-    if not weighted:
+    weighted = {False: "unweighted", True: "weighted"}.get(weighted, weighted)
+    if weighted == "unweighted":
         return LossWrapper()
+    if weighted == "loss_weighted":
+        return LossWrapper(weigh=lambda signal, b: {"token_weights": (1 - torch.exp(-signal["token_loss"])) ** 2})
     g = torch.Generator().manual_seed(7)
     answer = {"sample_weights": torch.rand(1, generator=g) + 0.5,
               "token_weights": torch.rand(batch["labels"].shape, generator=g) * 2,
               "denominator": torch.tensor(float(batch["labels"].numel()))}
-    return LossWrapper(weigh=lambda signal, b: {k: v.to(signal["loss"].device) for k, v in answer.items()})
+    fn = LossWrapper(weigh=lambda signal, b: {k: v.to(signal["loss"].device) for k, v in answer.items()})
+    fn.known_weights = lambda b: answer
+    return fn
 
 
 def to(batch, device):
@@ -133,11 +148,12 @@ def child_time(vocab: int, seq: int, path: str, repeats: int) -> dict:
         hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
     hidden = hidden.detach().requires_grad_(True)
     head = model.lm_head
-    fns = {w: wrapper(batch, w) for w in (False, True)}
-    times, cpu = {False: [], True: []}, {False: [], True: []}
+    fns = {w: wrapper(batch, w) for w in WEIGHTINGS}
+    times, cpu = {w: [] for w in WEIGHTINGS}, {w: [] for w in WEIGHTINGS}
     losses = {}
     for r in range(repeats + 1):                    # the first round warms up
-        for weighted in ((False, True) if r % 2 == 0 else (True, False)):
+        order = WEIGHTINGS[r % 3:] + WEIGHTINGS[:r % 3]     # rotated, so that no weighting always runs first
+        for weighted in order:
             hidden.grad = None
             head.weight.grad = None
             if cuda:
@@ -154,11 +170,11 @@ def child_time(vocab: int, seq: int, path: str, repeats: int) -> dict:
             losses[weighted] = float(loss)
     # CPU seconds (all threads) as well as wall seconds: on shared cores the wall clock also counts the
     # time spent waiting for a core, the CPU time only the work
-    return {"unweighted_s": statistics.median(times[False]), "weighted_s": statistics.median(times[True]),
-            "unweighted_cpu_s": statistics.median(cpu[False]), "weighted_cpu_s": statistics.median(cpu[True]),
-            "unweighted_runs_s": times[False], "weighted_runs_s": times[True],
-            "unweighted_runs_cpu_s": cpu[False], "weighted_runs_cpu_s": cpu[True],
-            "loss_unweighted": losses[False], "loss_weighted": losses[True]}
+    result = {}
+    for w in WEIGHTINGS:
+        result |= {f"{w}_s": statistics.median(times[w]), f"{w}_cpu_s": statistics.median(cpu[w]),
+                   f"{w}_runs_s": times[w], f"{w}_runs_cpu_s": cpu[w], f"loss_{w}": losses[w]}
+    return result
 
 
 # ---------------------------------------------------------------------------- --train: whole runs
@@ -337,9 +353,8 @@ def main():
                 row[f"{path}_time"] = run_child(["time", str(vocab), str(seq), path, str(a.repeats)])
                 peak = "" if a.time_only else \
                     f"step peak {row[f'{path}_unweighted_memory']['step_peak_mib']:.0f} MiB, "
-                print(f"V={vocab} T={seq} {path}: {peak}"
-                      f"loss {row[f'{path}_time']['unweighted_s']:.3f}s / weighted {row[f'{path}_time']['weighted_s']:.3f}s",
-                      flush=True)
+                print(f"V={vocab} T={seq} {path}: {peak}CPU s " + ", ".join(
+                    f"{w} {row[f'{path}_time'][f'{w}_cpu_s']:.3f}" for w in WEIGHTINGS), flush=True)
             row["ratios"] = {} if a.time_only else {
                 "lean_over_logits_step_peak": row["lean_weighted_memory"]["step_peak_mib"]
                 / row["logits_weighted_memory"]["step_peak_mib"],
@@ -347,29 +362,33 @@ def main():
                 / row["logits_unweighted_memory"]["step_peak_mib"],
                 "lean_over_logits_process_peak_rss": row["lean_weighted_memory"]["process_peak_rss_mib"]
                 / row["logits_weighted_memory"]["process_peak_rss_mib"]}
+            lt, gt = row["lean_time"], row["logits_time"]
+            for w in WEIGHTINGS:
+                row["ratios"][f"lean_over_logits_time_{w}"] = lt[f"{w}_s"] / gt[f"{w}_s"]
+                row["ratios"][f"lean_over_logits_cpu_time_{w}"] = lt[f"{w}_cpu_s"] / gt[f"{w}_cpu_s"]
             row["ratios"] |= {
-                "lean_over_logits_time_weighted": row["lean_time"]["weighted_s"] / row["logits_time"]["weighted_s"],
-                "lean_over_logits_time_unweighted": row["lean_time"]["unweighted_s"] / row["logits_time"]["unweighted_s"],
-                "lean_weighted_over_unweighted_time": row["lean_time"]["weighted_s"] / row["lean_time"]["unweighted_s"],
-                "lean_over_logits_cpu_time_weighted":
-                    row["lean_time"]["weighted_cpu_s"] / row["logits_time"]["weighted_cpu_s"],
-                "lean_weighted_over_unweighted_cpu_time":
-                    row["lean_time"]["weighted_cpu_s"] / row["lean_time"]["unweighted_cpu_s"],
-                "logits_weighted_over_unweighted_time":
-                    row["logits_time"]["weighted_s"] / row["logits_time"]["unweighted_s"],
+                "lean_weighted_over_unweighted_time": lt["weighted_s"] / lt["unweighted_s"],
+                "lean_weighted_over_unweighted_cpu_time": lt["weighted_cpu_s"] / lt["unweighted_cpu_s"],
+                "lean_loss_weighted_over_unweighted_cpu_time": lt["loss_weighted_cpu_s"] / lt["unweighted_cpu_s"],
+                "logits_weighted_over_unweighted_time": gt["weighted_s"] / gt["unweighted_s"],
             }
             rows.append(row)
     big = [r for r in rows if r["vocab"] >= 100000]
     targets = {} if a.time_only else {
         "lean_memory_le_20pct_at_128k": all(r["ratios"]["lean_over_logits_step_peak"] <= 0.2 for r in big)}
+    # the time targets: weights known before the losses (none, or given); weights computed from the losses
+    # (loss_weighted) need one more head matmul on the lean path, reported beside them
     targets |= {
         "weighted_lean_within_5pct": all(abs(r["ratios"]["lean_weighted_over_unweighted_time"] - 1) <= 0.05
                                          for r in rows),
-        "lean_no_slower_than_logits": all(r["ratios"]["lean_over_logits_time_weighted"] <= 1.0 for r in rows),
+        "lean_no_slower_than_logits": all(r["ratios"][f"lean_over_logits_time_{w}"] <= 1.0
+                                          for r in rows for w in ("unweighted", "weighted")),
         "weighted_lean_within_5pct_cpu_time": all(abs(r["ratios"]["lean_weighted_over_unweighted_cpu_time"] - 1) <= 0.05
                                                   for r in rows),
-        "lean_no_slower_than_logits_cpu_time": all(r["ratios"]["lean_over_logits_cpu_time_weighted"] <= 1.0
-                                                   for r in rows),
+        "lean_no_slower_than_logits_cpu_time": all(r["ratios"][f"lean_over_logits_cpu_time_{w}"] <= 1.0
+                                                   for r in rows for w in ("unweighted", "weighted")),
+        "loss_weighted_lean_no_slower_than_logits_cpu_time": all(
+            r["ratios"]["lean_over_logits_cpu_time_loss_weighted"] <= 1.0 for r in rows),
     }
     env = environment()
     payload = {"bench": "lean_loss_time" if a.time_only else "lean_loss", "date": env["time"],
@@ -381,15 +400,15 @@ def main():
                "command": " ".join([Path(sys.executable).name, *sys.argv]), "rows": rows, "targets": targets}
     path = save_json("lean_loss_time.json" if a.time_only and a.out == "lean_loss.json" else a.out, payload)
     if a.time_only:
-        table = [[r["vocab"], r["seq_len"], f"{r['logits_time']['unweighted_s']:.3f}", f"{r['logits_time']['weighted_s']:.3f}",
-                  f"{r['lean_time']['unweighted_s']:.3f}", f"{r['lean_time']['weighted_s']:.3f}",
-                  f"{r['ratios']['lean_over_logits_time_weighted']:.2f}",
-                  f"{r['ratios']['lean_weighted_over_unweighted_time']:.3f}",
-                  f"{r['ratios']['lean_over_logits_cpu_time_weighted']:.2f}",
-                  f"{r['ratios']['lean_weighted_over_unweighted_cpu_time']:.3f}"] for r in rows]
-        print(markdown_table(["V", "T", "logits s", "logits weighted s", "lean s", "lean weighted s",
-                              "lean/logits time (weighted)", "lean weighted/unweighted",
-                              "lean/logits CPU time", "lean weighted/unweighted CPU time"], table))
+        table = [[r["vocab"], r["seq_len"]] + [f"{r['logits_time'][f'{w}_cpu_s']:.3f}" for w in WEIGHTINGS]
+                 + [f"{r['lean_time'][f'{w}_cpu_s']:.3f}" for w in WEIGHTINGS]
+                 + [f"{r['ratios'][f'lean_over_logits_cpu_time_{w}']:.2f}" for w in WEIGHTINGS]
+                 + [f"{r['ratios'][f'lean_over_logits_time_{w}']:.2f}" for w in WEIGHTINGS]
+                 + [f"{r['ratios']['lean_weighted_over_unweighted_cpu_time']:.3f}"] for r in rows]
+        print(markdown_table(["V", "T"] + [f"logits {w} CPU s" for w in WEIGHTINGS]
+                             + [f"lean {w} CPU s" for w in WEIGHTINGS]
+                             + [f"lean/logits CPU {w}" for w in WEIGHTINGS]
+                             + [f"lean/logits wall {w}" for w in WEIGHTINGS] + ["lean weighted/unweighted CPU"], table))
         print(json.dumps(targets))
         print(f"saved {path}")
         return

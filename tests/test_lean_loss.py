@@ -299,8 +299,9 @@ def test_backend_forward_lean_for_tinygpt():
                                per_token_loss(backend.forward(batch), batch["labels"]), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("stage,tied", [(0, False), (3, False), (3, True), (3, "llama")])
-def test_deepspeed_engine_lean_equals_plain_logits(stage, tied):
+@pytest.mark.parametrize("stage,tied,hinted", [(0, False, False), (3, False, False), (3, True, False),
+                                               (3, "llama", False), (0, False, True), (3, True, True)])
+def test_deepspeed_engine_lean_equals_plain_logits(stage, tied, hinted, monkeypatch):
     """The engine's lean forward gives the plain module's logits-path scalar and gradients, ZeRO-0 and
     ZeRO-3 (whose head weight is a partition outside the engine's forward: the chunked loss calls it
     through its module, so the engine's hooks gather it and reduce-scatter its gradient), tied too."""
@@ -330,9 +331,17 @@ def test_deepspeed_engine_lean_equals_plain_logits(stage, tied):
     if stage == 3:
         assert out.head.weight.numel() == 0          # partitioned: the loss must gather it
         assert isinstance(out.head, torch.nn.Linear)
-    loss = LossWrapper(weigh=weigh_fn(batch))(out, batch)
+    wrapper = LossWrapper(weigh=weigh_fn(batch))
+    recomputed = []
+    if hinted:      # the weights known before the losses: the gradients are formed in the (gathered) forward
+        wrapper.known_weights = lambda b: wrapper.weigh(None, b)
+        import dataflex.core.lean_loss as lean_module
+        real = lean_module._recompute_backward
+        monkeypatch.setattr(lean_module, "_recompute_backward", lambda *a: recomputed.append(1) or real(*a))
+    loss = wrapper(out, batch)
     torch.testing.assert_close(loss.detach(), ref_loss.detach(), rtol=1e-5, atol=1e-6)
     backend.engine.backward(loss)
+    assert not recomputed
     got = {n: safe_get_full_grad(p) if stage == 3 else p.grad for n, p in backend.module.named_parameters()}
     assert_grads_close({n: g.detach() for n, g in got.items() if g is not None}, grads(reference))
 

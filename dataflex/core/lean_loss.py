@@ -14,12 +14,32 @@ weights, token weights and any reduction are applied on the per-token output
 (`dataflex.core.loss.reduce_loss`), and the gradient reaches the hidden states and the head's weight
 and bias (tied or untied).
 
+Which computation runs (the same values and gradients, fp32 to 1e-5, from each):
+
+- weights known before the losses (`grad_hint`: no plugin, fixed sample and token weights, the mixer's
+  loss weights, the global denominator, the HF Trainer's accumulation path; `LossWrapper.known_weights`):
+  the forward forms the gradients while it computes the losses, whole-vocabulary chunks of tokens:
+  `d_t = c_t (softmax_t - onehot_t)`, then `d W` (the hidden states') and `d^T h` (the weight's): 3
+  head-sized matmuls, as many as the logits path's, and the backward only multiplies them by one scalar.
+  The backward checks that the gradient it gets is that scalar times the hint on every label token (to
+  4e-6 relative: float32 rounding); when it is not (the caller also backpropagates through the
+  per-token losses, or weighs by them and its hint was wrong) it recomputes, exactly as below. A hint
+  costs time when it is wrong, never a wrong gradient. Memory: the weight's gradient ([V, H] float32)
+  and the hidden states' ([N, H]) held from the forward to the backward.
+- weights computed from the losses (focal, tilted, rho-1...: a reweighter needs every loss before its
+  weights exist), or no hint: the forward keeps each token's log-sum-exp only and the backward
+  recomputes each chunk's logits: 4 head-sized matmuls. The extra one is inherent to an exact gradient
+  without the [N, V] logits: the weight's gradient `sum_t c_t (softmax_t - onehot_t) h_t^T` needs every
+  c_t, which exists only after every loss, and keeping the softmax until then is the logits' memory.
+- a frozen head (LoRA) with hidden states that need a gradient: the forward forms `(softmax - onehot) W`
+  per token ([N, H] floats) and the backward scales it by each token's gradient, whatever it is: 2
+  matmuls, no recomputation.
+
 Memory: one chunk buffer (64 MiB of float32 on CPU, 256 MiB on CUDA, plus its copy in the model's
-dtype when that is not float32) and, in the backward, the weight's gradient. Compute: one extra
-logits matmul in the backward (4 head-sized matmuls instead of 3), each with a large dimension
-(up to 4096 tokens per chunk). When the head is frozen (LoRA) and the hidden states need a
-gradient, the forward forms `(softmax - onehot) W` per token already ([N, H] floats) and the
-backward only scales it: 2 matmuls, no recomputation.
+dtype when that is not float32) and the weight's gradient. The recomputing path's chunks are up to 4096
+tokens by the vocabulary that fits; the other two take whole-vocabulary chunks of at least 256 tokens (the
+buffer grows past 64 MiB above V = 64k on CPU: 128 MiB at V = 128k) because the softmax must be complete
+before the gradient, and fewer tokens take the matmuls' large dimension away.
 
 Non-finite tokens: a token whose logits hold NaN or inf has a NaN or inf loss, as on the logits
 path, and `reduce_loss` gives it weight 0; its gradient here is exactly 0 (its row of
@@ -41,6 +61,10 @@ import torch
 IGNORE_INDEX = -100
 # bytes of one [chunk, V] float32 buffer (allocated once per forward and once per backward)
 CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
+# whole-vocabulary chunks (gradients formed in the forward) hold at least this many tokens: below it the three
+# head matmuls lose their large dimension (on a 2-core CPU at V = 128k, 128-token blocks made them ~20% slower
+# than 256-token ones); the chunk buffer then exceeds CHUNK_BYTES above V = 64k (128 MiB at V = 128k)
+WHOLE_VOCAB_MIN_ROWS = 256
 
 
 class LeanOutput(NamedTuple):
@@ -126,7 +150,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     the backward recomputes each chunk and writes its slice of the weight's gradient once."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, rows: int, cols: int, ignore_index: int, grad_enabled: bool):
+    def forward(ctx, hidden, weight, bias, labels, rows: int, cols: int, ignore_index: int, grad_enabled: bool,
+                hint: Optional[torch.Tensor] = None, whole_rows: int = 1):
         N, H = hidden.shape
         V = weight.shape[0]
         device = hidden.device
@@ -135,15 +160,27 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         safe = torch.where(valid, labels, torch.zeros((), dtype=labels.dtype, device=device))
         lse = torch.empty(N, dtype=torch.float32, device=device)
         target = torch.zeros(N, dtype=torch.float32, device=device)
-        # a frozen head (LoRA): whole-vocabulary chunks, d loss_i / d hidden_i formed now, no recomputation
-        early = grad_enabled and hidden.requires_grad and not weight.requires_grad \
-            and not (bias is not None and bias.requires_grad)
-        if early:
-            rows, cols = max(1, min(N, rows * cols // V)), V
+        need_h = grad_enabled and hidden.requires_grad
+        need_w = grad_enabled and weight.requires_grad
+        need_b = grad_enabled and bias is not None and bias.requires_grad
+        # a frozen head (LoRA): d loss_i / d hidden_i formed now, per token, no recomputation (any upstream gradient)
+        early = need_h and not need_w and not need_b
+        # the upstream gradient known up to one scalar (`hint`): every gradient formed now, 3 matmuls, no recomputation
+        fused = hint is not None and not early and (need_h or need_w or need_b)
+        if early or fused:                          # whole-vocabulary chunks: the softmax is complete in one
+            rows, cols = whole_rows, V
         flat = torch.empty(rows * cols, dtype=torch.float32, device=device)
-        flat_low = None if hidden.dtype == torch.float32 else torch.empty(rows * cols, dtype=hidden.dtype,
-                                                                          device=device)
-        grad_dir = torch.empty(N, H, dtype=torch.float32, device=device) if early else None
+        lowp = hidden.dtype != torch.float32
+        flat_low = torch.empty(rows * cols, dtype=hidden.dtype, device=device) if lowp else None
+        grad_dir = torch.empty(N, H, dtype=torch.float32, device=device) if (early or fused) and need_h else None
+        grad_w = grad_b = None
+        if fused:
+            coef = hint.to(device=device, dtype=torch.float32)
+            one_block = rows >= N
+            if need_w:
+                grad_w = torch.empty_like(weight) if one_block else torch.empty(V, H, dtype=torch.float32, device=device)
+            if need_b:
+                grad_b = torch.zeros(V, dtype=torch.float32, device=device)
         for s in range(0, N, rows):
             e = min(N, s + rows)
             n, h, lab = e - s, hidden[s:e], safe[s:e]
@@ -161,85 +198,143 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 m = new
             shift = torch.where(torch.isfinite(m), m, zero)
             lse[s:e] = shift + total.log()
-            if early:                                   # one vocabulary chunk: `logits` holds exp(l - shift)
-                logits.div_(total.unsqueeze(1))
-                logits[torch.arange(n, device=device), lab] -= 1.0
+            if early or fused:                      # one vocabulary chunk: `logits` holds exp(l - shift)
+                # c_t (softmax_t - onehot_t), in place, one pass: c_t = 1 (frozen head) or the hint
+                scale = coef[s:e] / total if fused else total.reciprocal()
+                logits.mul_(scale.unsqueeze(1))
+                logits[torch.arange(n, device=device), lab] -= coef[s:e] if fused else 1.0
                 dead = ~(valid[s:e] & torch.isfinite(lse[s:e]))
-                if bool(dead.any()):
+                any_dead = bool(dead.any())
+                if any_dead:
                     logits[dead] = 0.0
                 d = logits if low is None else low.copy_(logits)
-                grad_dir[s:e] = torch.mm(d, weight)
+                if grad_dir is not None:
+                    if lowp:
+                        grad_dir[s:e] = torch.mm(d, weight)
+                    else:
+                        torch.mm(d, weight, out=grad_dir[s:e])
+                if grad_w is not None:
+                    if any_dead:                    # a NaN hidden row times a zero row is NaN
+                        h = torch.where(dead.unsqueeze(1), torch.zeros((), dtype=h.dtype, device=device), h)
+                    if one_block or (s == 0 and not lowp):      # the first block writes, the others add
+                        torch.mm(d.t(), h, out=grad_w)
+                    elif s == 0:
+                        grad_w.copy_(torch.mm(d.t(), h))
+                    elif lowp:
+                        grad_w.add_(torch.mm(d.t(), h))
+                    else:
+                        grad_w.addmm_(d.t(), h)
+                if grad_b is not None:
+                    grad_b.add_(logits.sum(0))
         loss = torch.where(valid, lse - target, zero)
-        ctx.rows, ctx.cols, ctx.early, ctx.hidden_dtype = rows, cols, early, hidden.dtype
+        ctx.rows, ctx.cols, ctx.early, ctx.fused, ctx.hidden_dtype = rows, cols, early, fused, hidden.dtype
         if early:
             ctx.save_for_backward(grad_dir, valid, lse)
         else:
             ctx.save_for_backward(hidden, weight, bias, safe, valid, lse)
+        if fused:                                   # not autograd-saved: formed here, consumed once by backward
+            ctx.grads = (grad_dir, None if grad_w is None else grad_w.to(weight.dtype), grad_b, coef)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        none = (None,) * 5
+        none = (None,) * 7
         if ctx.early:
             grad_dir, valid, lse = ctx.saved_tensors
             g = torch.where(valid & torch.isfinite(lse), grad_loss.float(), torch.zeros((), device=grad_loss.device))
             return ((grad_dir * g.unsqueeze(1)).to(ctx.hidden_dtype), None, None) + none
         hidden, weight, bias, safe, valid, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        N, H = hidden.shape
-        V = weight.shape[0]
-        device = hidden.device
-        rows, cols = ctx.rows, ctx.cols
-        finite = torch.isfinite(lse)
-        g = torch.where(valid & finite, grad_loss.float(), torch.zeros((), device=device))
-        flat = torch.empty(rows * cols, dtype=torch.float32, device=device)
-        lowp = hidden.dtype != torch.float32
-        flat_low = torch.empty(rows * cols, dtype=hidden.dtype, device=device) if lowp else None
-        one_block = rows >= N
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = None
-        if need_w:   # one token block: each slice written once, in the weight's dtype, as the logits path's matmul
-            grad_w = torch.empty_like(weight) if one_block else torch.zeros(V, H, dtype=torch.float32, device=device)
-        grad_b = torch.zeros(V, dtype=torch.float32, device=device) if need_b and bias is not None else None
-        for s in range(0, N, rows):
-            e = min(N, s + rows)
-            n, h, lab = e - s, hidden[s:e], safe[s:e]
-            dead = ~finite[s:e]
-            any_dead = bool(dead.any())
-            if any_dead and need_w:                     # a NaN hidden row times a zero row is NaN
-                h = torch.where(dead.unsqueeze(1), torch.zeros((), dtype=h.dtype, device=device), h)
-            gh = torch.zeros(n, H, dtype=torch.float32, device=device) if need_h else None
-            for v0 in range(0, V, cols):
-                v1 = min(V, v0 + cols)
-                out32, low = _views(flat, flat_low, n, v1 - v0)
-                w = weight[v0:v1]
-                d32 = _logits(h, w, None if bias is None else bias[v0:v1], out32, low)
-                d32.sub_(lse[s:e].unsqueeze(1)).exp_()
-                r, c = _label_in(lab, v0, v1)
-                d32[r, c] -= 1.0
-                d32.mul_(g[s:e].unsqueeze(1))
-                if any_dead:
-                    d32[dead] = 0.0
-                d = d32 if low is None else low.copy_(d32)
-                if need_h:
-                    if lowp:
-                        gh.add_(torch.mm(d, w))
-                    else:
-                        gh.addmm_(d, w)
-                if need_w:
-                    if one_block:
-                        torch.mm(d.t(), h, out=grad_w[v0:v1])
-                    elif lowp:
-                        grad_w[v0:v1].add_(torch.mm(d.t(), h))
-                    else:
-                        grad_w[v0:v1].addmm_(d.t(), h)
-                if grad_b is not None:
-                    grad_b[v0:v1].add_(d32.sum(0))
+        if ctx.fused and getattr(ctx, "grads", None) is not None:
+            grad_dir, grad_w, grad_b, coef = ctx.grads
+            ctx.grads = None                        # scaled in place below: a second backward recomputes
+            alpha = _scale_of(grad_loss.float(), coef, valid & torch.isfinite(lse))
+            if alpha is not None:
+                need_h, need_w, need_b = ctx.needs_input_grad[:3]
+                grad_h = grad_dir.mul_(alpha).to(ctx.hidden_dtype) if need_h and grad_dir is not None else None
+                grad_w = grad_w.mul_(alpha) if need_w and grad_w is not None else None
+                grad_b = grad_b.mul_(alpha).to(bias.dtype) if need_b and grad_b is not None else None
+                return (grad_h, grad_w, grad_b) + none
+            # the upstream gradient is not a multiple of the hint (the caller also backpropagates through the
+            # per-token losses, or a token's weight changed after the forward): recompute, exactly, below
+        return _recompute_backward(ctx, grad_loss, hidden, weight, bias, safe, valid, lse)
+
+
+# a token's upstream gradient g_t and alpha * hint_t may differ by float32 rounding (a few ulp: the weights'
+# products are formed in another order); anything further apart is another gradient
+HINT_RTOL = 4e-6
+
+
+def _scale_of(g: torch.Tensor, hint: torch.Tensor, live: torch.Tensor) -> Optional[torch.Tensor]:
+    """alpha with g_t = alpha * hint_t on every live token (label token with a finite loss; the others get no
+    gradient either way), to HINT_RTOL of g_t; None when there is none. A 0-dim tensor (no host sync but one)."""
+    zero = torch.zeros((), device=g.device)
+    g, c = torch.where(live, g, zero), torch.where(live, hint, zero)
+    j = c.abs().argmax()
+    alpha = torch.where(c[j] != 0, g[j] / torch.where(c[j] != 0, c[j], torch.ones_like(c[j])), zero)
+    ok = (g - alpha * c).abs() <= HINT_RTOL * g.abs()
+    return alpha if bool(ok.all() & torch.isfinite(alpha)) else None
+
+
+def _recompute_backward(ctx, grad_loss, hidden, weight, bias, safe, valid, lse):
+    """The backward that recomputes each chunk's logits: exact for any per-token upstream gradient."""
+    none = (None,) * 7
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    N, H = hidden.shape
+    V = weight.shape[0]
+    device = hidden.device
+    rows, cols = ctx.rows, ctx.cols
+    finite = torch.isfinite(lse)
+    g = torch.where(valid & finite, grad_loss.float(), torch.zeros((), device=device))
+    flat = torch.empty(rows * cols, dtype=torch.float32, device=device)
+    lowp = hidden.dtype != torch.float32
+    flat_low = torch.empty(rows * cols, dtype=hidden.dtype, device=device) if lowp else None
+    one_block = rows >= N
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = None
+    if need_w:   # one token block: each slice written once, in the weight's dtype, as the logits path's matmul
+        grad_w = torch.empty_like(weight) if one_block else torch.empty(V, H, dtype=torch.float32, device=device)
+    grad_b = torch.zeros(V, dtype=torch.float32, device=device) if need_b and bias is not None else None
+    for s in range(0, N, rows):
+        e = min(N, s + rows)
+        n, h, lab = e - s, hidden[s:e], safe[s:e]
+        dead = ~finite[s:e]
+        any_dead = bool(dead.any())
+        if any_dead and need_w:                     # a NaN hidden row times a zero row is NaN
+            h = torch.where(dead.unsqueeze(1), torch.zeros((), dtype=h.dtype, device=device), h)
+        gh = torch.zeros(n, H, dtype=torch.float32, device=device) if need_h else None
+        for v0 in range(0, V, cols):
+            v1 = min(V, v0 + cols)
+            out32, low = _views(flat, flat_low, n, v1 - v0)
+            w = weight[v0:v1]
+            d32 = _logits(h, w, None if bias is None else bias[v0:v1], out32, low)
+            d32.sub_(lse[s:e].unsqueeze(1)).exp_()
+            r, c = _label_in(lab, v0, v1)
+            d32[r, c] -= 1.0
+            d32.mul_(g[s:e].unsqueeze(1))
+            if any_dead:
+                d32[dead] = 0.0
+            d = d32 if low is None else low.copy_(d32)
             if need_h:
-                grad_h[s:e] = gh
-        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
-        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return (grad_h, grad_w, grad_b) + none
+                if lowp:
+                    gh.add_(torch.mm(d, w))
+                else:
+                    gh.addmm_(d, w)
+            if need_w:
+                if one_block or (s == 0 and not lowp):      # the first token block writes, the others add
+                    torch.mm(d.t(), h, out=grad_w[v0:v1])
+                elif s == 0:
+                    grad_w[v0:v1].copy_(torch.mm(d.t(), h))
+                elif lowp:
+                    grad_w[v0:v1].add_(torch.mm(d.t(), h))
+                else:
+                    grad_w[v0:v1].addmm_(d.t(), h)
+            if grad_b is not None:
+                grad_b[v0:v1].add_(d32.sum(0))
+        if need_h:
+            grad_h[s:e] = gh
+    grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+    grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+    return (grad_h, grad_w, grad_b) + none
 
 
 @torch.no_grad()
@@ -283,15 +378,21 @@ def _through_module(module: torch.nn.Module, fn, *args):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, head, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
-                         chunk_size: Optional[int] = None, vocab_chunk: Optional[int] = None) -> torch.Tensor:
+                         chunk_size: Optional[int] = None, vocab_chunk: Optional[int] = None,
+                         grad_hint: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-token cross-entropy, float32, shaped like `labels` (see the module docstring).
-    `chunk_size` tokens x `vocab_chunk` vocabulary entries per logits chunk (default: `chunk_shape`)."""
+    `chunk_size` tokens x `vocab_chunk` vocabulary entries per logits chunk (default: `chunk_shape`).
+    `grad_hint` (shaped like `labels`): the gradient the caller will send back to these losses, known up to
+    one scalar factor before the forward (`dataflex.core.loss.loss_grad_hint`); the gradients are then
+    formed in the forward (see the module docstring). A hint is never trusted: a backward whose gradient
+    is not a multiple of it recomputes, exactly."""
     if isinstance(head, torch.nn.Module) and hasattr(getattr(head, "weight", None), "ds_id"):
         # DeepSpeed ZeRO-3: the head's weight is a partition outside its module's call. Called through
         # the module (its forward swapped for the chunked loss for this one call), the engine's own hooks
         # gather the weight for the forward and again for the backward, and reduce-scatter its gradient
         return _through_module(head, lambda h: linear_cross_entropy(h, (head.weight, head.bias), labels,
-                                                                    ignore_index, chunk_size, vocab_chunk), hidden)
+                                                                    ignore_index, chunk_size, vocab_chunk,
+                                                                    grad_hint), hidden)
     weight, bias = head_params(head)
     H = hidden.shape[-1]
     if weight.shape[-1] != H:
@@ -303,9 +404,17 @@ def linear_cross_entropy(hidden: torch.Tensor, head, labels: torch.Tensor, ignor
         flat = flat.contiguous()
     if weight.dtype != flat.dtype:                 # autocast-free mixed dtypes: compute in the weight's dtype
         flat = flat.to(weight.dtype)
-    rows, cols = chunk_shape(flat.shape[0], weight.shape[0], flat.device, chunk_size, vocab_chunk)
+    N, V = flat.shape[0], weight.shape[0]
+    rows, cols = chunk_shape(N, V, flat.device, chunk_size, vocab_chunk)
+    # tokens per whole-vocabulary chunk (a frozen head, or a hint): the same buffer, at least WHOLE_VOCAB_MIN_ROWS
+    # unless the chunk shape is given
+    explicit = chunk_size is not None or vocab_chunk is not None or bool(os.environ.get("DATAFLEX_LEAN_CHUNK"))
+    whole_rows = max(1, min(N, rows * cols // V if explicit else max(rows * cols // V, WHOLE_VOCAB_MIN_ROWS)))
+    if grad_hint is not None and grad_hint.shape != labels.shape:
+        raise ValueError(f"grad_hint {tuple(grad_hint.shape)} must be shaped like the labels {tuple(labels.shape)}")
+    hint = None if grad_hint is None else grad_hint.detach().reshape(-1)
     loss = ChunkedLinearCrossEntropy.apply(flat, weight, bias, labels.reshape(-1), rows, cols, int(ignore_index),
-                                           torch.is_grad_enabled())
+                                           torch.is_grad_enabled(), hint, whole_rows)
     return loss.view(labels.shape)
 
 

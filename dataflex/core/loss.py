@@ -42,16 +42,19 @@ REDUCTIONS = ("token", "sample")
 
 
 def per_token_loss(logits: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, *,
-                   hidden: Optional[torch.Tensor] = None, head=None, chunk_size: Optional[int] = None) -> torch.Tensor:
+                   hidden: Optional[torch.Tensor] = None, head=None, chunk_size: Optional[int] = None,
+                   grad_hint: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Cross-entropy of every position, [B, T], float32. From the logits [B, T, V], or (the lean
     path) from the last hidden states and the output head, `hidden=`/`head=` or a `LeanOutput` in
-    place of the logits: chunk by chunk, no [B, T, V] tensor (dataflex.core.lean_loss), same values."""
+    place of the logits: chunk by chunk, no [B, T, V] tensor (dataflex.core.lean_loss), same values.
+    `grad_hint` (lean path only; `loss_grad_hint`): the weights are known before the losses, so the
+    lean path forms its gradients in the forward (3 head matmuls, no recomputation)."""
     if isinstance(logits, LeanOutput):
         hidden, head = logits
     if hidden is not None:
         if head is None:
             raise ValueError("per_token_loss(hidden=...) needs the output head (head=module, weight or (weight, bias))")
-        return linear_cross_entropy(hidden, head, labels, chunk_size=chunk_size)
+        return linear_cross_entropy(hidden, head, labels, chunk_size=chunk_size, grad_hint=grad_hint)
     logits = getattr(logits, "logits", logits)      # HF ModelOutput
     B, T, V = logits.shape
     return F.cross_entropy(logits.reshape(B * T, V).float(), labels.reshape(B * T), reduction="none").view(B, T)
@@ -106,6 +109,29 @@ def reduce_loss(token_loss: torch.Tensor, loss_mask: torch.Tensor, sample_weight
     return num / den.clamp(min=torch.finfo(loss.dtype).tiny)
 
 
+def loss_grad_hint(loss_mask: torch.Tensor, sample_weights: Optional[torch.Tensor] = None,
+                   token_weights: Optional[torch.Tensor] = None, reduction: str = "token",
+                   segments: Optional[Segments] = None) -> torch.Tensor:
+    """d reduce_loss / d token_loss up to one scalar factor (the denominator, the upstream gradient), when
+    every token loss is finite: `s_i u_it m_it` (token reduction) or `s_i u_it m_it / sum_t u_it m_it`
+    (sample). Known before the forward when the weights are (they are not computed from its losses):
+    the lean path's `grad_hint`. A non-finite token changes the sample reduction's normalisers; the lean
+    backward sees its gradient is then not a multiple of the hint and recomputes."""
+    mask = loss_mask.float()
+    if segments is not None:
+        u = mask if token_weights is None else mask * segments.pack(token_weights.to(mask))
+        n = segments.n
+    else:
+        u = mask if token_weights is None else mask * token_weights.to(mask)
+        n = mask.shape[0]
+    s = torch.ones(n, dtype=mask.dtype, device=mask.device) if sample_weights is None else sample_weights.to(mask)
+    if reduction == "sample":
+        total = segments.sum(u) if segments is not None else u.sum(-1)
+        s = s / total.clamp(min=torch.finfo(mask.dtype).tiny)
+    s_tok = segments.spread(s) if segments is not None else s.unsqueeze(1)
+    return (s_tok * u).detach()
+
+
 def weighted_mean(per_sample: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
     """mean_i(w_i * l_i): with mean-1 weights, all-ones is the plain mean of per-sample losses."""
     if weights is None:
@@ -132,6 +158,11 @@ class LossWrapper:
         self.weigh = weigh
         self.reduction = reduction
         self.token_signal = True     # packed batches: unpack token losses into the signal ([S, T]) only when read
+        # `known_weights(batch) -> dict | None`: the answer `weigh` will give for this batch when it is known before
+        # the batch's losses (not computed from them), None when it is not. The lean path then forms its gradients
+        # in the forward (`loss_grad_hint`). Without `weigh`, every weight is 1 and known. A wrong answer costs
+        # time (the backward recomputes), never a wrong gradient.
+        self.known_weights: Optional[Callable[[dict], Optional[dict]]] = None
         self.last: dict = {}
 
     def __call__(self, logits=None, batch: Optional[dict] = None, *, hidden: Optional[torch.Tensor] = None,
@@ -140,7 +171,14 @@ class LossWrapper:
         (or a `dataflex.core.lean_loss.LeanOutput` as `logits`); the same scalar and gradients either way."""
         if batch is None:
             raise TypeError("flex.loss(outputs, batch): the batch is missing")
-        return self.from_token_loss(per_token_loss(logits, batch["labels"], hidden=hidden, head=head), batch)
+        hint = None
+        if hidden is not None or isinstance(logits, LeanOutput):
+            known = {} if self.weigh is None else (self.known_weights(batch) if self.known_weights else None)
+            if known is not None:
+                hint = loss_grad_hint(batch["loss_mask"], known.get("sample_weights"), known.get("token_weights"),
+                                      self.reduction, Segments.of(batch))
+        return self.from_token_loss(per_token_loss(logits, batch["labels"], hidden=hidden, head=head, grad_hint=hint),
+                                    batch)
 
     def from_token_loss(self, token_loss: torch.Tensor, batch: dict) -> torch.Tensor:
         """Entry point for Megatron-core's `loss_func`, whose output tensor is the per-token loss.

@@ -54,7 +54,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from dataflex.core.loss import per_token_loss, reduce_loss
+from dataflex.core.lean_loss import LeanOutput
+from dataflex.core.loss import loss_grad_hint, per_token_loss, reduce_loss
 from dataflex.data.mixture import MixtureDataset
 from dataflex.data.provenance import sample_table
 from dataflex.grad.interface import TorchInterface
@@ -295,11 +296,14 @@ class DataFlexTrainerMixin:
         answer, m = self._flex_answer, len(inputs["input_ids"])
         part = slice(micro * m, (micro + 1) * m)
         sample_weights, token_weights = answer.get("sample_weights"), answer.get("token_weights")
+        sample_weights = None if sample_weights is None else sample_weights[part]
+        token_weights = None if token_weights is None else token_weights[part]
         logits = self._flex_outputs(model, inputs, lean)
-        loss = reduce_loss(per_token_loss(logits, inputs["labels"]), inputs["loss_mask"],
-                           None if sample_weights is None else sample_weights[part],
-                           None if token_weights is None else token_weights[part], self.flex.loss.reduction,
-                           answer.get("denominator"))
+        # the weights are known before this micro-batch's forward: the lean path forms its gradients there
+        hint = loss_grad_hint(inputs["loss_mask"], sample_weights, token_weights, self.flex.loss.reduction) \
+            if isinstance(logits, LeanOutput) else None
+        loss = reduce_loss(per_token_loss(logits, inputs["labels"], grad_hint=hint), inputs["loss_mask"],
+                           sample_weights, token_weights, self.flex.loss.reduction, answer.get("denominator"))
         self._flex_observe(model, inputs, logits)
         return (loss, {"logits": logits}) if return_outputs else loss
 

@@ -59,6 +59,7 @@ class DataFlex:
         self.state.signals = Signals(self)
         self.engine = Engine(plugins, self.state)
         self.loss = LossWrapper(weigh=self._weigh, reduction=loss_reduction)
+        self.loss.known_weights = self._known_weights     # the lean loss's hint (dataflex.core.loss.loss_grad_hint)
         self.datasets = {k: as_mixture(k, v) for k, v in (datasets or {}).items() if v is not None}
         self._needs_tokens = any(getattr(p, "needs_token_losses", False) for p in self.engine.plugins)
         self.packing, self.pack_lookahead = bool(packing), int(pack_lookahead)
@@ -174,6 +175,21 @@ class DataFlex:
         if self.packing:
             return x[self._share[0]:self._share[1]]
         return self.sampler.rank_slice(x)
+
+    def _known_weights(self, batch: dict) -> Optional[dict]:
+        """The sample weights `_weigh` will give this batch when they are known before its losses: no plugin weighs
+        by the step's losses (AFTER_LOSS) or its token losses, one call for the whole local batch; the mixer's domain
+        loss weights apply. None otherwise. Only a hint for the lean loss (a wrong one costs time, not exactness)."""
+        s = self.state
+        if self._needs_tokens or s.batch_domains is None or s.sample_weights is not None \
+                or any(Event.AFTER_LOSS in getattr(p, "events", ()) for p in self.engine.plugins):
+            return None
+        n = len(batch["sample_id"]) if "sample_id" in batch else len(batch["labels"])
+        if self._micro is not None and self._micro.splits(n):
+            return None
+        weights = compose_sample_weights(s, torch.ones(len(s.batch_domains), dtype=torch.bool))
+        mine = self._mine(weights)
+        return {"sample_weights": mine.float().to(batch["loss_mask"].device)} if len(mine) == n else None
 
     def _weigh(self, signal: dict, batch: dict) -> dict:
         """AFTER_LOSS: gather the step's losses, let reweighters weigh them, compose every weight.
