@@ -1,4 +1,4 @@
-"""The gradient engine on the lean path (dataflex.grad.ghost.HeadFactor): ghost norms, dots, factored
+"""The gradient engine on the lean path (dataflex.grad.factors.HeadFactor): ghost norms, dots, factored
 projections and exact per-sample gradients with `TorchInterface(lean=True)` equal the logits path
 (`lean=False`: the head's output gradient as a [B, T, V] tensor, exact gradients through torch.func),
 fp32 to 1e-5; TinyGPT with tied and untied heads, a random-init HF Llama tied and untied, a head with
@@ -12,7 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dataflex.grad import FactoredProjector, TorchInterface
 from dataflex.grad import ghost as ghost_module
-from dataflex.grad.ghost import HeadFactor, capture
+from dataflex.grad.factors import HeadFactor
+from dataflex.grad.ghost import capture
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

@@ -11,7 +11,8 @@ from test_packing import SEQ, llama, packed_step, tiny
 from dataflex.core.packing import Segments
 from dataflex.grad.factored import FactoredProjector
 from dataflex.grad.fallback import loop_per_sample_grads
-from dataflex.grad.ghost import capture, ghost_inner
+from dataflex.grad.factors import ghost_inner
+from dataflex.grad.ghost import capture
 from dataflex.grad.interface import TorchInterface
 from dataflex.grad.params import select_params
 from dataflex.grad.projection import SparseProjector

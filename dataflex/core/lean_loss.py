@@ -343,7 +343,7 @@ def chunked_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional
     """[...] float32 log-sum-exp over the vocabulary of each token's logits `hidden @ weight.T + bias`
     (hidden [..., H]), computed as the loss's forward computes it (logits in the model's dtype,
     upcast, an online log-sum-exp over [tokens, vocabulary] chunks): no [N, V] tensor. What the
-    gradient engine needs to recompute softmax(z_t) chunk by chunk (`dataflex.grad.ghost.HeadFactor`)."""
+    gradient engine needs to recompute softmax(z_t) chunk by chunk (`dataflex.grad.factors.HeadFactor`)."""
     H = hidden.shape[-1]
     flat = hidden.reshape(-1, H).to(weight.dtype)
     N, V = flat.shape[0], weight.shape[0]

@@ -35,7 +35,8 @@ from typing import Callable, Optional
 
 import torch
 
-from dataflex.grad.ghost import EngineRun, Factor, assemble, batch_samples, capture, chunks, norms_squared
+from dataflex.grad.factors import Factor
+from dataflex.grad.ghost import EngineRun, assemble, batch_samples, capture, chunks, norms_squared
 from dataflex.grad.params import ParamSpec, PerSampleGrads
 from dataflex.models.forward import default_forward
 

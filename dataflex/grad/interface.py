@@ -174,7 +174,7 @@ class TorchInterface:
                                         train_mode, self._hook_call(), self.lean)
         if projector is None and self.lean and offers_lean(self.module):
             # exact gradients from the hook engine on the lean path: the head's per-sample gradient is
-            # formed a vocabulary chunk at a time (ghost.HeadFactor), no [B, T, V] logits
+            # formed a vocabulary chunk at a time (factors.HeadFactor), no [B, T, V] logits
             return hook_projected_grads(self.module, batch, params, None, chunk_size, self.forward,
                                         train_mode, self._hook_call(), True)
         # exact per-sample loop where torch.func cannot go (dataflex.grad.fallback), with a one-line warning
