@@ -106,3 +106,21 @@ def test_zero3_through_training_arguments_runs_ghost_norms(tmp_path, domains_bui
     batch = ds_flex.data.batch(torch.arange(6))
     ghost = ds_flex.interface.per_sample_grad_norms(batch)
     torch.testing.assert_close(ghost, one_at_a_time_norms(plain.model, batch), rtol=1e-4, atol=1e-6)
+
+
+def test_deepspeed_batch_sizes_are_dataflexs(tmp_path, domains_builder):
+    """A per-device batch left at Trainer's default: DeepSpeed's "auto" sizes follow dataflex's global batch; a
+    number in the DeepSpeed config that contradicts it is refused before the engine is built."""
+    ensure_process_env()
+    flex = dataflex.DataFlex(domains_builder(16), global_batch_size=4, seed=0)
+    bad = {**ZERO3, "train_micro_batch_size_per_gpu": 8}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], save_strategy="no", deepspeed=bad,
+                             disable_tqdm=True)
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=8 contradicts dataflex's 4"):
+        DataFlexTrainer(model=tiny_model("llama", vocab=64), args=args, flex=flex).train()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], save_strategy="no", deepspeed=ZERO3,
+                             disable_tqdm=True)
+    trainer = DataFlexTrainer(model=tiny_model("llama", vocab=64), args=args, flex=flex)
+    trainer.train()
+    assert trainer.model_wrapped.train_micro_batch_size_per_gpu() == 4 == trainer.model_wrapped.train_batch_size()
+    assert len(pd.read_parquet(tmp_path / "ledger")) == 4
