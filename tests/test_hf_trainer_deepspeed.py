@@ -28,7 +28,7 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PAT
 
 ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
          "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
-         "gradient_clipping": "auto", "steps_per_print": 10 ** 9}
+         "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "steps_per_print": 10 ** 9}
 
 
 @pytest.fixture(autouse=True)
