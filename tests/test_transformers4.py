@@ -71,5 +71,6 @@ def test_trainer_on_transformers_4():
     assert transformers_version.startswith("4."), transformers_version
     run = subprocess.run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS, "-k", "not two_ranks"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=1500)
+    print(run.stdout.splitlines()[-1] if run.stdout else "")         # the inner summary, with -s / -rA
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout.splitlines()[-1] and "failed" not in run.stdout.splitlines()[-1]

@@ -187,7 +187,7 @@ class DeepSpeedInterface(TorchInterface):
         return NotImplementedError(
             f"{what} need each rank to hold full parameters: ZeRO stage 3 partitions them. Use ZeRO 0-2 "
             "(backend.zero_stage), or per_sample_grad_norms / per_sample_grad_dots / FactoredProjector / "
-            "SparseProjector, which run through the engine's forward; losses and probes work under ZeRO-3.")
+            "SparseProjector, which run the module through ZeRO's hooks; losses and probes work under ZeRO-3.")
 
     def per_sample_grads(self, batch, params="all", projector=None, chunk_size=16, train_mode=False):
         if self.zero_stage >= 3 and not (getattr(projector, "factored", False)

@@ -35,7 +35,12 @@ What changes against a plain Trainer, and nothing else (docs/integrations/huggin
   `domains.val`): `evaluate()` is `flex.evaluate` (per-domain mean sample loss, `eval_<domain>_loss`,
   `eval_loss` their mean over domains) and fires EVAL_END, so mixers that learn at evaluations do.
   Any other eval dataset goes through Trainer's own evaluation; a batch there that carries dataflex's
-  `loss_mask` is scored with dataflex's labels (already shifted) and mask.
+  `loss_mask` is scored with dataflex's labels (already shifted) and mask;
+- under `TrainingArguments(deepspeed=...)` (ZeRO 0-3) the plugins' signals go through the engine's
+  interface (`dataflex.backends.deepspeed.DeepSpeedInterface`: ghost norms and dots under ZeRO-3), and
+  DeepSpeed's batch sizes are dataflex's ("auto" follows it, a contradicting number is refused);
+- transformers 4 and 5: the Trainer hooks that changed between them (resume's batch skipping, the loss's
+  division by the micro-batch count) are handled on both.
 
 `DataFlexTrainerMixin` goes in front of any Trainer subclass; TRL's SFTTrainer has its own class that keeps
 TRL's data preparation and metrics: `dataflex.integrations.sft.DataFlexSFTTrainer`.
