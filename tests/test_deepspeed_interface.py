@@ -63,7 +63,8 @@ def test_zero3_gradient_signals_leave_training_gradients_alone():
             if signals:
                 norms.append(backend.interface.per_sample_grad_norms(b))
             backend.engine.backward(reduce_loss(per_token_loss(backend.forward(b), b["labels"]), b["loss_mask"]))
-            grads[signals, step] = torch.cat([safe_get_full_grad(p).flatten() for p in backend.engine.module.parameters()])
+            module = backend.engine.module
+            grads[signals, step] = torch.cat([safe_get_full_grad(p).flatten() for p in module.parameters()])
             backend.engine.step()
     for step in range(3):
         torch.testing.assert_close(grads[True, step], grads[False, step], rtol=1e-5, atol=1e-7)

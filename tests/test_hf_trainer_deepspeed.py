@@ -124,3 +124,43 @@ def test_deepspeed_batch_sizes_are_dataflexs(tmp_path, domains_builder):
     trainer.train()
     assert trainer.model_wrapped.train_micro_batch_size_per_gpu() == 4 == trainer.model_wrapped.train_batch_size()
     assert len(pd.read_parquet(tmp_path / "ledger")) == 4
+
+
+@pytest.mark.slow
+def test_zero3_on_two_ranks_equals_one_process(tmp_path):
+    """Two torchrun ranks (gloo, CPU) under ZeRO-3 through TrainingArguments, the gradient-norm selector's ghost
+    norms gathered over both: the losses, norms and samples of one process."""
+    import subprocess
+
+    from dataflex.utils.dist import free_port
+
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)]), "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):   # another test's process group
+        env.pop(var, None)
+    script = str(tests / "hf_trainer_ds_ranks.py")
+
+    def launch(cmd):        # its own process group: a hang kills the launcher and every rank it started
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            out, err = proc.communicate()
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    two = launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                  script, str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "rank 1 of 2: flex rank 1 of 2, zero stage 3" in two.stdout
+    one = launch([sys.executable, script, str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    lines = {k: [json.loads(x) for x in (tmp_path / k / "metrics.jsonl").read_text().splitlines()]
+             for k in ("one", "two")}
+    assert len(lines["one"]) == len(lines["two"]) == 3
+    for a, b in zip(lines["one"], lines["two"]):
+        for key in ("train_loss", "selector/candidate_grand_mean", "selector/kept_grand_mean"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a["step"], key, a[key], b[key])
+    la, lb = (pd.read_parquet(tmp_path / k / "ledger").sort_values(["step", "sample_id"]) for k in ("one", "two"))
+    assert (la.sample_id.values == lb.sample_id.values).all() and {0, 1} <= set(lb["rank"])   # -1: not kept

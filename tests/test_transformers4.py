@@ -50,7 +50,8 @@ def build_venv(venv: Path) -> None:
     pip = subprocess.run([str(venv_python(venv)), "-m", "pip", "install", "-q", "--no-deps", *PINS],
                          capture_output=True, text=True)
     assert pip.returncode == 0, f"installing {PINS} failed:\n{pip.stdout[-2000:]}\n{pip.stderr[-2000:]}"
-    purelib = subprocess.run([str(venv_python(venv)), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    purelib = subprocess.run([str(venv_python(venv)), "-c",
+                              "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True, check=True).stdout.strip()
     (Path(purelib) / "zz_dataflex_base.pth").write_text(f"import site; site.addsitedir({base!r})\n")
     stamp.write_text(json.dumps(want))

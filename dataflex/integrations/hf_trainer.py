@@ -267,11 +267,11 @@ class DataFlexTrainerMixin:
         for key, value in want.items():
             given = user.get(key) if isinstance(user, dict) else None
             if given not in (None, "auto") and given != value:
-                raise ValueError(f"DataFlexTrainer: the DeepSpeed config's {key}={given} contradicts dataflex's {value} "
-                                 f"(global batch {B} = {micro} per device x {k} micro-batches x {B // (micro * k)} "
-                                 f"ranks): set it to \"auto\" or {value}")
-        configs = {id(c): c for c in (getattr(plugin, "deepspeed_config", None),
-                                      getattr(getattr(plugin, "hf_ds_config", None), "config", None)) if isinstance(c, dict)}
+                raise ValueError(f"DataFlexTrainer: the DeepSpeed config's {key}={given} contradicts dataflex's "
+                                 f"{value} (global batch {B} = {micro} per device x {k} micro-batches x "
+                                 f"{B // (micro * k)} ranks): set it to \"auto\" or {value}")
+        hf_config = getattr(getattr(plugin, "hf_ds_config", None), "config", None)
+        configs = {id(c): c for c in (getattr(plugin, "deepspeed_config", None), hf_config) if isinstance(c, dict)}
         for cfg in configs.values():
             cfg.update(want)
 
