@@ -45,3 +45,26 @@ def test_engine_signals_match_plain_module(stage):
     proj = RademacherProjector(dim=128, seed=3)
     torch.testing.assert_close(backend.interface.per_sample_grads(b, projector=proj).projected,
                                reference.per_sample_grads(b, projector=proj).projected, rtol=1e-4, atol=1e-5)
+
+
+def test_zero3_gradient_signals_leave_training_gradients_alone():
+    """Ghost norms between ZeRO-3 steps (a selector's signal) are not a training backward: each step's gradient
+    equals that of the same engine run without them (DeepSpeed's output hooks once added it onto the last step's)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from dataflex.core.loss import per_token_loss, reduce_loss
+
+    grads = {}
+    for signals in (False, True):
+        model = TinyGPT(vocab_size=64, seq_len=16, d_model=32, n_layers=2, n_heads=4)
+        backend = DeepSpeedBackend(model, micro_batch_size=6, zero_stage=3, lr=1e-3)
+        b, norms = batch(), []
+        for step in range(3):
+            if signals:
+                norms.append(backend.interface.per_sample_grad_norms(b))
+            backend.engine.backward(reduce_loss(per_token_loss(backend.forward(b), b["labels"]), b["loss_mask"]))
+            module = backend.engine.module
+            grads[signals, step] = torch.cat([safe_get_full_grad(p).flatten() for p in module.parameters()])
+            backend.engine.step()
+    for step in range(3):
+        torch.testing.assert_close(grads[True, step], grads[False, step], rtol=1e-5, atol=1e-7)

@@ -345,7 +345,7 @@ def test_ghost_dots_match_dattri_grad_dot():
 
 @pytest.mark.filterwarnings("ignore")
 def test_zero3_engine_runs_ghost_and_factored_paths():
-    """Under ZeRO-3 the hook engine runs the engine's forward (which gathers the partitioned
+    """Under ZeRO-3 the hook engine runs the module through ZeRO's submodule hooks (which gather the partitioned
     parameters): norms, dots, factored and sparse features equal the plain module's. (ZeRO 0-2 run the
     plain module itself.) One process; multi-rank ZeRO-3 is not tested here."""
     import os

@@ -178,15 +178,16 @@ class DeepSpeedInterface(TorchInterface):
         return self.engine
 
     def _hook_call(self):
-        # ZeRO-3: the engine's forward gathers the partitioned parameters (the hooks only read
-        # activations and output gradients); below stage 3 the module holds them whole
-        return self.engine if self.zero_stage >= 3 else None
+        # ZeRO-3: the module called through ZeRO's own submodule hooks, which gather the partitioned
+        # parameters for its forward and backward (the ghost hooks only read activations and output
+        # gradients); below stage 3 the module holds them whole
+        return ZeroModuleCall(self.engine) if self.zero_stage >= 3 else None
 
     def _zero3_error(self, what: str):
         return NotImplementedError(
             f"{what} need each rank to hold full parameters: ZeRO stage 3 partitions them. Use ZeRO 0-2 "
             "(backend.zero_stage), or per_sample_grad_norms / per_sample_grad_dots / FactoredProjector / "
-            "SparseProjector, which run through the engine's forward; losses and probes work under ZeRO-3.")
+            "SparseProjector, which run the module through ZeRO's hooks; losses and probes work under ZeRO-3.")
 
     def per_sample_grads(self, batch, params="all", projector=None, chunk_size=16, train_mode=False):
         if self.zero_stage >= 3 and not (getattr(projector, "factored", False)
@@ -204,3 +205,23 @@ class DeepSpeedInterface(TorchInterface):
         if self.zero_stage >= 3:
             raise self._zero3_error("batch_grad's functional call")
         return super().batch_grad(batch, params, reduction)
+
+
+class ZeroModuleCall:
+    """The engine's module called directly, for the gradient signals' forward and activation-only backward under
+    ZeRO-3: ZeRO's hooks on each submodule gather (and release) its partitioned parameters as the engine's own
+    forward would, but the engine's forward would also hook its outputs as a training backward: a signal's
+    backward would then run the engine's backward prologue and epilogue (the next training backward added its
+    gradient to the last step's stale partitions instead of replacing them: 2x, then 3x the true gradient) and
+    scale the output gradients by 1 / gradient_accumulation_steps. `zero_optimization_stage` tells
+    dataflex.grad.ghost that the head's weight is a partition (the logits path)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.module = engine.module
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def zero_optimization_stage(self) -> int:
+        return self.engine.zero_optimization_stage()

@@ -152,8 +152,8 @@ def _contributions(mod, roles, x, b, B, seg: Optional[Segments] = None) -> list:
 
 def _norm_shape(mod) -> tuple:
     """The elementwise-affine shape of a norm layer (torch's LayerNorm/RMSNorm, or an HF RMSNorm that has
-    only its weight)."""
-    return tuple(mod.normalized_shape) if hasattr(mod, "normalized_shape") else tuple(mod.weight.shape)
+    only its weight: under ZeRO-3 its full shape, not the partition's)."""
+    return tuple(mod.normalized_shape) if hasattr(mod, "normalized_shape") else _shape(mod.weight)
 
 
 def _per_token(mod, x, out, B: int, T: int) -> bool:

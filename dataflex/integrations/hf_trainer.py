@@ -35,7 +35,12 @@ What changes against a plain Trainer, and nothing else (docs/integrations/huggin
   `domains.val`): `evaluate()` is `flex.evaluate` (per-domain mean sample loss, `eval_<domain>_loss`,
   `eval_loss` their mean over domains) and fires EVAL_END, so mixers that learn at evaluations do.
   Any other eval dataset goes through Trainer's own evaluation; a batch there that carries dataflex's
-  `loss_mask` is scored with dataflex's labels (already shifted) and mask.
+  `loss_mask` is scored with dataflex's labels (already shifted) and mask;
+- under `TrainingArguments(deepspeed=...)` (ZeRO 0-3) the plugins' signals go through the engine's
+  interface (`dataflex.backends.deepspeed.DeepSpeedInterface`: ghost norms and dots under ZeRO-3), and
+  DeepSpeed's batch sizes are dataflex's ("auto" follows it, a contradicting number is refused);
+- transformers 4 and 5: the Trainer hooks that changed between them (resume's batch skipping, the loss's
+  division by the micro-batch count) are handled on both.
 
 `DataFlexTrainerMixin` goes in front of any Trainer subclass; TRL's SFTTrainer has its own class that keeps
 TRL's data preparation and metrics: `dataflex.integrations.sft.DataFlexSFTTrainer`.
@@ -133,13 +138,16 @@ class DataFlexLoader:
 class DataFlexCallback(TrainerCallback):
     """Ends each dataflex step after the optimizer step and records it (rank 0 writes)."""
 
-    def __init__(self, flex, run_dir: str, flush_every: int = 50, plot: bool = False):
+    def __init__(self, flex, run_dir: str, flush_every: int = 50, plot: bool = False, on_begin=None):
         self.flex, self.run_dir, self.flush_every, self.plot = flex, run_dir, flush_every, plot
+        self.on_begin = on_begin        # called first at train begin, once Trainer has wrapped the model
         self.out: Optional[RunOutputs] = None
         self.last: dict = {}
         self.started = time.time()
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if self.on_begin is not None:
+            self.on_begin()
         if self.flex.step != state.global_step:
             raise UserError(f"DataFlexTrainer: dataflex is at step {self.flex.step}, Trainer at step "
                             f"{state.global_step}: resume from a checkpoint DataFlexTrainer wrote (it holds {STATE_FILE})")
@@ -195,13 +203,29 @@ class DataFlexTrainerMixin:
         self.flex = flex = self._flex_session(flex)
         if self.args.max_steps is None or self.args.max_steps <= 0:
             raise ValueError("DataFlexTrainer: set TrainingArguments(max_steps=N); dataflex draws batches forever")
+        self._flex_forward = forward_for(self.model)
+        self._flex_own_interface = flex.interface is None
         if flex.interface is None:       # probes and gradients for selectors / reweighters that ask for them
             flex.interface = TorchInterface(self.model)
-        self._flex_forward = forward_for(self.model)
         self._flex_loader: Optional[DataFlexLoader] = None
         self._flex_answer: dict = {}
-        self.flex_callback = DataFlexCallback(flex, run_dir or self.args.output_dir)
+        self.flex_callback = DataFlexCallback(flex, run_dir or self.args.output_dir, on_begin=self._flex_bind_engine)
         self.add_callback(self.flex_callback)
+
+    def _flex_bind_engine(self) -> None:
+        """Under Trainer's DeepSpeed (`TrainingArguments(deepspeed=...)`), once Trainer has built the engine: the
+        signals dataflex's plugins ask for (losses, probes, ghost norms and dots, factored features) go through
+        the engine's interface (`dataflex.backends.deepspeed.DeepSpeedInterface`), whose forward gathers ZeRO-3's
+        partitioned parameters, instead of the raw module (empty placeholders under ZeRO-3). An interface the
+        user gave DataFlex is left as it is."""
+        engine = self.model_wrapped
+        if not (self._flex_own_interface and getattr(self, "is_deepspeed_enabled", False)
+                and callable(getattr(engine, "zero_optimization_stage", None))):
+            return
+        if getattr(self.flex.interface, "engine", None) is not engine:
+            from dataflex.backends.deepspeed import DeepSpeedInterface
+
+            self.flex.interface = DeepSpeedInterface(engine, self._flex_forward)
 
     def _flex_session(self, flex):
         """The DataFlex session, once the Trainer is built (a subclass may build it from the Trainer's data)."""
@@ -226,7 +250,31 @@ class DataFlexTrainerMixin:
                              f"{k} x {world} ranks = {per_device * k * world}, but DataFlex's global batch is {B}: "
                              f"set per_device_train_batch_size={micro} (or leave it out: it follows DataFlex's)")
         self._train_batch_size = micro          # Trainer's samples/s and logs count the batch dataflex draws
+        self._flex_deepspeed_batch(micro, k, B)
         return k
+
+    def _flex_deepspeed_batch(self, micro: int, k: int, B: int) -> None:
+        """Under `TrainingArguments(deepspeed=...)`, before Trainer builds the engine: DeepSpeed's batch sizes are
+        dataflex's. A number the user's DeepSpeed config gives that contradicts them is refused; values Trainer
+        filled in for "auto" from a `per_device_train_batch_size` left at its default follow dataflex's."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None) if getattr(self, "is_deepspeed_enabled",
+                                                                                        False) else None
+        if plugin is None:
+            return
+        user = self.args.deepspeed
+        if isinstance(user, (str, os.PathLike)):
+            user = json.loads(Path(user).read_text())
+        want = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": k, "train_batch_size": B}
+        for key, value in want.items():
+            given = user.get(key) if isinstance(user, dict) else None
+            if given not in (None, "auto") and given != value:
+                raise ValueError(f"DataFlexTrainer: the DeepSpeed config's {key}={given} contradicts dataflex's "
+                                 f"{value} (global batch {B} = {micro} per device x {k} micro-batches x "
+                                 f"{B // (micro * k)} ranks): set it to \"auto\" or {value}")
+        hf_config = getattr(getattr(plugin, "hf_ds_config", None), "config", None)
+        configs = {id(c): c for c in (getattr(plugin, "deepspeed_config", None), hf_config) if isinstance(c, dict)}
+        for cfg in configs.values():
+            cfg.update(want)
 
     def get_train_dataloader(self):
         self._flex_loader = DataFlexLoader(self.flex, self.args.max_steps, self._flex_micro_batches())
@@ -240,7 +288,17 @@ class DataFlexTrainerMixin:
         checkpoint = kwargs.get("resume_from_checkpoint")
         if checkpoint is not None:
             self._flex_load(checkpoint)
-        return super()._inner_training_loop(*args, **kwargs)
+        if checkpoint is None or hasattr(Trainer, "get_resumed_dataloader"):
+            return super()._inner_training_loop(*args, **kwargs)
+        # transformers 4 has no get_resumed_dataloader: it skips a resumed epoch's first batches itself, with
+        # accelerate's skip_first_batches (which needs a torch DataLoader). dataflex's position is its own
+        # state, so nothing is skipped: Trainer runs as with ignore_data_skip for this call
+        skip = self.args.ignore_data_skip
+        self.args.ignore_data_skip = True
+        try:
+            return super()._inner_training_loop(*args, **kwargs)
+        finally:
+            self.args.ignore_data_skip = skip
 
     def _flex_load(self, checkpoint) -> None:
         from dataflex.utils.safeload import load_weights_only
@@ -270,6 +328,16 @@ class DataFlexTrainerMixin:
         out = lean_forward(self._flex_forward, model, inputs) if lean else None   # None: the model cannot
         return self._flex_forward(model, inputs) if out is None else out
 
+    def _flex_share(self, loss, num_items_in_batch):
+        """The loss handed back to Trainer's training step, which must not rescale it: transformers 5 reads
+        `loss_is_scaled_for_ga` (True above); transformers 4 divides by the step's micro-batch count unless the
+        model takes loss kwargs (and the count of label tokens was made) or a `compute_loss_func` is set, so
+        there the loss is multiplied by that count first."""
+        if hasattr(Trainer, "loss_is_scaled_for_ga"):
+            return loss
+        divides = (not self.model_accepts_loss_kwargs or num_items_in_batch is None) and self.compute_loss_func is None
+        return loss * self.current_gradient_accumulation_steps if divides else loss
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         micro = inputs.pop("flex_micro", None)
         if "loss_mask" not in inputs:
@@ -284,7 +352,7 @@ class DataFlexTrainerMixin:
         k = self.args.gradient_accumulation_steps
         if k == 1 or micro is None:
             logits = self._flex_outputs(model, inputs, lean)
-            loss = self.flex.loss(logits, inputs)
+            loss = self._flex_share(self.flex.loss(logits, inputs), num_items_in_batch)
             self._flex_observe(model, inputs, logits)
             return (loss, {"logits": logits}) if return_outputs else loss
         if micro == 0:               # weigh the whole batch once, from its micro-batches' losses
@@ -304,6 +372,7 @@ class DataFlexTrainerMixin:
             if isinstance(logits, LeanOutput) else None
         loss = reduce_loss(per_token_loss(logits, inputs["labels"], grad_hint=hint), inputs["loss_mask"],
                            sample_weights, token_weights, self.flex.loss.reduction, answer.get("denominator"))
+        loss = self._flex_share(loss, num_items_in_batch)
         self._flex_observe(model, inputs, logits)
         return (loss, {"logits": logits}) if return_outputs else loss
 
@@ -316,6 +385,7 @@ class DataFlexTrainerMixin:
         if val is None:
             return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         resolve_ranks(self.flex)
+        self._flex_bind_engine()
         start = time.time()
         losses = self.flex.evaluate(val)           # per-domain mean sample loss; EVAL_END for the plugins
         metrics = {f"{metric_key_prefix}_{d}_loss": v for d, v in losses.items()}
