@@ -11,8 +11,9 @@ A run is done when its folder holds summary.json; an interrupted one continues f
 in a family, seed by seed (every strategy's seed 0 first), so an interrupted protocol leaves the strategies of a
 family with the same seeds; a run whose folder is locked by a live process (another protocol.py) is waited for. A run that
 needs another (the reference model, DoReMi's mixture, the selection a length-matched run copies) waits for it.
-The pages: `launch/compare.py OUT/FAMILY --out PAGES/FAMILY --baseline B` (intervals, differences paired by
-seed, verdicts), and PAGES/provenance.json (date, commit, machine, load, each run's wall time).
+The pages: `launch/compare.py OUT/FAMILY --out PAGES --baseline B` (intervals, differences paired by seed,
+verdicts) into the protocol's `pages` folder of each family, and its `provenance` file (date, commit, machine,
+load, each run's wall time).
 """
 from __future__ import annotations
 
@@ -77,8 +78,8 @@ def tasks(proto: dict, out: Path, seeds: list) -> list:
                 if label in (proto.get("exclude") or {}).get(family, ()):
                     continue
                 own, deps = [], []
-                for e in variant:
-                    e = e.format(ref=ref, out=out, target=proto["target"]).replace("${trainer.seed}", str(seed))
+                for e in variant:      # a path to the same seed's run stays `${trainer.seed}`: one strategy
+                    e = e.format(ref=ref, out=out, target=proto["target"])
                     e = e.replace("keep_fraction=0.1", f"keep_fraction={proto['budget']}")
                     if str(ref) in e:
                         deps.append("reference")
@@ -103,14 +104,15 @@ def command(task: Task) -> list:
     return [sys.executable, str(ROOT / "launch" / "train.py"), *args, f"hydra.run.dir={task.folder}"]
 
 
-def run_all(todo: list, jobs: int, logs: Path) -> dict:
-    """Runs the tasks, `jobs` at a time, each after its dependencies; {key: wall seconds} of the runs made."""
+def run_all(todo: list, jobs: int, logs: Path) -> list:
+    """Runs the tasks, `jobs` at a time, each after its dependencies; returns the 1-minute load averages
+    sampled every 30 s meanwhile."""
     logs.mkdir(parents=True, exist_ok=True)
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="1", OMP_NUM_THREADS=threads)
     by_key = {t.key: t for t in todo}
     waiting = [t for t in todo if not t.done()]
-    running, walls, failed = {}, {}, []
+    running, walls, failed, loads, sampled = {}, {}, [], [os.getloadavg()[0]], time.time()
     print(f"protocol: {len(todo) - len(waiting)} of {len(todo)} runs done, {len(waiting)} to run, {jobs} at a time",
           flush=True)
     while waiting or running:
@@ -138,6 +140,9 @@ def run_all(todo: list, jobs: int, logs: Path) -> dict:
             running[t.key] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
                               time.time(), log, name)
         time.sleep(1)
+        if time.time() - sampled >= 30:
+            loads.append(os.getloadavg()[0])
+            sampled = time.time()
         for key, (proc, start, log, name) in list(running.items()):
             if proc.poll() is None:
                 continue
@@ -159,14 +164,15 @@ def run_all(todo: list, jobs: int, logs: Path) -> dict:
             break
     if failed:
         print(f"protocol: {len(failed)} runs failed or could not start: {failed}", file=sys.stderr)
-    return walls
+    return loads
 
 
-def pages(proto: dict, out: Path, dest: Path) -> None:
+def pages(proto: dict, out: Path) -> None:
     for family in proto["families"]:
         if not (out / family).is_dir():
             continue
-        cmd = [sys.executable, str(ROOT / "launch" / "compare.py"), str(out / family), "--out", str(dest / family),
+        dest = ROOT / proto["pages"].format(family=family)
+        cmd = [sys.executable, str(ROOT / "launch" / "compare.py"), str(out / family), "--out", str(dest),
                "--interval", proto["interval"], "--baseline", BASELINES[family]]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)
@@ -176,19 +182,31 @@ def pages(proto: dict, out: Path, dest: Path) -> None:
 BASELINES = {"mixers": "weights=uniform", "reweighters": "no plugins", "selectors": "selector=random"}
 
 
-def provenance(proto: dict, seeds: list, walls: dict, dest: Path, started: str, load_start: tuple) -> None:
-    path = dest / "provenance.json"
+def provenance(proto: dict, seeds: list, out: Path, path: Path, session: dict) -> None:
+    """The protocol's record beside its pages: the machine, every run's wall time and end (from the run's own
+    summary.json, whichever invocation made it), and each invocation of this script (its commit, start, end
+    and the load average sampled while it ran)."""
     old = json.loads(path.read_text()) if path.exists() else {}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    sessions = old.get("sessions", []) + ([{
-        "started": started, "ended": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit.strip(), "machine": f"{cpu}, {os.cpu_count()} cores", "python": platform.python_version(),
-        "load_at_start": load_start, "load_at_end": os.getloadavg(), "runs_made": len(walls),
-        "wall_s": walls}] if walls else [])
-    dest.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"protocol": proto, "seeds": seeds, "sessions": sessions}, indent=1) + "\n")
+    runs = {}
+    for summary in sorted(out.glob("*/v*/*/summary.json")) + [out / "reference" / "summary.json"]:
+        if summary.exists():
+            s = json.loads(summary.read_text())
+            runs[str(summary.parent.relative_to(out))] = {
+                "wall_time_s": round(s.get("wall_time_s", 0.0), 1), "steps": s.get("steps"),
+                "finished": datetime.fromtimestamp(summary.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")}
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "protocol": proto, "seeds": seeds, "machine": f"{cpu}, {os.cpu_count()} cores, no GPU",
+        "python": platform.python_version(), "torch": torch.__version__,
+        "invocations": old.get("invocations", []) + [session], "runs": runs}, indent=1) + "\n")
+
+
+def git_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
 def main(argv=None):
@@ -200,11 +218,15 @@ def main(argv=None):
     a = p.parse_args(argv)
     proto = yaml.safe_load(a.protocol.read_text())
     seeds = a.seeds or proto["seeds"]
-    out, dest = ROOT / proto["out"], ROOT / proto["pages"]
-    started, load_start = datetime.now(timezone.utc).isoformat(timespec="seconds"), os.getloadavg()
-    walls = {} if a.pages_only else run_all(tasks(proto, out, seeds), a.jobs, out / "logs")
-    pages(proto, out, dest)
-    provenance(proto, seeds, walls, dest, started, load_start)
+    out = ROOT / proto["out"]
+    session = {"commit": git_commit(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "pages_only": a.pages_only, "jobs": a.jobs}
+    loads = [] if a.pages_only else run_all(tasks(proto, out, seeds), a.jobs, out / "logs")
+    pages(proto, out)
+    session.update(ended=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   load_1min={"min": min(loads), "mean": round(sum(loads) / len(loads), 2), "max": max(loads),
+                              "samples": len(loads)} if loads else None)
+    provenance(proto, seeds, out, ROOT / proto["provenance"], session)
 
 
 if __name__ == "__main__":
