@@ -135,3 +135,43 @@ def leave_spawned_group() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def script_env() -> dict:
+    """The environment of a test's script run by torchrun or python: the repository and tests/ importable, one
+    thread, no process-group variables left from another test."""
+    import os
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)]), "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def launch_in_group(cmd: list, env: dict, timeout: float):
+    """Runs `cmd` in its own process group: a hang kills the launcher and every rank it started."""
+    import os
+    import subprocess
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def assert_bf16_grads_close(g0: dict, g1: dict, tol: float = 2e-2) -> None:
+    """bf16 gradients `g1` against the reference `g0`: relative to each parameter's gradient, or to 1% of the
+    largest one for gradients that are ~0 in exact arithmetic (the attention keys' bias: softmax is
+    shift-invariant), where bf16 noise is all there is."""
+    scale = max(float(g.float().norm()) for g in g0.values())
+    for name in g0:
+        assert g1[name].dtype == torch.bfloat16
+        err = (g1[name].float() - g0[name].float()).norm() / max(float(g0[name].float().norm()), 1e-2 * scale)
+        assert err < tol, (name, float(err))
+

@@ -8,6 +8,7 @@ import json
 import pandas as pd  # noqa: E402
 import pytest
 import torch
+from conftest import launch_in_group, script_env
 from test_hf import tiny_model  # noqa: E402
 from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
@@ -249,27 +250,16 @@ def test_sheared_learns_at_trainer_evaluations(tmp_path, domains_builder):
 def test_two_ranks_under_torchrun_equal_one_process(tmp_path):
     """DataFlex built before TrainingArguments (the README's order): under torchrun each rank still learns its
     rank when training starts, and 2 ranks (gloo, CPU) train what 1 process trains."""
-    import os
-    import subprocess
     import sys
     from pathlib import Path
 
-    tests = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)]), "OMP_NUM_THREADS": "1"}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):   # another test's process group
-        env.pop(var, None)
-    script = str(tests / "hf_trainer_ranks.py")
     from dataflex.utils.dist import free_port
 
-    def launch(cmd):        # its own process group: a hang kills the launcher and every rank it started
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        try:
-            out, err = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            out, err = proc.communicate()
-        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    env = script_env()
+    script = str(Path(__file__).parent / "hf_trainer_ranks.py")
+
+    def launch(cmd):
+        return launch_in_group(cmd, env, timeout=120)
 
     two = launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                   script, str(tmp_path / "two")])

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import launch_in_group, script_env
 from test_hf import tiny_model  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
@@ -130,25 +131,13 @@ def test_deepspeed_batch_sizes_are_dataflexs(tmp_path, domains_builder):
 def test_zero3_on_two_ranks_equals_one_process(tmp_path):
     """Two torchrun ranks (gloo, CPU) under ZeRO-3 through TrainingArguments, the gradient-norm selector's ghost
     norms gathered over both: the losses, norms and samples of one process."""
-    import subprocess
-
     from dataflex.utils.dist import free_port
 
-    tests = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)]), "OMP_NUM_THREADS": "1"}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):   # another test's process group
-        env.pop(var, None)
-    script = str(tests / "hf_trainer_ds_ranks.py")
+    env = script_env()
+    script = str(Path(__file__).parent / "hf_trainer_ds_ranks.py")
 
-    def launch(cmd):        # its own process group: a hang kills the launcher and every rank it started
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        try:
-            out, err = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            out, err = proc.communicate()
-        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    def launch(cmd):
+        return launch_in_group(cmd, env, timeout=300)
 
     two = launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                   script, str(tmp_path / "two")])

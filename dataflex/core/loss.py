@@ -78,6 +78,20 @@ def finite_tokens(token_loss: torch.Tensor, loss_mask: torch.Tensor) -> tuple[to
     return safe, loss_mask.to(safe.dtype) * finite.to(safe.dtype)
 
 
+def _weights(mask: torch.Tensor, sample_weights: Optional[torch.Tensor], token_weights: Optional[torch.Tensor],
+             segments: Optional[Segments]) -> tuple:
+    """(u, s): the token weights times the mask, laid out as the rows ([B, T], or packed [R, T]), and the sample
+    weights ([samples]; ones when none), in the mask's dtype."""
+    if segments is not None:
+        u = mask if token_weights is None else mask * segments.pack(token_weights.to(mask))
+        n = segments.n
+    else:
+        u = mask if token_weights is None else mask * token_weights.to(mask)
+        n = mask.shape[0]
+    s = torch.ones(n, dtype=mask.dtype, device=mask.device) if sample_weights is None else sample_weights.to(mask)
+    return u, s
+
+
 def reduce_loss(token_loss: torch.Tensor, loss_mask: torch.Tensor, sample_weights: Optional[torch.Tensor] = None,
                 token_weights: Optional[torch.Tensor] = None, reduction: str = "token",
                 denominator: Optional[torch.Tensor] = None, segments: Optional[Segments] = None) -> torch.Tensor:
@@ -87,13 +101,7 @@ def reduce_loss(token_loss: torch.Tensor, loss_mask: torch.Tensor, sample_weight
     if reduction not in REDUCTIONS:
         raise ValueError(f"loss reduction must be one of {REDUCTIONS}, got {reduction!r}")
     loss, mask = finite_tokens(token_loss, loss_mask)
-    if segments is not None:
-        u = mask if token_weights is None else mask * segments.pack(token_weights.to(mask))
-        n = segments.n
-    else:
-        u = mask if token_weights is None else mask * token_weights.to(mask)
-        n = loss.shape[0]
-    s = torch.ones(n, dtype=loss.dtype, device=loss.device) if sample_weights is None else sample_weights.to(loss)
+    u, s = _weights(mask, sample_weights, token_weights, segments)
     if reduction == "token":
         s_tok = segments.spread(s) if segments is not None else s.unsqueeze(1)
         num = (s_tok * u * loss).sum()
@@ -118,13 +126,7 @@ def loss_grad_hint(loss_mask: torch.Tensor, sample_weights: Optional[torch.Tenso
     the lean path's `grad_hint`. A non-finite token changes the sample reduction's normalisers; the lean
     backward sees its gradient is then not a multiple of the hint and recomputes."""
     mask = loss_mask.float()
-    if segments is not None:
-        u = mask if token_weights is None else mask * segments.pack(token_weights.to(mask))
-        n = segments.n
-    else:
-        u = mask if token_weights is None else mask * token_weights.to(mask)
-        n = mask.shape[0]
-    s = torch.ones(n, dtype=mask.dtype, device=mask.device) if sample_weights is None else sample_weights.to(mask)
+    u, s = _weights(mask, sample_weights, token_weights, segments)
     if reduction == "sample":
         total = segments.sum(u) if segments is not None else u.sum(-1)
         s = s / total.clamp(min=torch.finfo(mask.dtype).tiny)

@@ -24,35 +24,13 @@ def _accumulators(node) -> Optional[int]:
     return id(variable) if variable is not None else None
 
 
-def outside_uses(loss: torch.Tensor, records: list, chosen: dict) -> set:
-    """Names of chosen parameters that reach `loss` through an autograd edge that no hooked call
-    accounts for. A call's own edges are those into the call's own parameters found walking back
-    from its output, stopping at the node of its input; every other edge into a chosen parameter
-    (found walking back from the loss) is a use the hooks never see."""
-    if loss.grad_fn is None:
-        return set()
-    wanted = {id(p): n for n, p in chosen.items()}
-    keep, own_edges = [], set()                    # keep: nodes alive while their ids are compared
-    for mod, roles, _, out, input_node in records:
-        own = {id(mod._parameters[r]) for r in roles}
-        stack, seen = [out.grad_fn] if out.grad_fn is not None else [], set()
-        while stack:
-            node = stack.pop()
-            if id(node) in seen or node is input_node:
-                continue
-            seen.add(id(node))
-            keep.append(node)
-            for k, (child, _) in enumerate(node.next_functions):
-                if child is None:
-                    continue
-                if _accumulators(child) in own:
-                    own_edges.add((id(node), k))
-                else:
-                    stack.append(child)
-    found, stack, seen = set(), [loss.grad_fn], set()
+def _leaf_edges(start, stop, keep: list):
+    """(id of node, k, id of leaf) for every edge k of a node into a leaf tensor (its AccumulateGrad), walking
+    back from `start` and not past `stop`; the nodes walked go into `keep` (alive while their ids are compared)."""
+    stack, seen = [start] if start is not None else [], set()
     while stack:
         node = stack.pop()
-        if id(node) in seen:
+        if id(node) in seen or node is stop:
             continue
         seen.add(id(node))
         keep.append(node)
@@ -62,9 +40,24 @@ def outside_uses(loss: torch.Tensor, records: list, chosen: dict) -> set:
             leaf = _accumulators(child)
             if leaf is None:
                 stack.append(child)
-            elif leaf in wanted and (id(node), k) not in own_edges:
-                found.add(wanted[leaf])
-    return found
+            else:
+                yield id(node), k, leaf
+
+
+def outside_uses(loss: torch.Tensor, records: list, chosen: dict) -> set:
+    """Names of chosen parameters that reach `loss` through an autograd edge that no hooked call
+    accounts for. A call's own edges are those into the call's own parameters found walking back
+    from its output, stopping at the node of its input; every other edge into a chosen parameter
+    (found walking back from the loss) is a use the hooks never see."""
+    if loss.grad_fn is None:
+        return set()
+    wanted = {id(p): n for n, p in chosen.items()}
+    keep, own_edges = [], set()
+    for mod, roles, _, out, input_node in records:
+        own = {id(mod._parameters[r]) for r in roles}
+        own_edges |= {(n, k) for n, k, leaf in _leaf_edges(out.grad_fn, input_node, keep) if leaf in own}
+    return {wanted[leaf] for n, k, leaf in _leaf_edges(loss.grad_fn, None, keep)
+            if leaf in wanted and (n, k) not in own_edges}
 
 
 _warned: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
