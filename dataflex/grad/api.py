@@ -6,7 +6,8 @@ from typing import Callable
 import torch
 
 from dataflex.grad.factored import factored_grads
-from dataflex.grad.ghost import assemble, batch_samples, capture, chunks
+from dataflex.grad.chunking import assemble, batch_samples, chunks
+from dataflex.grad.ghost import capture
 from dataflex.grad.params import ParamSpec, PerSampleGrads, eval_mode, select_params
 from dataflex.grad.projection import SparseProjector
 from dataflex.grad.vmap import vmap_grads

@@ -35,8 +35,9 @@ from typing import Callable, Optional
 
 import torch
 
+from dataflex.grad.chunking import assemble, batch_samples, chunks
 from dataflex.grad.factors import Factor
-from dataflex.grad.ghost import EngineRun, assemble, batch_samples, capture, chunks, norms_squared
+from dataflex.grad.ghost import EngineRun, capture, norms_squared
 from dataflex.grad.params import ParamSpec, PerSampleGrads
 from dataflex.models.forward import default_forward
 

@@ -50,6 +50,7 @@ from torch.func import functional_call
 from dataflex.core.lean_loss import IGNORE_INDEX, LeanOutput, chunked_logsumexp, head_params
 from dataflex.core.loss import per_sample_loss, per_token_loss
 from dataflex.core.packing import Segments
+from dataflex.grad.chunking import assemble, batch_samples, chunks
 from dataflex.grad.factors import Factor, HeadFactor, ghost_inner, token_sum
 from dataflex.grad.fallback import guarded_per_sample_grads
 from dataflex.grad.outside import outside_uses, warn_outside
@@ -264,44 +265,6 @@ def _lean_loss(out: LeanOutput, batch: dict, chosen: dict) -> tuple[LeanOutput, 
             parts.append((by_id[id(bias)], factor.bias_grad()))
     detached = (weight.detach(), None if bias is None else bias.detach())
     return LeanOutput(hidden, detached), (head if isinstance(head, nn.Module) else None, parts)
-
-
-ROW_KEYS = ("input_ids", "labels", "loss_mask", "position_ids", "attention_mask", "segment_ids")
-
-
-def chunks(batch: dict, chunk_size: Optional[int]):
-    """(part, samples): `chunk_size` rows at a time, and the indices of the batch's samples the part holds
-    (a padded batch: its rows; a packed one: the samples with token slots in those rows, renumbered from 0)."""
-    n = batch["input_ids"].shape[0]
-    size = n if not chunk_size else chunk_size
-    packed = "segment_ids" in batch
-    if packed and size >= n:
-        yield batch, torch.arange(len(batch["sample_id"]), device=batch["input_ids"].device)
-        return
-    for start in range(0, n, size):
-        part = {k: batch[k][start:start + size] for k in ROW_KEYS if k in batch}
-        if not packed:
-            yield part, torch.arange(start, min(n, start + size), device=batch["input_ids"].device)
-            continue
-        seg = part["segment_ids"]
-        samples = torch.unique(seg[seg >= 0])                       # sorted
-        part["segment_ids"] = torch.where(seg >= 0, torch.searchsorted(samples, seg.clamp(min=0)), seg)
-        part["sample_id"] = batch["sample_id"][samples.to(batch["sample_id"].device)]
-        yield part, samples
-
-
-def assemble(results: list, indices: list, n: int) -> torch.Tensor:
-    """The chunks' per-sample results [k, ...] in the batch's sample order ([n, ...]; zeros for a sample no
-    chunk holds: a packed sample without token slots, whose gradient is zero)."""
-    if len(results) == 1 and len(indices[0]) == n:
-        return results[0]
-    first = results[0]
-    out = torch.zeros((n, *first.shape[1:]), dtype=first.dtype, device=first.device)
-    return out.index_copy(0, torch.cat(indices).to(first.device), torch.cat(results))
-
-
-def batch_samples(batch: dict) -> int:
-    return len(batch["sample_id"]) if "segment_ids" in batch else batch["input_ids"].shape[0]
 
 
 def norms_squared(run: EngineRun) -> torch.Tensor:
