@@ -358,6 +358,38 @@ def test_session_lean_equals_logits_and_hints_when_it_can(plugins, recomputed):
     assert len(recomputed) == (2 if plugins == "reweighter" else 0)
 
 
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("plugins", ["none", "mixer_on_loss"])
+def test_micro_batches_of_a_loop_are_hinted(plugins, packing, recomputed):
+    """A loop feeding each step to `flex.loss` in two micro-batches (gradient accumulation): the weights of each
+    micro-batch are known before its forward (no plugin, or the mixer's loss weights), so the lean path forms its
+    gradients there; the trained parameters equal the logits path fed the same way."""
+    from conftest import synthetic_domains
+
+    from dataflex.core.packing import slice_rows
+    from dataflex.mixers import StaticMixer
+    from dataflex.session.flex import DataFlex
+
+    params = []
+    for lean in (False, True):
+        model = tiny_gpt()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mixer = [StaticMixer([1.0, 3.0, 0.5], apply="loss")] if plugins == "mixer_on_loss" else []
+        flex = DataFlex(synthetic_domains(n_per_domain=8), global_batch_size=4, plugins=mixer, seed=0, packing=packing)
+        for _ in range(2):
+            batch = flex.next_batch()
+            for r0 in (0, 2):
+                part = slice_rows(batch, r0, r0 + 2)
+                out = model(part["input_ids"], position_ids=part["position_ids"], lean=lean)
+                flex.loss(out, part).backward()
+            opt.step()
+            opt.zero_grad()
+            flex.end_step()
+        params.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    assert_close_dict(params[1], params[0], rtol=1e-5, atol=1e-6)
+    assert not recomputed
+
+
 def test_hf_trainer_accumulation_hints_its_micro_batches(tmp_path, domains_builder, recomputed):
     """DataFlexTrainer with gradient accumulation weighs the whole batch first (a reweighter on its losses), so
     each micro-batch's weights are known before its forward: the lean path forms its gradients there, and the
