@@ -1,13 +1,22 @@
 """Shared fixtures for the dataflex core tests: a tiny model, padded synthetic batches, toy domains."""
 from __future__ import annotations
 
+import hashlib
 import io
+import os
+import sys
 
 import pytest
 import torch
 
 from dataflex.data.samples import SampleSet
 from dataflex.models.tiny_gpt import TinyGPT
+
+# torch caches JIT-built extensions (DeepSpeed's CPU comm op) per Python version and accelerator, not per
+# environment, and rebuilds one whose build flags changed: two checkouts' suites at once, each with its own venv,
+# would rebuild each other's op at every DeepSpeed start (minutes each on loaded cores). One cache per venv.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(
+    os.path.expanduser("~/.cache/torch_extensions"), "venv-" + hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]))
 
 VOCAB, SEQ = 64, 16
 TINY = dict(vocab_size=VOCAB, seq_len=SEQ, d_model=32, n_layers=2, n_heads=4)

@@ -67,10 +67,18 @@ def check_outputs(run_dir: Path, steps: int, global_batch: int, ranks: set, wand
     return ledger, summary
 
 
+def shm_left_by(proc) -> list:
+    """DeepSpeed's CPU comm buffers of a launched run still in /dev/shm (named by its uid and port; 66 MB each)."""
+    port = proc.args[proc.args.index("--master_port") + 1]
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+
+
 def test_deepspeed_launcher_main_command(tmp_path):
-    """`deepspeed launch/train.py +mixer=bandit` exactly as typed (the launcher adds --local_rank)."""
+    """`deepspeed launch/train.py +mixer=bandit` exactly as typed (the launcher adds --local_rank); it leaves no
+    shared memory behind."""
     proc = run(deepspeed("launch/train.py", "+mixer=bandit", *FAST, f"hydra.run.dir={tmp_path}"))
     assert "val loss start" in proc.stdout
+    assert not shm_left_by(proc)
     _, summary = check_outputs(tmp_path, 6, 8, {0}, wandb=True)
     assert summary["strategy"]["mixer"] == "bandit" and summary["backend"] == "deepspeed"
 
@@ -79,9 +87,10 @@ def test_two_processes_all_three_families(tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     # padded rows: the selector keeps exactly half of each step's candidates (packed steps: tests/test_packing.py)
-    run(deepspeed("--num_gpus", "2", str(ROOT / "launch" / "train.py"), "+mixer=bandit", "+selector=loss",
-                  "+reweighter=loss", "reweighter.burnout_steps=2", "backend.zero_stage=2", "logger=none",
-                  "trainer.packing=false", *FAST, f"hydra.run.dir={tmp_path / 'run'}"), cwd=cwd)
+    proc = run(deepspeed("--num_gpus", "2", str(ROOT / "launch" / "train.py"), "+mixer=bandit", "+selector=loss",
+                         "+reweighter=loss", "reweighter.burnout_steps=2", "backend.zero_stage=2", "logger=none",
+                         "trainer.packing=false", *FAST, f"hydra.run.dir={tmp_path / 'run'}"), cwd=cwd)
+    assert not shm_left_by(proc)            # both ranks' comm buffers unlinked (dataflex.backends.extensions)
     ledger, summary = check_outputs(tmp_path / "run", 6, 8, {0, 1}, wandb=False)
     assert summary["world_size"] == 2
     assert (ledger.groupby("step").selected.mean() == 0.5).all()

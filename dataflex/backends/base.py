@@ -70,9 +70,10 @@ def setup_distributed(backend: str) -> bool:
         ensure_process_env()
         import deepspeed
 
-        from dataflex.backends.extensions import announce_op_builds
+        from dataflex.backends.extensions import announce_op_builds, release_shm_buffer
         announce_op_builds(["ShareMemCommBuilder"])    # a first start compiles the CPU comm op: said at once
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        release_shm_buffer()                           # its CPU comm buffer leaves nothing in /dev/shm
     elif backend == "megatron" or int(os.environ.get("WORLD_SIZE", "1")) > 1:   # Megatron needs a group even alone
         ensure_process_env()
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

@@ -1,5 +1,6 @@
-"""torch C++-extension locks left by a killed first DeepSpeed start (every later start would wait on them), and
-the line a first start prints before compiling a DeepSpeed op (silent for minutes otherwise)."""
+"""torch C++-extension locks left by a killed first DeepSpeed start (every later start would wait on them), the
+line a first start prints before compiling a DeepSpeed op (silent for minutes otherwise), and the shared-memory
+buffer DeepSpeed's CPU comm op would leave in /dev/shm after every run."""
 from __future__ import annotations
 
 import os
@@ -131,3 +132,46 @@ def optimizer_builders(config: dict) -> list:
     pair = OPTIMIZER_OPS.get(str(opt.get("type", "")).lower(), (None, None))
     chosen = pair[0] if on_cpu else pair[1]      # the accelerator's own builder of that name (CPU: its fused_adam)
     return [chosen] if chosen else []
+
+
+# DeepSpeed's CPU comm op (`ShareMemCommBuilder`, deepspeed/ops/csrc/cpu/comm/shm.cpp) creates one POSIX shared-memory
+# buffer per rank at `init_distributed`, named from the uid, MASTER_ADDR, MASTER_PORT and the rank, and maps every
+# other rank's; it never unlinks them (its `shared_close` is not called), so each run, finished or killed, leaves
+# ~66 MB of RAM per rank in /dev/shm until the machine reboots (a day of short runs filled 16 GB here).
+SHM_BUFFER = "deepspeed_allreduce_buffer"
+_RELEASED: set = set()
+
+
+def shm_buffer_path(rank: int, shm_root: str = "/dev/shm") -> str:
+    """Where DeepSpeed's CPU comm op puts rank `rank`'s buffer for this process group (MASTER_ADDR, MASTER_PORT)."""
+    name = f"{SHM_BUFFER}_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank}"
+    return os.path.join(shm_root, name)
+
+
+def release_shm_buffer(shm_root: str = "/dev/shm") -> "str | None":
+    """Unlink this rank's DeepSpeed comm buffer once every rank has mapped every other's (a barrier after
+    `deepspeed.init_distributed`, which maps them all before it returns): the mappings stay valid, and the memory
+    goes back when the group's last process exits, however it exits. Only the name this rank's own op created
+    (its uid, the group's address and port, its rank) is removed. Call on every rank; a no-op without the op (GPU,
+    ranks on several hosts) or when already done. Returns the path unlinked, or None."""
+    try:
+        import deepspeed.comm.comm as dscomm
+    except Exception:
+        return None
+    cdb = getattr(dscomm, "cdb", None)
+    if getattr(cdb, "shm_comm_op", None) is None or not os.path.isdir(shm_root):
+        return None
+    import torch.distributed as tdist
+
+    rank = tdist.get_rank() if tdist.is_initialized() else 0
+    path = shm_buffer_path(rank, shm_root)
+    if path in _RELEASED:
+        return None
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.barrier()                     # every rank has mapped every buffer: the names are no longer needed
+    _RELEASED.add(path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return None
+    return path

@@ -222,6 +222,8 @@ class DataFlexTrainerMixin:
         if not (self._flex_own_interface and getattr(self, "is_deepspeed_enabled", False)
                 and callable(getattr(engine, "zero_optimization_stage", None))):
             return
+        from dataflex.backends.extensions import release_shm_buffer
+        release_shm_buffer()                # Trainer's init_distributed: its CPU comm buffer leaves nothing behind
         if getattr(self.flex.interface, "engine", None) is not engine:
             from dataflex.backends.deepspeed import DeepSpeedInterface
 
