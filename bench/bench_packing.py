@@ -1,6 +1,10 @@
-"""Packed vs padded rows on the embedded corpus: useful-token fraction and what packing costs per step.
+"""Packed vs padded rows: useful-token fraction and what packing costs per step, on one corpus with its tokenizer.
 
-    OMP_NUM_THREADS=2 python bench/bench_packing.py            # seq_len 512, 2048, 4096; about a minute
+    OMP_NUM_THREADS=2 python bench/bench_packing.py               # the embedded corpus; seq_len 512, 2048, 4096; ~1 min
+    OMP_NUM_THREADS=2 python bench/bench_packing.py --data bench  # the benchmark corpus (data=bench: 7 domains, many
+                                                                  # short documents), built first if missing; ~3 min
+
+`--data embedded` (configs/data/default.yaml) or `--data bench` (configs/data/bench.yaml, its own 8k BPE).
 
 useful-token fraction = label tokens / token slots:
   padded: every sample of the training set in a row of its own (what trainer.packing=false trains on);
@@ -19,33 +23,40 @@ shape) at seq_len `--tput-seq-len` (1024) with `--tput-rows` rows a step, in one
 (trainer.packing=true and false, seed 0, size-proportional draws) with a model and AdamW each, stepped in
 alternating blocks of `--tput-steps` steps for `--tput-rounds` rounds after one warm-up step each; a step is
 next_batch, forward (lean loss), backward, optimizer step and end_step. Reported: each layout's label tokens per
-second and the ratio packed / padded from the same run (load shifts both alike).
-Results: bench/results/packing.json (date, commit, machine, load at start and end).
+second and the ratio packed / padded from the same run (load shifts both alike), and each step's time, with the
+ratio again from median step times (`ratio_packed_vs_padded_median_steps`: mean label tokens per step over the median
+step time), which a stall of the machine during one layout's block does not carry.
+Results: bench/results/packing.json (`--data embedded`) or packing_bench.json (`--data bench`; with the corpus's
+input versions and any sources its build skipped), each with date, commit, machine, load at start and end.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import os
+import statistics
 import sys
 import time
 
-from common import MODEL, ROOT, environment, load_domains, markdown_table, save_json, setup_torch  # noqa: E402
+from common import (BENCH_DATA_CONFIG, DATA_CONFIG, MODEL, ROOT, environment, load_domains,  # noqa: E402
+                    markdown_table, save_json, setup_torch)
+
+CORPORA = {"embedded": (DATA_CONFIG, "packing.json"), "bench": (BENCH_DATA_CONFIG, "packing_bench.json")}
 
 
-def throughput(T: int, rows: int, steps: int, rounds: int) -> dict:
+def throughput(T: int, rows: int, steps: int, rounds: int, config=DATA_CONFIG) -> dict:
     """Label tokens per second packed vs padded, interleaved in one process (see the module docstring)."""
     torch = setup_torch()
     from dataflex.models.tiny_gpt import TinyGPT
     from dataflex.session.flex import DataFlex
 
-    domains = load_domains(T)
+    domains = load_domains(T, config)
     runs = {}
     for layout in ("padded", "packed"):
         model = TinyGPT(vocab_size=domains.tokenizer.vocab_size, seq_len=T, seed=0, **MODEL)
         runs[layout] = {"flex": DataFlex(domains.train, rows, seed=0, packing=layout == "packed"), "model": model,
                         "opt": torch.optim.AdamW(model.parameters(), lr=1e-3), "tokens": 0, "seconds": 0.0,
-                        "steps": 0}
+                        "steps": 0, "step_s": []}
 
     def step(run):
         flex, model, opt = run["flex"], run["model"], run["opt"]
@@ -67,14 +78,23 @@ def throughput(T: int, rows: int, steps: int, rounds: int) -> dict:
                 run["seconds"] += seconds
                 run["tokens"] += tokens
                 run["steps"] += 1
+                run["step_s"].append(seconds)
     out = {"seq_len": T, "rows": rows, "steps_per_block": steps, "rounds": rounds, "model": dict(MODEL)}
     for layout, run in runs.items():
         out[layout] = {"label_tokens_per_s": round(run["tokens"] / run["seconds"], 1),
                        "step_ms_mean": round(1000 * run["seconds"] / run["steps"], 1),
-                       "label_tokens_per_step": round(run["tokens"] / run["steps"], 1), "steps": run["steps"]}
+                       "step_ms_median": round(1000 * statistics.median(run["step_s"]), 1),
+                       "label_tokens_per_step": round(run["tokens"] / run["steps"], 1), "steps": run["steps"],
+                       "step_ms": [round(1000 * t, 1) for t in run["step_s"]]}
     out["ratio_packed_vs_padded"] = round(out["packed"]["label_tokens_per_s"] / out["padded"]["label_tokens_per_s"], 2)
+    # the same ratio from median step times (mean label tokens per step / median step time): a stall of the machine
+    # (memory pressure, another process's burst) during one layout's block moves the mean but hardly the median
+    out["ratio_packed_vs_padded_median_steps"] = round(
+        (out["packed"]["label_tokens_per_step"] / out["packed"]["step_ms_median"])
+        / (out["padded"]["label_tokens_per_step"] / out["padded"]["step_ms_median"]), 2)
     print(f"throughput at seq_len {T}: padded {out['padded']['label_tokens_per_s']} label tok/s, packed "
-          f"{out['packed']['label_tokens_per_s']} label tok/s: {out['ratio_packed_vs_padded']}x", file=sys.stderr)
+          f"{out['packed']['label_tokens_per_s']} label tok/s: {out['ratio_packed_vs_padded']}x (from median steps "
+          f"{out['ratio_packed_vs_padded_median_steps']}x)", file=sys.stderr)
     return out
 
 
@@ -105,8 +125,30 @@ def first_fit_decreasing_rows(lengths, T: int) -> int:
     return len(free)
 
 
+def corpus_info(data: str) -> dict:
+    """What the corpus was built from: the benchmark corpus's input versions and skipped sources (its corpus.json),
+    the domains' names and training samples at each measured seq_len are in `results`."""
+    if data != "bench":
+        return {"name": data}
+    import json
+
+    from omegaconf import OmegaConf
+
+    root = OmegaConf.to_container(OmegaConf.load(BENCH_DATA_CONFIG), resolve=True)["build"]["root"]
+    try:
+        with open(os.path.join(root, "corpus.json")) as f:
+            built = json.load(f)
+    except OSError:
+        return {"name": data, "root": root}
+    return {"name": data, "recipe": built.get("recipe"), "vocab_size": built.get("vocab_size"),
+            "inputs": {k: v.get("version") for k, v in built.get("inputs", {}).items()},
+            "skipped": built.get("skipped", [])}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
+    ap.add_argument("--data", choices=sorted(CORPORA), default="embedded",
+                    help="embedded: configs/data/default.yaml; bench: the benchmark corpus (configs/data/bench.yaml)")
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048, 4096])
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--steps", type=int, default=40)
@@ -115,6 +157,7 @@ def main(argv=None):
     ap.add_argument("--tput-steps", type=int, default=3)
     ap.add_argument("--tput-rounds", type=int, default=4)
     args = ap.parse_args(argv)
+    config, results_name = CORPORA[args.data]
     load_start = os.getloadavg()
     torch = setup_torch()
     from dataflex.core.packing import plan_rows
@@ -123,7 +166,8 @@ def main(argv=None):
 
     results = []
     for T in args.seq_lens:
-        data = MixtureDataset(load_domains(T).train)
+        domains = load_domains(T, config)
+        data = MixtureDataset(domains.train)
         lengths = data.lengths(torch.arange(len(data)))
         padded = float(lengths.sum()) / (len(data) * T)
         sampler = DataAwareSampler(data.sizes, seed=0, weights=torch.tensor(data.sizes, dtype=torch.float64))
@@ -151,7 +195,8 @@ def main(argv=None):
             counts.append(len(plan.ids))
             waits += [step - born[i].pop(0) for i in plan.ids.tolist()]
         packed = used / (args.steps * args.rows * T)
-        row = {"seq_len": T, "samples": len(data), "mean_sample_tokens": float(lengths.mean()),
+        row = {"seq_len": T, "samples": len(data), "mean_sample_tokens": round(float(lengths.mean()), 1),
+               "domain_samples": dict(zip(domains.train, map(int, data.sizes))),
                "padded_fraction": round(padded, 4), "packed_fraction": round(packed, 4),
                "samples_per_step_packed": round(sum(counts) / len(counts), 1),
                "plan_ms_median": round(1000 * sorted(plan_s)[len(plan_s) // 2], 3),
@@ -164,7 +209,7 @@ def main(argv=None):
             from dataflex.core.loss import LossWrapper
             from dataflex.models.tiny_gpt import TinyGPT
 
-            model = TinyGPT(vocab_size=load_domains(T).tokenizer.vocab_size, seq_len=T, **MODEL)
+            model = TinyGPT(vocab_size=domains.tokenizer.vocab_size, seq_len=T, **MODEL)
             times = []
             for _ in range(3):
                 t0 = time.perf_counter()
@@ -180,21 +225,23 @@ def main(argv=None):
         print(f"seq_len {T}: padded {padded:.3f}, packed {packed:.3f} (offline bound "
               f"{row['offline_bound_fraction']}), plan {row['plan_ms_median']} ms, build {row['build_ms_median']} ms",
               file=sys.stderr)
-    tput = throughput(args.tput_seq_len, args.tput_rows, args.tput_steps, args.tput_rounds)
+    tput = throughput(args.tput_seq_len, args.tput_rows, args.tput_steps, args.tput_rounds, config)
     payload = {"bench": "packing", "command": "OMP_NUM_THREADS=2 python bench/bench_packing.py " + " ".join(argv or sys.argv[1:]),
+               "data": args.data, "data_config": str(config.relative_to(ROOT)), "corpus": corpus_info(args.data),
                "rows": args.rows, "steps": args.steps, "results": results, "throughput": tput,
                "environment": environment(),
                "machine": environment()["cpu"], "load_start": load_start, "load_end": os.getloadavg()}
-    path = save_json("packing.json", payload)
+    path = save_json(results_name, payload)
     print(markdown_table(["seq_len", "padded", "packed", "offline bound", "offline FFD", "plan ms", "build ms",
                           "build ms (1 thread)"],
                          [[r["seq_len"], r["padded_fraction"], r["packed_fraction"], r["offline_bound_fraction"],
                            r["offline_ffd_fraction"], r["plan_ms_median"], r["build_ms_median"],
                            r["build_ms_median_one_thread"]] for r in results]))
-    print(markdown_table(["seq_len", "layout", "label tokens/s", "step ms", "label tokens/step"],
+    print(markdown_table(["seq_len", "layout", "label tokens/s", "step ms", "step ms (median)", "label tokens/step"],
                          [[tput["seq_len"], k, tput[k]["label_tokens_per_s"], tput[k]["step_ms_mean"],
-                           tput[k]["label_tokens_per_step"]] for k in ("padded", "packed")]))
-    print(f"throughput ratio packed / padded: {tput['ratio_packed_vs_padded']}x")
+                           tput[k]["step_ms_median"], tput[k]["label_tokens_per_step"]] for k in ("padded", "packed")]))
+    print(f"throughput ratio packed / padded: {tput['ratio_packed_vs_padded']}x "
+          f"(from median step times: {tput['ratio_packed_vs_padded_median_steps']}x)")
     print(f"saved {path.relative_to(ROOT)}")
 
 

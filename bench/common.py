@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 DATA_CONFIG = ROOT / "configs" / "data" / "default.yaml"
+BENCH_DATA_CONFIG = ROOT / "configs" / "data" / "bench.yaml"    # the benchmark corpus (data=bench), built on first use
 THREADS = 2
 MODEL = dict(d_model=128, n_layers=2, n_heads=4)      # TinyGPT shape used by every benchmark
 
@@ -38,19 +39,21 @@ def setup_torch():
 _DOMAINS = {}
 
 
-def load_domains(seq_len: int = 128):
-    """The default corpus, tokenized once per process (paths in the config are relative to the repo)."""
-    if seq_len not in _DOMAINS:
+def load_domains(seq_len: int = 128, config: Path = DATA_CONFIG):
+    """A data config's domains (the default corpus unless `config` names another), tokenized once per process
+    (paths in the config are relative to the repo)."""
+    key = (seq_len, str(config))
+    if key not in _DOMAINS:
         from omegaconf import OmegaConf
 
         import dataflex
         cwd = os.getcwd()
         os.chdir(ROOT)
         try:
-            _DOMAINS[seq_len] = dataflex.data.domains.load_domains(OmegaConf.load(DATA_CONFIG), seq_len=seq_len)
+            _DOMAINS[key] = dataflex.data.domains.load_domains(OmegaConf.load(config), seq_len=seq_len)
         finally:
             os.chdir(cwd)
-    return _DOMAINS[seq_len]
+    return _DOMAINS[key]
 
 
 def median_ms(seconds) -> float:
