@@ -98,3 +98,91 @@ def test_dpo_two_domains_bandit_and_loss_reweighter(tmp_path, tok, pairs):
         assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "num_tokens"} <= set(h)
         assert h["dataflex/train_loss"] == line["train_loss"] and "dataflex/bandit/reward_hat/math" in h
+
+
+def test_pair_losses_are_trls_and_the_weighted_mean_is_exact(tmp_path, tok, pairs):
+    """One step by hand. (b) Each pair's loss equals the sigmoid DPO loss computed here from the policy's and
+    the reference's log-probabilities, and their plain mean equals plain TRL DPOTrainer's loss on the same
+    collated batch. (c) With LossReweighter's weights, the loss returned (and its gradient) is
+    sum_i w_i l_i / sum_i w_i over those hand-computed losses, with w the ledger's weights."""
+    trainer = make(tok, tmp_path / "flex", pairs, [BanditMixer(), LossReweighter(burnout_steps=0)])
+    model, ref = trainer.model.train(), trainer.ref_model
+    inputs = next(iter(trainer.get_train_dataloader()))
+    ids = inputs["flex_ids"]
+    batch = {k: v for k, v in inputs.items() if k not in ("flex_ids", "flex_micro")}
+    assert len(batch["input_ids"]) == 2 * len(ids) == 16           # TRL's collation: 8 chosen, then 8 rejected
+    hand = dpo_by_hand(model, ref, batch)
+    _, per_pair, mean = trainer._flex_pair_losses(model, dict(batch))
+    assert torch.allclose(per_pair, hand, atol=1e-5) and hand.std() > 0
+
+    plain_model = tiny_model("llama", vocab=len(tok), seed=1).train()        # the same weights, plain TRL
+    plain_ref = tiny_model("llama", vocab=len(tok), seed=2).eval()
+    plain = DPOTrainer(model=plain_model, ref_model=plain_ref, args=dpo_args(tmp_path / "plain"), processing_class=tok,
+                       train_dataset=datasets.Dataset.from_list([{"prompt": "a", "chosen": " b", "rejected": " c"}]))
+    trl_loss = plain.compute_loss(plain_model, dict(batch))
+    assert abs(float(trl_loss) - float(per_pair.mean())) < 1e-5 and abs(float(trl_loss) - float(mean)) < 1e-5
+
+    model.zero_grad()
+    loss = trainer.compute_loss(model, dict(inputs))
+    loss.backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    record = trainer.flex.end_step()
+    rows = pd.DataFrame(record["ledger"])
+    assert rows.sample_id.tolist() == ids.tolist()
+    w = torch.tensor(rows.weight.values, dtype=torch.float32)
+    assert w.std() > 0.01                                               # the pairs are weighed differently
+    assert torch.allclose(torch.tensor(rows.loss.values, dtype=torch.float32), hand.detach(), atol=1e-5)
+    model.zero_grad()
+    expected = (w * dpo_by_hand(model, ref, batch)).sum() / w.sum()
+    expected.backward()
+    assert abs(float(loss) - float(expected)) < 1e-5
+    for g, p in zip(ours, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_refusals(tmp_path, tok, pairs):
+    with pytest.raises(UserError, match="one margin per pair"):
+        make(tok, tmp_path, pairs, [FocalReweighter()])
+    with pytest.raises(UserError, match="selector"):
+        make(tok, tmp_path, pairs, [LossSelector()])
+    with pytest.raises(ValueError, match="sorts the batch's pairs"):
+        make(tok, tmp_path, pairs, [], loss_type=["aot"])
+    with pytest.raises(ValueError, match="loss_reduction"):
+        DataFlexDPOTrainer(model=tiny_model("llama", vocab=len(tok)), args=dpo_args(tmp_path), processing_class=tok,
+                           train_dataset=pairs, flex=dict(global_batch_size=8, loss_reduction="token"))
+
+
+def test_resume_and_accumulation_equal_an_uninterrupted_run(tmp_path, tok, pairs):
+    """Killed after the checkpoint at step 2 and resumed: the records and the weights equal an uninterrupted
+    run's; two micro-batches a step (weighed once over the whole batch) give the same records."""
+    def run(folder, crash=None, resume=None, **kw):
+        trainer = make(tok, folder, pairs, [BanditMixer(), LossReweighter(burnout_steps=0)], steps=4,
+                       save_strategy="steps", save_steps=2, **kw)
+        return trainer if train_or_crash(trainer, crash, resume) else None
+
+    a = run(tmp_path / "a")
+    run(tmp_path / "b", crash=3)
+    assert (tmp_path / "b" / "checkpoint-2" / STATE_FILE).is_file()
+    b = run(tmp_path / "b", resume=True)
+    lines = [(tmp_path / f / "metrics.jsonl").read_text() for f in ("a", "b")]
+    assert lines[0] == lines[1] and len(lines[0].splitlines()) == 4
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(p, q), n
+    # plain SGD here: Adam's first steps (about lr x sign(g)) blow float noise in tiny gradients up. The first
+    # step is the same batch forwarded in other shapes (each micro-batch padded to its own longest pair): equal
+    # to float noise; later steps carry that noise on, amplified by the steps
+    one = run(tmp_path / "one", optim="sgd", learning_rate=0.05)
+    two = run(tmp_path / "two", optim="sgd", learning_rate=0.05, gradient_accumulation_steps=2)
+    l1, l2 = ([json.loads(x) for x in (tmp_path / f / "metrics.jsonl").read_text().splitlines()] for f in ("one", "two"))
+    for x, y in zip(l1, l2):
+        tol = 1e-5 if x["step"] == 0 else 1e-3
+        assert x["domain_weights"] == pytest.approx(y["domain_weights"], rel=tol)
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=tol)
+    r1, r2 = (pd.read_parquet(tmp_path / f / "ledger") for f in ("one", "two"))
+    assert r1.sample_id.tolist() == r2.sample_id.tolist() and r1.weight.std() > 0.1
+    first = r1.step.values == 0
+    assert r1.weight.values[first] == pytest.approx(r2.weight.values[first], rel=1e-5)
+    assert r1.loss.values[first] == pytest.approx(r2.loss.values[first], rel=1e-5)
+    assert r1.weight.values == pytest.approx(r2.weight.values, rel=1e-2)
+    for p, q in zip(one.model.parameters(), two.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-4)

@@ -252,11 +252,16 @@ class DataFlexDPOTrainer(DataFlexTrainerMixin, DPOTrainer):
         mean = sum(w * x.mean() for w, x in zip(self.loss_weights, reader.losses))
         return loss, pairs, mean
 
-    def _flex_weigh(self, pair_loss: torch.Tensor, completion_mask: torch.Tensor) -> dict:
+    @staticmethod
+    def _flex_tokens(completion_mask: torch.Tensor) -> torch.Tensor:
+        """Completion tokens of each pair of a collated batch (its chosen rows, then its rejected rows)."""
+        tokens = completion_mask.sum(-1).float()
+        n = len(tokens) // 2
+        return tokens[:n] + tokens[n:]
+
+    def _flex_weigh(self, pair_loss: torch.Tensor, tokens: torch.Tensor) -> dict:
         """Dataflex's answer for this rank's whole local batch of pairs: its signal is the pairs' losses and their
         completion tokens (chosen and rejected)."""
-        tokens = completion_mask.sum(-1).float()
-        tokens = tokens[:len(pair_loss)] + tokens[len(pair_loss):]
         signal = {"loss": pair_loss.detach().float(), "tokens": tokens, "labels": tokens}
         return self.flex.loss.weigh(signal, {})
 
@@ -269,21 +274,19 @@ class DataFlexDPOTrainer(DataFlexTrainerMixin, DPOTrainer):
         k = self.args.gradient_accumulation_steps
         if k > 1 and micro == 0:         # weigh the whole local batch once: its pairs' losses without gradients
             kept = ({m: list(v) for m, v in self._metrics["train"].items()}, self._total_train_tokens)
-            losses, masks = [], []
+            losses, tokens = [], []
             with torch.no_grad():
                 for part in self._flex_loader.parts:
                     part = self._prepare_inputs({k_: v for k_, v in part.items() if k_ != "flex_ids"})
                     losses.append(self._flex_pair_losses(model, part)[1])
-                    n = len(part["completion_mask"]) // 2
-                    masks.append((part["completion_mask"][:n], part["completion_mask"][n:]))
+                    tokens.append(self._flex_tokens(part["completion_mask"]))
             self._metrics["train"].clear()      # TRL's metrics come from the training forwards only
             self._metrics["train"].update(kept[0])
             self._total_train_tokens = kept[1]
-            mask = torch.cat([torch.cat([c for c, _ in masks]), torch.cat([r for _, r in masks])])
-            self._flex_answer = self._flex_weigh(torch.cat(losses), mask)
+            self._flex_answer = self._flex_weigh(torch.cat(losses), torch.cat(tokens))
         loss, pairs, mean = self._flex_pair_losses(model, inputs)
         if k == 1 or micro is None:
-            self._flex_answer = self._flex_weigh(pairs, inputs["completion_mask"])
+            self._flex_answer = self._flex_weigh(pairs, self._flex_tokens(inputs["completion_mask"]))
             weights = self._flex_answer["sample_weights"]
         else:
             m = len(pairs)
