@@ -55,11 +55,11 @@ def dpo_args(folder, **kw):
     return DPOConfig(**{**base, **kw})
 
 
-def make(tok, folder, pairs, plugins, steps=4, ref_seed=2, **kw):
+def make(tok, folder, pairs, plugins, steps=4, eval_dataset=None, **kw):
     model = tiny_model("llama", vocab=len(tok), seed=1)
-    ref = tiny_model("llama", vocab=len(tok), seed=ref_seed).eval()     # another model: pair losses differ at once
+    ref = tiny_model("llama", vocab=len(tok), seed=2).eval()     # another model: pair losses differ at once
     return DataFlexDPOTrainer(model=model, ref_model=ref, args=dpo_args(folder, max_steps=steps, **kw),
-                              processing_class=tok, train_dataset=pairs,
+                              processing_class=tok, train_dataset=pairs, eval_dataset=eval_dataset,
                               flex=dict(global_batch_size=8, plugins=plugins, seed=3))
 
 
@@ -138,6 +138,24 @@ def test_pair_losses_are_trls_and_the_weighted_mean_is_exact(tmp_path, tok, pair
     assert abs(float(loss) - float(expected)) < 1e-5
     for g, p in zip(ours, model.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_precomputed_reference_and_trls_evaluation(tmp_path, tok, pairs):
+    """TRL's precomputed reference log-probs (computed per domain, carried by the collated pairs) give the same
+    pair losses as the reference forward (to float32 noise: the precomputation pads each pair with other pairs,
+    about 1e-5 of a sequence's log-probability); `eval_dataset` is TRL's, evaluated by TRL (its reward metrics)."""
+    runs = {}
+    for pre in (False, True):
+        trainer = make(tok, tmp_path / str(pre), pairs, [BanditMixer()], steps=2, precompute_ref_log_probs=pre,
+                       eval_dataset={"math": datasets.Dataset.from_list(
+                           [{"prompt": "What is 2 plus 2?", "chosen": " 4.", "rejected": " 5 or so."}] * 3)})
+        trainer.train()
+        runs[pre] = (pd.read_parquet(tmp_path / str(pre) / "ledger"), trainer.evaluate())
+    (a, eval_a), (b, eval_b) = runs[False], runs[True]
+    assert a.sample_id.tolist() == b.sample_id.tolist()
+    assert a.loss.values == pytest.approx(b.loss.values, abs=1e-3)
+    assert eval_a["eval_math_loss"] == pytest.approx(eval_b["eval_math_loss"], abs=1e-3)
+    assert {"eval_rewards/margins", "eval_rewards/accuracies"} <= set(eval_a)
 
 
 def test_refusals(tmp_path, tok, pairs):
