@@ -20,7 +20,7 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402  (required, in the hf extra:
 
 from dataflex.integrations.dpo import DataFlexDPOTrainer  # noqa: E402
 from dataflex.integrations.hf_trainer import STATE_FILE  # noqa: E402
-from dataflex.mixers import BanditMixer  # noqa: E402
+from dataflex.mixers import AioliMixer, BanditMixer  # noqa: E402
 from dataflex.reweighters import FocalReweighter, LossReweighter  # noqa: E402
 from dataflex.selectors import LossSelector  # noqa: E402
 from dataflex.utils.errors import UserError  # noqa: E402
@@ -161,6 +161,8 @@ def test_precomputed_reference_and_trls_evaluation(tmp_path, tok, pairs):
 def test_refusals(tmp_path, tok, pairs):
     with pytest.raises(UserError, match="one margin per pair"):
         make(tok, tmp_path, pairs, [FocalReweighter()])
+    with pytest.raises(UserError, match="validation probes"):
+        make(tok, tmp_path, pairs, [AioliMixer()])
     with pytest.raises(UserError, match="selector"):
         make(tok, tmp_path, pairs, [LossSelector()])
     with pytest.raises(ValueError, match="sorts the batch's pairs"):

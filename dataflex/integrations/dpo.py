@@ -216,7 +216,13 @@ class DataFlexDPOTrainer(DataFlexTrainerMixin, DPOTrainer):
         if flex.packing:
             raise ValueError("DataFlexDPOTrainer: packing is not available for preference pairs (TRL's collator pads "
                              "each step's pairs)")
+        from dataflex.mixers import AioliMixer, ShearedMixer
+
         for p in flex.engine.plugins:
+            if isinstance(p, (AioliMixer, ShearedMixer)):
+                raise UserError(f"DataFlexDPOTrainer: {p.name} learns from validation probes, which score the "
+                                "language-model loss of a pair's chosen text, not its DPO loss: use a mixer that "
+                                "learns from the training step (BanditMixer, ADOMixer, StaticMixer)")
             if p.family == "selector":
                 raise UserError(f"DataFlexDPOTrainer: {p.name} is a selector; selectors score candidates by probing "
                                 "the language-model loss of samples, not a pair's DPO loss, and are not wired for DPO. "
