@@ -99,7 +99,8 @@ def read_pairs(source, name: str):
                     raise DataConfigError(f"{path}:{n}: not a JSON record ({e.msg})") from None
         source = datasets.Dataset.from_list(rows)
     if not isinstance(source, datasets.Dataset):
-        raise DataConfigError(f"train_dataset[{name!r}]: a datasets.Dataset or a JSONL path, got {type(source).__name__}")
+        raise DataConfigError(f"train_dataset[{name!r}]: a datasets.Dataset or a JSONL path, "
+                              f"got {type(source).__name__}")
     if len(source) == 0:
         raise DataConfigError(f"train_dataset[{name!r}]: empty")
     missing = {"chosen", "rejected"} - set(source.column_names)
