@@ -193,7 +193,8 @@ def test_resume_and_accumulation_equal_an_uninterrupted_run(tmp_path, tok, pairs
     # to float noise; later steps carry that noise on, amplified by the steps
     one = run(tmp_path / "one", optim="sgd", learning_rate=0.05)
     two = run(tmp_path / "two", optim="sgd", learning_rate=0.05, gradient_accumulation_steps=2)
-    l1, l2 = ([json.loads(x) for x in (tmp_path / f / "metrics.jsonl").read_text().splitlines()] for f in ("one", "two"))
+    l1, l2 = ([json.loads(x) for x in (tmp_path / f / "metrics.jsonl").read_text().splitlines()]
+              for f in ("one", "two"))
     for x, y in zip(l1, l2):
         tol = 1e-5 if x["step"] == 0 else 1e-3
         assert x["domain_weights"] == pytest.approx(y["domain_weights"], rel=tol)
@@ -206,3 +207,32 @@ def test_resume_and_accumulation_equal_an_uninterrupted_run(tmp_path, tok, pairs
     assert r1.weight.values == pytest.approx(r2.weight.values, rel=1e-2)
     for p, q in zip(one.model.parameters(), two.model.parameters()):
         assert torch.allclose(p, q, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_equal_one_process(tmp_path):
+    """2 ranks (gloo, CPU) train what 1 process trains: the pairs' losses are gathered before the reweighter
+    weighs them, and each rank's loss is its pairs' weighted sum over the global weight total."""
+    import sys
+    from pathlib import Path
+
+    from conftest import launch_in_group, script_env
+
+    from dataflex.utils.dist import free_port
+
+    env, script = script_env(), str(Path(__file__).parent / "trl_dpo_ranks.py")
+    two = launch_in_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", script, str(tmp_path / "two")], env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "rank 1 of 2: flex rank 1 of 2" in two.stdout
+    one = launch_in_group([sys.executable, script, str(tmp_path / "one")], env, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = torch.load(tmp_path / "one" / "params.pt"), torch.load(tmp_path / "two" / "params.pt")
+    la, lb = pd.read_parquet(tmp_path / "one" / "ledger"), pd.read_parquet(tmp_path / "two" / "ledger")
+    assert la.sample_id.tolist() == lb.sample_id.tolist() and set(lb["rank"]) == {0, 1} and la.weight.std() > 0.1
+    first = la.step.values == 0       # the same pairs forwarded in other batch shapes: equal to float noise, which
+    assert la.weight.values[first] == pytest.approx(lb.weight.values[first], rel=1e-5)    # later steps carry on
+    assert la.loss.values[first] == pytest.approx(lb.loss.values[first], rel=1e-5)
+    assert la.weight.values == pytest.approx(lb.weight.values, rel=1e-2)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-3, atol=1e-4, msg=n)
