@@ -83,13 +83,16 @@ CHECKS = {
     "docs/integrations/huggingface.md": "import pandas as pd\nassert flex.step == 3, flex.step\n"
                                         "assert len(pd.read_parquet('outputs/hf-trainer/ledger')) == 24",
     "docs/integrations/huggingface-trainer.md":
-        "import os\nassert trainer.state.global_step == 4, trainer.state.global_step\n"
+        "import os\nimport pandas as pd\nassert trainer.state.global_step == 4, trainer.state.global_step\n"
         "assert os.path.isfile('runs/hf/checkpoint-2/dataflex_state.pt')\n"
         "assert set(flex.data.names) == {'code', 'chat'} and len(flex.data) == 32\n"
         "assert sft_trainer.flex.step == 2 and sft_trainer.flex.data.names == ['math', 'talk']\n"
         "assert any('mean_token_accuracy' in h for h in sft_trainer.state.log_history)\n"
         "math = sft_trainer.flex.data.sets[0]\n"
-        "assert (math.loss_mask.sum(-1).numpy() < math.lengths(list(range(len(math))))).all()  # prompts weigh 0",
+        "assert (math.loss_mask.sum(-1).numpy() < math.lengths(list(range(len(math))))).all()  # prompts weigh 0\n"
+        "assert dpo_trainer.flex.step == 2 and dpo_trainer.flex.data.names == ['math', 'talk']\n"
+        "assert any('rewards/margins' in h for h in dpo_trainer.state.log_history)\n"
+        "assert len(pd.read_parquet('runs/dpo/ledger')) == 16  # one row per pair",
     "docs/guides/writing-a-plugin.md": "assert flex.step == 5 and isinstance(flex.engine.of('mixer'), EasyFirst)",
     "docs/guides/data-preparation.md": "assert len(kept) == 2 and dict(steps[-1].stats.dropped) == {'near_duplicate': 1}",
 }
