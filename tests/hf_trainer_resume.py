@@ -40,13 +40,10 @@ def zero_config(stage: int) -> dict:
 
 
 def deepspeed_on_cpu() -> None:
-    """What DeepSpeed needs in a CPU-only process without a launcher: its CPU accelerator, ninja on PATH, a
-    process group of one."""
-    from dataflex.backends.base import ensure_process_env
-
+    """What DeepSpeed needs on a machine without CUDA: its CPU accelerator, and this environment's ninja on PATH
+    (for the ops it builds)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    ensure_process_env()
 
 
 def build(folder, accumulation: int = 1, zero: int | None = None, domains=None, **kw):
@@ -56,7 +53,10 @@ def build(folder, accumulation: int = 1, zero: int | None = None, domains=None, 
     flex = dataflex.DataFlex(synthetic_domains(16) if domains is None else domains, global_batch_size=8, seed=3,
                              plugins=[BanditMixer(), LossReweighter(burnout_steps=0), LossSelector(keep_fraction=0.5)])
     if zero is not None:
+        from dataflex.backends.base import ensure_process_env
+
         deepspeed_on_cpu()
+        ensure_process_env()          # what a launcher sets; a group of one
         kw["deepspeed"] = zero_config(zero)
     else:
         kw["use_cpu"] = True
