@@ -10,6 +10,7 @@ final weights in OUT/final.pt. `--zero` runs under Trainer's DeepSpeed (`Trainin
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -111,8 +112,6 @@ def run(folder, crash_at=None, resume=None, **kw):
 
 def records(folder) -> tuple:
     """A run folder's metrics lines and its ledger, in a fixed order."""
-    import json
-
     lines = [json.loads(x) for x in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
     ledger = pd.read_parquet(Path(folder) / "ledger").sort_values(["step", "sample_id", "rank"]).reset_index(drop=True)
     return lines, ledger
