@@ -117,19 +117,41 @@ def records(folder) -> tuple:
     return lines, ledger
 
 
-def assert_same_run(folder_a, folder_b, weights_a: dict, weights_b: dict, atol: float = 0.0) -> None:
+def assert_same_run(folder_a, folder_b, weights_a: dict, weights_b: dict) -> None:
     """Two runs of STEPS steps recorded the same metrics lines (losses, domain weights, plugin statistics) and the
-    same ledger, and ended with the same weights (equal, or within `atol`)."""
+    same ledger, and ended with the same weights, bit for bit."""
     (lines_a, ledger_a), (lines_b, ledger_b) = records(folder_a), records(folder_b)
     assert [x["step"] for x in lines_b] == list(range(STEPS))
     assert lines_a == lines_b
     pd.testing.assert_frame_equal(ledger_a, ledger_b)
     assert weights_a.keys() == weights_b.keys()
     for n, p in weights_a.items():
-        if atol:
-            torch.testing.assert_close(weights_b[n], p, rtol=0, atol=atol, msg=n)
-        else:
-            assert torch.equal(weights_b[n], p), n
+        assert torch.equal(weights_b[n], p), n
+
+
+def kill_then_resume(folder, *flags: str) -> None:
+    """This script in `folder`/b with `flags`, SIGKILLed (by itself: deterministic) at the end of step 5, after
+    Trainer completed checkpoint-3 and with the records of steps 3-4 on disk, then resumed by a new process; and
+    uninterrupted in `folder`/a. Asserts that both ended the same (assert_same_run), bit for bit."""
+    from conftest import launch_in_group, script_env
+
+    from dataflex.integrations.hf_trainer import STATE_FILE
+    from dataflex.utils.safeload import load_weights_only
+
+    folder = Path(folder)
+
+    def launch(out, *more):
+        return launch_in_group([sys.executable, __file__, str(folder / out), *flags, *more], script_env(), timeout=300)
+
+    killed = launch("b", "--kill-at", "5")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (folder / "b" / "checkpoint-3" / STATE_FILE).is_file() and not (folder / "b" / "final.pt").exists()
+    lines, ledger = records(folder / "b")
+    assert [x["step"] for x in lines] == sorted(ledger.step.unique()) == [0, 1, 2, 3, 4]     # past the checkpoint
+    for out, more in (("b", ["--resume"]), ("a", [])):
+        done = launch(out, *more)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(folder / "a", folder / "b", *(load_weights_only(folder / f / "final.pt") for f in "ab"))
 
 
 def final_weights(trainer, model) -> dict:

@@ -84,22 +84,10 @@ def test_resume_from_checkpoint_is_exact(tmp_path, domains_builder, accumulation
 @pytest.mark.slow
 @pytest.mark.parametrize("accumulation", [1, 4])
 def test_kill_9_after_a_checkpoint_then_resume_is_exact(tmp_path, accumulation):
-    """tests/hf_trainer_resume.py as a process of its own, SIGKILLed (by itself: deterministic) at the end of step
-    5, after Trainer completed checkpoint-3 and with the records of steps 3-4 on disk; a new process resumes from
-    the checkpoint. Its metrics lines, ledger and final weights equal an uninterrupted run's, bit for bit."""
-    import signal
-    import sys
-
-    cmd = [sys.executable, resume_script.__file__, str(tmp_path / "b"), "--accumulation", str(accumulation)]
-    killed = launch_in_group(cmd + ["--kill-at", "5"], script_env(), timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert (tmp_path / "b" / "checkpoint-3" / STATE_FILE).is_file() and not (tmp_path / "b" / "final.pt").exists()
-    lines, ledger = records(tmp_path / "b")
-    assert [x["step"] for x in lines] == sorted(ledger.step.unique()) == [0, 1, 2, 3, 4]     # past the checkpoint
-    resumed = launch_in_group(cmd + ["--resume"], script_env(), timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    resume_script.main([str(tmp_path / "a"), "--accumulation", str(accumulation)])     # uninterrupted, here
-    assert_same_run(tmp_path / "a", tmp_path / "b", *(load_weights_only(tmp_path / f / "final.pt") for f in "ab"))
+    """tests/hf_trainer_resume.py as a process of its own, SIGKILLed at the end of step 5 (after checkpoint-3) and
+    resumed by a new process: its metrics lines, ledger and final weights equal an uninterrupted run's, bit for
+    bit (hf_trainer_resume.kill_then_resume)."""
+    resume_script.kill_then_resume(tmp_path, "--accumulation", str(accumulation))
 
 
 def test_resume_refuses_a_checkpoint_without_dataflex_state(tmp_path, domains_builder):

@@ -173,3 +173,12 @@ def test_resume_under_zero_is_exact(tmp_path, domains_builder, stage):
     trainer_b, model_b, flex_b = run(tmp_path / "b", resume=True, **kw)
     assert flex_b.step == 6 and trainer_b.model_wrapped.zero_optimization_stage() == stage
     assert_same_run(tmp_path / "a", tmp_path / "b", weights_a, final_weights(trainer_b, model_b))
+
+
+@pytest.mark.slow
+def test_kill_9_under_zero3_then_resume_is_exact(tmp_path):
+    """The same under ZeRO-3 with 4 micro-batches: SIGKILLed at step 5 and resumed by a new process, the run ends
+    as an uninterrupted one, bit for bit (hf_trainer_resume.kill_then_resume)."""
+    from hf_trainer_resume import kill_then_resume
+
+    kill_then_resume(tmp_path, "--zero", "3", "--accumulation", "4")
