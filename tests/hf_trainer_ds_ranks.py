@@ -2,19 +2,15 @@
 (or one process) run it. Used by tests/test_hf_trainer_deepspeed.py: `python tests/hf_trainer_ds_ranks.py OUT`
 or `torchrun --nproc_per_node=2 ... OUT`. The model is built before TrainingArguments: after it, transformers
 builds it already partitioned (zero.Init), from the batch sizes of the arguments alone."""
-import os
 import sys
-from pathlib import Path
 
 import torch
 
 torch.set_num_threads(1)
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"   # DeepSpeed's ninja
 
 from conftest import synthetic_domains  # noqa: E402
+from hf_trainer_resume import deepspeed_on_cpu, zero_config  # noqa: E402
 from test_hf import tiny_model  # noqa: E402
-from test_hf_trainer_deepspeed import ZERO3  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
 import dataflex  # noqa: E402
@@ -23,13 +19,14 @@ from dataflex.integrations.hf_trainer import DataFlexTrainer  # noqa: E402
 from dataflex.selectors import GradNormSelector  # noqa: E402
 from dataflex.utils import dist  # noqa: E402
 
+deepspeed_on_cpu()
 ensure_process_env()             # one process without a launcher: a group of one
 out = sys.argv[1]
 flex = dataflex.DataFlex(synthetic_domains(16), global_batch_size=8, seed=1,
                          plugins=[GradNormSelector(keep_fraction=0.5)])
 model = tiny_model("llama", vocab=64, seed=4)
 args = TrainingArguments(output_dir=out, max_steps=3, learning_rate=1e-2, logging_steps=1, report_to=[],
-                         save_strategy="no", disable_tqdm=True, seed=0, deepspeed=ZERO3)
+                         save_strategy="no", disable_tqdm=True, seed=0, deepspeed=zero_config(3))
 trainer = DataFlexTrainer(model=model, args=args, flex=flex)
 trainer.train()
 print(f"rank {dist.rank()} of {dist.world_size()}: flex rank {flex.rank} of {flex.world_size}, zero stage "

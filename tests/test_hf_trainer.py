@@ -8,15 +8,16 @@ import json
 import pandas as pd  # noqa: E402
 import pytest
 import torch
+import hf_trainer_resume as resume_script
+from hf_trainer_resume import assert_same_run, records, run, train_or_crash  # noqa: F401 (test_trl_sft's)
 from conftest import launch_in_group, script_env
 from test_hf import tiny_model  # noqa: E402
-from transformers import TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
 
 import dataflex  # noqa: E402
 from dataflex.integrations.hf_trainer import STATE_FILE, DataFlexTrainer, make_flex_trainer  # noqa: E402
 from dataflex.mixers import BanditMixer, ShearedMixer  # noqa: E402
 from dataflex.reweighters import LossReweighter  # noqa: E402
-from dataflex.selectors import LossSelector  # noqa: E402
 from dataflex.utils.safeload import load_weights_only  # noqa: E402
 
 
@@ -62,79 +63,38 @@ def test_trainer_with_bandit_mixer_and_loss_reweighter(tmp_path, domains_builder
 
 # ------------------------------------------------------------------------------------------------ resume
 
-class Crash(Exception):
-    pass
-
-
-class CrashAt(TrainerCallback):
-    """Dies in the middle of step `step` (after its optimizer step and record, before any save): what a
-    kill leaves behind, a folder with records past the last checkpoint."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Crash()
-
-
-def run(folder, domains, steps=6, crash=None, resume=None, **kw):
-    model = tiny_model("llama", vocab=64, seed=1)
-    flex = dataflex.DataFlex(domains, global_batch_size=8, seed=3,
-                             plugins=[BanditMixer(), LossReweighter(burnout_steps=0), LossSelector(keep_fraction=0.5)])
-    trainer = DataFlexTrainer(model=model, flex=flex, args=args(folder, max_steps=steps, save_strategy="steps",
-                                                                save_steps=3, **kw))
-    if not train_or_crash(trainer, crash, resume):
-        return None
-    return trainer, model, flex
-
-
-def train_or_crash(trainer, crash=None, resume=None) -> bool:
-    """Train (resuming from `resume`), or crash at optimizer step `crash` (after Trainer saved what it saves):
-    whether it trained to the end."""
-    if crash:
-        trainer.add_callback(CrashAt(crash))
-        with pytest.raises(Crash):
-            trainer.train()
-        return False
-    trainer.train(resume_from_checkpoint=resume)
-    return True
-
-
-def records(folder):
-    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
-    ledger = pd.read_parquet(folder / "ledger").sort_values(["step", "sample_id", "rank"]).reset_index(drop=True)
-    return lines, ledger
-
-
 @pytest.mark.parametrize("accumulation, ignore_data_skip", [(1, False), (1, True), (4, False)])
 def test_resume_from_checkpoint_is_exact(tmp_path, domains_builder, accumulation, ignore_data_skip):
-    """Killed after the checkpoint at step 3 (at step 5, records of steps 3-4 left behind) and resumed: the
-    per-step losses, domain weights, ledger and final weights equal an uninterrupted run's."""
+    """Dead after the checkpoint at step 3 (by an exception at step 5, records of steps 3-4 left behind) and
+    resumed in this process: the per-step losses, domain weights, ledger and final weights equal an uninterrupted
+    run's. A real kill -9 of a separate process: test_kill_9_after_a_checkpoint_then_resume_is_exact."""
     domains = domains_builder(16)
-    kw = dict(gradient_accumulation_steps=accumulation, ignore_data_skip=ignore_data_skip)
-    _, model_a, flex_a = run(tmp_path / "a", domains, **kw)
-    run(tmp_path / "b", domains, crash=5, **kw)
+    kw = dict(domains=domains, accumulation=accumulation, ignore_data_skip=ignore_data_skip)
+    _, model_a, flex_a = run(tmp_path / "a", **kw)
+    run(tmp_path / "b", crash_at=5, **kw)
     saved = load_weights_only(tmp_path / "b" / "checkpoint-3" / STATE_FILE)     # weights-only content
     assert saved["flex"]["step"] == 3 and saved["global_step"] == 3
-    trainer_b, model_b, flex_b = run(tmp_path / "b", domains, resume=True, **kw)
+    trainer_b, model_b, flex_b = run(tmp_path / "b", resume=True, **kw)
     assert flex_b.step == 6 == trainer_b.state.global_step
-    (lines_a, ledger_a), (lines_b, ledger_b) = records(tmp_path / "a"), records(tmp_path / "b")
-    assert [x["step"] for x in lines_b] == list(range(6))
-    assert lines_a == lines_b                                       # losses, weights, plugin statistics
-    pd.testing.assert_frame_equal(ledger_a, ledger_b)
-    for (n, p), q in zip(model_a.named_parameters(), model_b.parameters()):
-        assert torch.equal(p, q), n
+    assert_same_run(tmp_path / "a", tmp_path / "b", dict(model_a.named_parameters()), dict(model_b.named_parameters()))
     assert torch.equal(flex_a.sampler.weights, flex_b.sampler.weights)
-    losses_a = [h["loss"] for h in trainer_b.state.log_history if "loss" in h]
-    assert len(losses_a) == 6
+    assert len([h["loss"] for h in trainer_b.state.log_history if "loss" in h]) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation", [1, 4])
+def test_kill_9_after_a_checkpoint_then_resume_is_exact(tmp_path, accumulation):
+    """tests/hf_trainer_resume.py as a process of its own, SIGKILLed at the end of step 5 (after checkpoint-3) and
+    resumed by a new process: its metrics lines, ledger and final weights equal an uninterrupted run's, bit for
+    bit (hf_trainer_resume.kill_then_resume)."""
+    resume_script.kill_then_resume(tmp_path, "--accumulation", str(accumulation))
 
 
 def test_resume_refuses_a_checkpoint_without_dataflex_state(tmp_path, domains_builder):
-    run(tmp_path, domains_builder(16), crash=4)
+    run(tmp_path, domains=domains_builder(16), crash_at=4)
     (tmp_path / "checkpoint-3" / STATE_FILE).unlink()
     with pytest.raises(Exception, match=STATE_FILE):
-        run(tmp_path, domains_builder(16), resume=True)
+        run(tmp_path, domains=domains_builder(16), resume=True)
 
 
 # ------------------------------------------------------------------------------------ gradient accumulation

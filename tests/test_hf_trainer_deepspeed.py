@@ -1,11 +1,11 @@
-"""DataFlexTrainer under Trainer's own DeepSpeed (`TrainingArguments(deepspeed={ZeRO-3 config})`, CPU, one
-process): the gradient-norm selector's ghost norms go through the engine's interface (which gathers the
-partitioned parameters) and equal those of the same run without DeepSpeed, as do the losses, the samples
-kept and the final weights; the norms themselves equal per-sample gradients taken one sample at a time."""
+"""DataFlexTrainer under Trainer's own DeepSpeed (`TrainingArguments(deepspeed={ZeRO config})`, CPU, one
+process): at ZeRO stages 1, 2 and 3 the gradient-norm selector's ghost norms go through the engine's interface
+(which gathers ZeRO-3's partitioned parameters) and equal those of the same run without DeepSpeed, as do the
+losses, the samples kept and the final weights; the norms themselves equal per-sample gradients taken one
+sample at a time. A run dead after a checkpoint and resumed under ZeRO-2 and ZeRO-3 equals an uninterrupted one."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import launch_in_group, script_env
+from hf_trainer_resume import deepspeed_on_cpu, zero_config
 from test_hf import tiny_model  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
@@ -24,12 +25,9 @@ from dataflex.selectors import GradNormSelector  # noqa: E402
 
 deepspeed = pytest.importorskip("deepspeed")
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"   # DeepSpeed's ninja
+deepspeed_on_cpu()
 
-ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-         "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
-         "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "steps_per_print": 10 ** 9}
+ZERO3 = zero_config(3)
 
 
 @pytest.fixture(autouse=True)
@@ -81,14 +79,15 @@ def one_at_a_time_norms(model, batch) -> torch.Tensor:
     return torch.stack(out).float()
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_zero3_through_training_arguments_runs_ghost_norms(tmp_path, domains_builder, k):
+@pytest.mark.parametrize("stage, k", [(3, 1), (3, 2), (1, 2), (2, 1)])
+def test_zero_through_training_arguments_runs_ghost_norms(tmp_path, domains_builder, stage, k):
     domains = domains_builder(16)
     plain, plain_flex, plain_lines, plain_ledger = train(tmp_path / "plain", domains, k)
-    ds, ds_flex, ds_lines, ds_ledger = train(tmp_path / "zero3", domains, k, ZERO3)
+    ds, ds_flex, ds_lines, ds_ledger = train(tmp_path / "zero", domains, k, zero_config(stage))
     engine = ds.model_wrapped
-    assert engine.zero_optimization_stage() == 3
-    assert any(p.numel() == 0 for p in engine.module.parameters())       # partitioned: the raw module is empty
+    assert engine.zero_optimization_stage() == stage
+    if stage == 3:
+        assert any(p.numel() == 0 for p in engine.module.parameters())   # partitioned: the raw module is empty
     assert isinstance(ds_flex.interface, DeepSpeedInterface) and ds_flex.interface.engine is engine
     assert engine.train_micro_batch_size_per_gpu() == 8 // k and engine.gradient_accumulation_steps() == k
     # the same steps: losses, ghost norms (the selector's scores), the samples kept, the final weights
@@ -153,3 +152,33 @@ def test_zero3_on_two_ranks_equals_one_process(tmp_path):
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a["step"], key, a[key], b[key])
     la, lb = (pd.read_parquet(tmp_path / k / "ledger").sort_values(["step", "sample_id"]) for k in ("one", "two"))
     assert (la.sample_id.values == lb.sample_id.values).all() and {0, 1} <= set(lb["rank"])   # -1: not kept
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_under_zero_is_exact(tmp_path, domains_builder, stage):
+    """tests/hf_trainer_resume.py's run (bandit, loss reweighter, loss selector) under Trainer's DeepSpeed: dead at
+    step 5 after the checkpoint at step 3 (DeepSpeed's own checkpoint in it) and resumed in this process, its
+    metrics lines, ledger and final weights equal an uninterrupted run's."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from hf_trainer_resume import assert_same_run, final_weights, run
+
+    kw = dict(domains=domains_builder(16), zero=stage)
+    trainer_a, model_a, _ = run(tmp_path / "a", **kw)
+    weights_a = final_weights(trainer_a, model_a)
+    unset_hf_deepspeed_config()        # the next model is built whole, as in a new process
+    run(tmp_path / "b", crash_at=5, **kw)
+    assert next((tmp_path / "b" / "checkpoint-3").glob("global_step*")).is_dir()      # DeepSpeed's checkpoint
+    unset_hf_deepspeed_config()
+    trainer_b, model_b, flex_b = run(tmp_path / "b", resume=True, **kw)
+    assert flex_b.step == 6 and trainer_b.model_wrapped.zero_optimization_stage() == stage
+    assert_same_run(tmp_path / "a", tmp_path / "b", weights_a, final_weights(trainer_b, model_b))
+
+
+@pytest.mark.slow
+def test_kill_9_under_zero3_then_resume_is_exact(tmp_path):
+    """The same under ZeRO-3 with 4 micro-batches: SIGKILLed at step 5 and resumed by a new process, the run ends
+    as an uninterrupted one, bit for bit (hf_trainer_resume.kill_then_resume)."""
+    from hf_trainer_resume import kill_then_resume
+
+    kill_then_resume(tmp_path, "--zero", "3", "--accumulation", "4")
