@@ -103,6 +103,24 @@ def train_or_crash(trainer, crash_at=None, resume=None) -> bool:
     return True
 
 
+def crashed_and_resumed(run_in, folder, crash_at: int, checkpoint: int, steps: int) -> tuple:
+    """`run_in(folder, crash=None, resume=None)` -> a trainer that trained to the end (None when it crashed):
+    uninterrupted in `folder`/a; crashed at step `crash_at` in `folder`/b, then resumed from its checkpoint at step
+    `checkpoint`. Asserts the same metrics lines and final weights, bit for bit; returns both trainers."""
+    from dataflex.integrations.hf_trainer import STATE_FILE
+
+    folder = Path(folder)
+    a = run_in(folder / "a")
+    run_in(folder / "b", crash=crash_at)
+    assert (folder / "b" / f"checkpoint-{checkpoint}" / STATE_FILE).is_file()
+    b = run_in(folder / "b", resume=True)
+    lines = [(folder / f / "metrics.jsonl").read_text() for f in ("a", "b")]
+    assert lines[0] == lines[1] and len(lines[0].splitlines()) == steps
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(p, q), n
+    return a, b
+
+
 def run(folder, crash_at=None, resume=None, **kw):
     """build's trainer, model and session once trained to the end in this process; None when it died at
     `crash_at`. `kw` goes to build."""

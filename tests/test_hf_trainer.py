@@ -9,7 +9,7 @@ import pandas as pd  # noqa: E402
 import pytest
 import torch
 import hf_trainer_resume as resume_script
-from hf_trainer_resume import assert_same_run, records, run, train_or_crash  # noqa: F401 (test_trl_sft's)
+from hf_trainer_resume import assert_same_run, records, run
 from conftest import launch_in_group, script_env
 from test_hf import tiny_model  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402

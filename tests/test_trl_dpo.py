@@ -13,13 +13,12 @@ import torch
 import torch.nn.functional as F
 import transformers
 from test_hf import tiny_model, train_bpe  # noqa: E402
-from test_hf_trainer import train_or_crash  # noqa: E402
+from hf_trainer_resume import crashed_and_resumed, train_or_crash  # noqa: E402
 
 import datasets  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402  (required, in the hf extra: a broken install fails here)
 
 from dataflex.integrations.dpo import DataFlexDPOTrainer  # noqa: E402
-from dataflex.integrations.hf_trainer import STATE_FILE  # noqa: E402
 from dataflex.mixers import AioliMixer, BanditMixer  # noqa: E402
 from dataflex.reweighters import FocalReweighter, LossReweighter  # noqa: E402
 from dataflex.selectors import LossSelector  # noqa: E402
@@ -180,14 +179,7 @@ def test_resume_and_accumulation_equal_an_uninterrupted_run(tmp_path, tok, pairs
                        save_strategy="steps", save_steps=2, **kw)
         return trainer if train_or_crash(trainer, crash, resume) else None
 
-    a = run(tmp_path / "a")
-    run(tmp_path / "b", crash=3)
-    assert (tmp_path / "b" / "checkpoint-2" / STATE_FILE).is_file()
-    b = run(tmp_path / "b", resume=True)
-    lines = [(tmp_path / f / "metrics.jsonl").read_text() for f in ("a", "b")]
-    assert lines[0] == lines[1] and len(lines[0].splitlines()) == 4
-    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
-        assert torch.equal(p, q), n
+    crashed_and_resumed(run, tmp_path, crash_at=3, checkpoint=2, steps=4)
     # plain SGD here: Adam's first steps (about lr x sign(g)) blow float noise in tiny gradients up. The first
     # step is the same batch forwarded in other shapes (each micro-batch padded to its own longest pair): equal
     # to float noise; later steps carry that noise on, amplified by the steps

@@ -12,13 +12,12 @@ import pytest
 import torch
 import transformers
 from test_hf import tiny_model, train_bpe  # noqa: E402
-from test_hf_trainer import train_or_crash  # noqa: E402
+from hf_trainer_resume import crashed_and_resumed, train_or_crash  # noqa: E402
 
 import datasets  # noqa: E402
 from trl import SFTConfig  # noqa: E402  (required, in the hf extra: a broken install fails here, never skips)
 
 from dataflex.core.loss import per_sample_loss  # noqa: E402
-from dataflex.integrations.hf_trainer import STATE_FILE  # noqa: E402
 from dataflex.integrations.sft import DataFlexSFTTrainer, sft_samples  # noqa: E402
 from dataflex.mixers import BanditMixer  # noqa: E402
 from dataflex.reweighters import LossReweighter  # noqa: E402
@@ -134,14 +133,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tok):
                        save_strategy="steps", save_steps=2)
         return trainer if train_or_crash(trainer, crash, resume) else None
 
-    a = run(tmp_path / "a")
-    run(tmp_path / "b", crash=3)
-    assert (tmp_path / "b" / "checkpoint-2" / STATE_FILE).is_file()
-    b = run(tmp_path / "b", resume=True)
-    lines = [(tmp_path / f / "metrics.jsonl").read_text() for f in ("a", "b")]
-    assert lines[0] == lines[1] and len(lines[0].splitlines()) == 4
-    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
-        assert torch.equal(p, q), n
+    crashed_and_resumed(run, tmp_path, crash_at=3, checkpoint=2, steps=4)
 
 
 def test_refusals(tmp_path, tok):
