@@ -327,33 +327,44 @@ def test_per_token_loss_passes_the_hint(recomputed):
     assert not recomputed
 
 
+def loop_params(plugins: str, packing: bool = False, micro_rows=None) -> list:
+    """The parameters after two SGD steps of a DataFlex loop over TinyGPT, on the logits path and on the lean path;
+    each step fed to `flex.loss` whole, or in micro-batches of `micro_rows` rows (`slice_rows`)."""
+    from conftest import synthetic_domains
+
+    from dataflex.core.packing import slice_rows
+    from dataflex.mixers import StaticMixer
+    from dataflex.reweighters import LossReweighter
+    from dataflex.session.flex import DataFlex
+
+    params = []
+    for lean in (False, True):
+        model = tiny_gpt()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        chosen = {"none": [], "mixer_on_loss": [StaticMixer([1.0, 3.0, 0.5], apply="loss")],
+                  "reweighter": [LossReweighter(burnout_steps=0)]}[plugins]
+        flex = DataFlex(synthetic_domains(n_per_domain=8), global_batch_size=4, plugins=chosen, seed=0,
+                        packing=packing)
+        for _ in range(2):
+            batch = flex.next_batch()
+            step = micro_rows or 4
+            for r0 in range(0, 4, step):
+                part = slice_rows(batch, r0, r0 + step) if micro_rows else batch
+                out = model(part["input_ids"], position_ids=part["position_ids"], lean=lean)
+                flex.loss(out, part).backward()
+            opt.step()
+            opt.zero_grad()
+            flex.end_step()
+        params.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    return params
+
+
 @pytest.mark.parametrize("plugins", ["none", "mixer_on_loss", "reweighter"])
 def test_session_lean_equals_logits_and_hints_when_it_can(plugins, recomputed):
     """DataFlex's `flex.loss`: without plugins and with a mixer weighing the loss (weights known before the
     losses) the lean path forms its gradients in the forward; with a reweighter (weights from the losses)
     it recomputes. Two training steps equal the logits path's either way."""
-    from conftest import synthetic_domains
-
-    from dataflex.mixers import StaticMixer
-    from dataflex.reweighters import LossReweighter
-    from dataflex.session.flex import DataFlex
-
-    def make():
-        return {"none": [], "mixer_on_loss": [StaticMixer([1.0, 3.0, 0.5], apply="loss")],
-                "reweighter": [LossReweighter(burnout_steps=0)]}[plugins]
-    params = []
-    for lean in (False, True):
-        model = tiny_gpt()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        flex = DataFlex(synthetic_domains(n_per_domain=8), global_batch_size=4, plugins=make(), seed=0)
-        for _ in range(2):
-            batch = flex.next_batch()
-            out = model(batch["input_ids"], position_ids=batch["position_ids"], lean=lean)
-            flex.loss(out, batch).backward()
-            opt.step()
-            opt.zero_grad()
-            flex.end_step()
-        params.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    params = loop_params(plugins)
     assert_close_dict(params[1], params[0], rtol=1e-5, atol=1e-6)
     assert len(recomputed) == (2 if plugins == "reweighter" else 0)
 
@@ -364,28 +375,7 @@ def test_micro_batches_of_a_loop_are_hinted(plugins, packing, recomputed):
     """A loop feeding each step to `flex.loss` in two micro-batches (gradient accumulation): the weights of each
     micro-batch are known before its forward (no plugin, or the mixer's loss weights), so the lean path forms its
     gradients there; the trained parameters equal the logits path fed the same way."""
-    from conftest import synthetic_domains
-
-    from dataflex.core.packing import slice_rows
-    from dataflex.mixers import StaticMixer
-    from dataflex.session.flex import DataFlex
-
-    params = []
-    for lean in (False, True):
-        model = tiny_gpt()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        mixer = [StaticMixer([1.0, 3.0, 0.5], apply="loss")] if plugins == "mixer_on_loss" else []
-        flex = DataFlex(synthetic_domains(n_per_domain=8), global_batch_size=4, plugins=mixer, seed=0, packing=packing)
-        for _ in range(2):
-            batch = flex.next_batch()
-            for r0 in (0, 2):
-                part = slice_rows(batch, r0, r0 + 2)
-                out = model(part["input_ids"], position_ids=part["position_ids"], lean=lean)
-                flex.loss(out, part).backward()
-            opt.step()
-            opt.zero_grad()
-            flex.end_step()
-        params.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    params = loop_params(plugins, packing=packing, micro_rows=2)
     assert_close_dict(params[1], params[0], rtol=1e-5, atol=1e-6)
     assert not recomputed
 
