@@ -50,7 +50,7 @@ def pairs(tmp_path_factory):
 def dpo_args(folder, **kw):
     base = dict(output_dir=str(folder), max_steps=4, learning_rate=1e-3, logging_steps=1, report_to=[],
                 save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, max_length=48, beta=BETA,
-                dataset_num_proc=None)
+                dataset_num_proc=None, bf16=False)    # float32: TRL's default bf16 moves losses by ~5e-2 with padding
     return DPOConfig(**{**base, **kw})
 
 
@@ -194,7 +194,7 @@ def test_resume_and_accumulation_equal_an_uninterrupted_run(tmp_path, tok, pairs
     r1, r2 = (pd.read_parquet(tmp_path / f / "ledger") for f in ("one", "two"))
     assert r1.sample_id.tolist() == r2.sample_id.tolist() and r1.weight.std() > 0.1
     first = r1.step.values == 0
-    assert r1.weight.values[first] == pytest.approx(r2.weight.values[first], rel=1e-5)
+    assert r1.weight.values[first] == pytest.approx(r2.weight.values[first], rel=1e-4)   # exp(loss) amplifies
     assert r1.loss.values[first] == pytest.approx(r2.loss.values[first], rel=1e-5)
     assert r1.weight.values == pytest.approx(r2.weight.values, rel=1e-2)
     for p, q in zip(one.model.parameters(), two.model.parameters()):

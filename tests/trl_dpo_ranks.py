@@ -28,7 +28,7 @@ chat = [{"prompt": f"Say something about the {w}.", "chosen": f" The {w} is " + 
          "rejected": f" {w}"} for i, w in enumerate(words)]
 args = DPOConfig(output_dir=out, max_steps=3, optim="sgd", learning_rate=0.05, logging_steps=1, report_to=[],
                  save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, max_length=48, beta=0.5,
-                 dataset_num_proc=None, per_device_train_batch_size=8 // world,
+                 dataset_num_proc=None, per_device_train_batch_size=8 // world, bf16=False,
                  **({"ddp_backend": "gloo"} if world > 1 else {}))
 trainer = DataFlexDPOTrainer(model=tiny_model("llama", vocab=len(tok), seed=1),
                              ref_model=tiny_model("llama", vocab=len(tok), seed=2).eval(), args=args,
