@@ -223,7 +223,7 @@ def test_two_ranks_under_torchrun_equal_one_process(tmp_path):
     la, lb = pd.read_parquet(tmp_path / "one" / "ledger"), pd.read_parquet(tmp_path / "two" / "ledger")
     assert la.sample_id.tolist() == lb.sample_id.tolist() and set(lb["rank"]) == {0, 1} and la.weight.std() > 0.1
     first = la.step.values == 0       # the same pairs forwarded in other batch shapes: equal to float noise, which
-    assert la.weight.values[first] == pytest.approx(lb.weight.values[first], rel=1e-5)    # later steps carry on
+    assert la.weight.values[first] == pytest.approx(lb.weight.values[first], rel=1e-4)    # later steps carry on
     assert la.loss.values[first] == pytest.approx(lb.loss.values[first], rel=1e-5)
     assert la.weight.values == pytest.approx(lb.weight.values, rel=1e-2)
     for n in a:
