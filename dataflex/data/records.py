@@ -44,7 +44,7 @@ def read_records(src, key: str, kind: str, column: Optional[str] = None,
     try:
         if src.fmt == "jsonl":
             check_not_binary(src.path)
-            rows = _jsonl(src.path)
+            rows = read_jsonl(src.path)
         elif src.fmt == "parquet":
             rows = _parquet(src.path, need)
         elif src.fmt == "hf":
@@ -64,7 +64,8 @@ def read_records(src, key: str, kind: str, column: Optional[str] = None,
         raise DataConfigError(f"{e} ({key})") from None
 
 
-def _jsonl(path: str):
+def read_jsonl(path: str):
+    """(line number, record) of each non-empty line of a JSONL file (compressed too); `PATH:LINE: malformed JSON`."""
     import orjson
 
     from dataprep.readers import _open_binary

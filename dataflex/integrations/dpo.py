@@ -37,7 +37,6 @@ chosen completion.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -46,8 +45,11 @@ from torch.overrides import TorchFunctionMode
 from trl import DPOTrainer
 
 from dataflex.data.mixture import MixtureDataset
+from dataflex.data.records import read_jsonl
 from dataflex.data.samples import SampleSet
-from dataflex.integrations.hf_trainer import DataFlexLoader, DataFlexTrainerMixin, split_batch
+from dataflex.integrations.hf_loop import DataFlexLoader, split_batch
+from dataflex.integrations.hf_trainer import DataFlexTrainerMixin
+from dataflex.integrations.sft import refuse_streaming
 from dataflex.utils.errors import DataConfigError, UserError
 
 PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps")
@@ -83,21 +85,12 @@ def read_pairs(source, name: str):
     """A domain's preference records: a `datasets.Dataset` as it is, or a JSONL file (one JSON record a line)."""
     import datasets
 
-    if isinstance(source, (datasets.IterableDataset, datasets.IterableDatasetDict)):
-        raise DataConfigError(f"train_dataset[{name!r}]: a streaming dataset (IterableDataset) cannot be a dataflex "
-                              "domain: dataflex draws pairs by id. Load it with `load_dataset(..., streaming=False)`")
+    refuse_streaming(f"train_dataset[{name!r}]", source)
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
             raise DataConfigError(f"train_dataset[{name!r}]: no file {path}")
-        rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataConfigError(f"{path}:{n}: not a JSON record ({e.msg})") from None
-        source = datasets.Dataset.from_list(rows)
+        source = datasets.Dataset.from_list([rec for _, rec in read_jsonl(str(path))])
     if not isinstance(source, datasets.Dataset):
         raise DataConfigError(f"train_dataset[{name!r}]: a datasets.Dataset or a JSONL path, "
                               f"got {type(source).__name__}")

@@ -50,7 +50,7 @@ def _is_dataset(x) -> bool:
     return isinstance(x, (datasets.Dataset, datasets.IterableDataset))
 
 
-def _refuse_streaming(name: str, data) -> None:
+def refuse_streaming(name: str, data) -> None:
     import datasets
 
     if isinstance(data, (datasets.IterableDataset, datasets.IterableDatasetDict)):
@@ -109,7 +109,7 @@ class DataFlexSFTTrainer(DataFlexTrainerMixin, SFTTrainer):
             if not train_dataset:
                 raise DataConfigError("DataFlexSFTTrainer: train_dataset holds no domain")
             for name, ds in train_dataset.items():
-                _refuse_streaming(f"train_dataset[{name!r}]", ds)
+                refuse_streaming(f"train_dataset[{name!r}]", ds)
                 if not _is_dataset(ds):
                     raise DataConfigError(f"train_dataset[{name!r}]: a datasets.Dataset, got {type(ds).__name__}")
                 if len(ds) == 0:
@@ -123,7 +123,7 @@ class DataFlexSFTTrainer(DataFlexTrainerMixin, SFTTrainer):
                                  "or flex=DataFlex(domains, ...)")
             train_dataset = datasets.Dataset.from_dict({"input_ids": [[0, 0]]})     # TRL wants one; never drawn
         else:
-            _refuse_streaming("train_dataset", train_dataset)
+            refuse_streaming("train_dataset", train_dataset)
             raise DataConfigError("DataFlexSFTTrainer: train_dataset is a dict {domain: Dataset} (one domain each; "
                                   "{'train': ds} for one)")
         if not (isinstance(flex, (DataFlex, dict)) or callable(flex)):
@@ -134,7 +134,7 @@ class DataFlexSFTTrainer(DataFlexTrainerMixin, SFTTrainer):
     def _prepare_dataset(self, dataset, *args, **kwargs):
         if isinstance(dataset, MixtureDataset):       # dataflex's validation sets: already samples
             return dataset
-        _refuse_streaming("dataset", dataset)
+        refuse_streaming("dataset", dataset)
         return super()._prepare_dataset(dataset, *args, **kwargs)
 
     def _flex_session(self, flex):
