@@ -14,10 +14,12 @@ useful-token fraction = label tokens / token slots:
   offline bound: no packing of the whole training set, every sample in one row of its own or shared, can do
           better than sum(lengths) / (seq_len * L2), L2 the Martello-Toth lower bound on the number of rows
           (`offline_bound_fraction`); `offline_ffd_fraction`: first-fit decreasing of the whole set at once.
-Planning cost per step: drawing and placing (`plan_rows`), and building the packed batch (`packed_batch`),
-medians over the steps, the build also timed again on one thread (small index work gains nothing from threads
-and, on a loaded machine, loses much to them); at seq_len 512 also one TinyGPT forward+backward on a packed
-batch for scale.
+Packing's cost per step: placing the samples into rows (`plan_rows`, `plan_ms_median`, the time inside its
+draws taken out) and building the packed batch (`packed_batch`, `build_ms_median`), medians over the steps;
+the sampler's draws are timed apart (`draw_ms_median`: a padded run draws too, a sample at a time instead of
+~2-3x as many to fill the rows). The build is also timed again on one thread (small index work gains
+nothing from threads and, on a loaded machine, loses much to them); at seq_len 512 also one TinyGPT
+forward+backward on a packed batch for scale.
 Training throughput (`throughput`): label tokens trained per second, packed vs padded, TinyGPT (the benchmarks'
 shape) at seq_len `--tput-seq-len` (1024) with `--tput-rows` rows a step, in one process: two DataFlex sessions
 (trainer.packing=true and false, seed 0, size-proportional draws) with a model and AdamW each, stepped in
@@ -171,18 +173,24 @@ def main(argv=None):
         lengths = data.lengths(torch.arange(len(data)))
         padded = float(lengths.sum()) / (len(data) * T)
         sampler = DataAwareSampler(data.sizes, seed=0, weights=torch.tensor(data.sizes, dtype=torch.float64))
-        plan_s, build_s, build1_s, used, counts, born, waits = [], [], [], 0, [], {}, []
+        plan_s, draw_s, build_s, build1_s, used, counts, born, waits = [], [], [], [], 0, [], {}, []
 
-        def draw(n, step, sampler=sampler, born=born):
+        def draw(n, step, sampler=sampler, born=born, spent=None):
+            t = time.perf_counter()
             ids = sampler.draw(n)
             for i in ids.tolist():
                 born.setdefault(i, []).append(step)
+            spent[0] += time.perf_counter() - t         # the sampler's draws (and this bookkeeping): not packing
             return ids
         for step in range(args.steps):
+            spent = [0.0]
             t0 = time.perf_counter()
-            plan = plan_rows(sampler.pending, functools.partial(draw, step=step), data.lengths, args.rows, T)
+            plan = plan_rows(sampler.pending, functools.partial(draw, step=step, spent=spent), data.lengths,
+                             args.rows, T)
             sampler.pending = plan.carry
-            t1 = time.perf_counter()
+            t1 = time.perf_counter() - spent[0]
+            draw_s.append(spent[0])
+            t1b = time.perf_counter()
             batch = data.packed_batch(plan.ids, plan.rows, plan.offsets, args.rows)
             t2 = time.perf_counter()
             threads = torch.get_num_threads()
@@ -190,7 +198,7 @@ def main(argv=None):
             data.packed_batch(plan.ids, plan.rows, plan.offsets, args.rows)
             build1_s.append(time.perf_counter() - t2)
             torch.set_num_threads(threads)
-            plan_s.append(t1 - t0), build_s.append(t2 - t1)
+            plan_s.append(t1 - t0), build_s.append(t2 - t1b)
             used += plan.slots_used()
             counts.append(len(plan.ids))
             waits += [step - born[i].pop(0) for i in plan.ids.tolist()]
@@ -200,6 +208,7 @@ def main(argv=None):
                "padded_fraction": round(padded, 4), "packed_fraction": round(packed, 4),
                "samples_per_step_packed": round(sum(counts) / len(counts), 1),
                "plan_ms_median": round(1000 * sorted(plan_s)[len(plan_s) // 2], 3),
+               "draw_ms_median": round(1000 * sorted(draw_s)[len(draw_s) // 2], 3),
                "build_ms_median": round(1000 * sorted(build_s)[len(build_s) // 2], 3),
                "build_ms_median_one_thread": round(1000 * sorted(build1_s)[len(build1_s) // 2], 3),
                "waiting_at_end": len(sampler.pending), "max_wait_steps": max(waits),

@@ -84,11 +84,11 @@ def plan_rows(pending: Sequence[int], draw: Optional[Callable[[int], torch.Tenso
     carried = [0]                                           # slots of the samples that fit no row
     budget = n_rows * seq_len // 2
 
-    def place(ids):
+    def place(ids, lens=None):
         ids = np.asarray(ids, dtype=np.int64)
         if not len(ids):
             return
-        lens = np.asarray(lengths(ids), dtype=np.int64)
+        lens = np.asarray(lengths(ids) if lens is None else lens, dtype=np.int64)
         if (lens > seq_len).any() or (lens < 0).any():
             raise ValueError(f"sample lengths must lie in [0, {seq_len}], got {lens.max()}")
         order = np.argsort(-lens, kind="stable")            # longest first, draw order on ties
@@ -115,7 +115,7 @@ def plan_rows(pending: Sequence[int], draw: Optional[Callable[[int], torch.Tenso
             lens = np.asarray(lengths(ids), dtype=np.int64)
             got.append(ids), seen.append(lens)
             total += int(lens.sum()) if len(ids) else target
-        place(np.concatenate(got))
+        place(np.concatenate(got), np.concatenate(seen[len(seen) - len(got):]))
     cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64))
     return Plan(cat(ids_all), cat(len_all), cat(row_all), cat(off_all), carry, n_rows, seq_len)
 
