@@ -12,8 +12,10 @@ one run:
   weighting + backward into the hidden states and the head) from fixed hidden states, in three
   weightings taking turns, median of `--repeats`: `unweighted` (no plugin), `weighted` (fixed sample and
   token weights and a global denominator, known before the losses: the lean path forms its gradients in
-  the forward) and `loss_weighted` (token weights computed from the losses, focal's: the lean backward
-  recomputes the logits).
+  the forward), `focal` (focal's token weights from each token's own loss, told to the lean path as
+  `token_weights_of_loss`, as the session does for `FocalReweighter`: gradients formed in the forward too)
+  and `loss_weighted` (the same weights computed from the losses with no hint, as for a reweighter whose
+  weights need every loss (tilted, rho-1): the lean backward recomputes the logits).
 
 Ratios are against the logits path measured in the same run. Targets (issue 22): lean peak memory
 <= 20% of the logits path's at V = 128k; weighted lean within 5% of unweighted lean time; lean no
@@ -71,22 +73,27 @@ def build(vocab: int, seq: int, seed: int = 0):
     return model, batch
 
 
-WEIGHTINGS = ("unweighted", "weighted", "loss_weighted")
+WEIGHTINGS = ("unweighted", "weighted", "focal", "loss_weighted")
 
 
 def wrapper(batch, weighted):
     """`LossWrapper` without plugin (every weight 1), with fixed sample and token weights and a global
     denominator (`weighted`: known before the losses, as the session's mixer loss weights or the HF Trainer's
-    accumulation path give them: `known_weights`), or with token weights computed from the losses
-    (`loss_weighted`: focal's (1 - p)^2, p = exp(-l), as a loss-dependent reweighter)."""
+    accumulation path give them: `known_weights`), or with token weights computed from the losses: focal's
+    (1 - p)^2, p = exp(-l), told to the lean path as a function of each token's loss (`focal`, as the session
+    tells it for FocalReweighter) or not (`loss_weighted`, as for a reweighter whose weights need every loss)."""
     import torch
 
-    from dataflex.loss import LossWrapper
+    from dataflex.core.loss import LossWrapper
+    from dataflex.reweighters.focal import focal_weights
     weighted = {False: "unweighted", True: "weighted"}.get(weighted, weighted)
     if weighted == "unweighted":
         return LossWrapper()
-    if weighted == "loss_weighted":
-        return LossWrapper(weigh=lambda signal, b: {"token_weights": (1 - torch.exp(-signal["token_loss"])) ** 2})
+    if weighted in ("focal", "loss_weighted"):
+        fn = LossWrapper(weigh=lambda signal, b: {"token_weights": focal_weights(signal["token_loss"]).float()})
+        if weighted == "focal":
+            fn.known_weights = lambda b: {"token_weights_of_loss": focal_weights}
+        return fn
     g = torch.Generator().manual_seed(7)
     answer = {"sample_weights": torch.rand(1, generator=g) + 0.5,
               "token_weights": torch.rand(batch["labels"].shape, generator=g) * 2,
@@ -152,7 +159,8 @@ def child_time(vocab: int, seq: int, path: str, repeats: int) -> dict:
     times, cpu = {w: [] for w in WEIGHTINGS}, {w: [] for w in WEIGHTINGS}
     losses = {}
     for r in range(repeats + 1):                    # the first round warms up
-        order = WEIGHTINGS[r % 3:] + WEIGHTINGS[:r % 3]     # rotated, so that no weighting always runs first
+        k = r % len(WEIGHTINGS)
+        order = WEIGHTINGS[k:] + WEIGHTINGS[:k]             # rotated, so that no weighting always runs first
         for weighted in order:
             hidden.grad = None
             head.weight.grad = None
@@ -370,14 +378,16 @@ def main():
                 "lean_weighted_over_unweighted_time": lt["weighted_s"] / lt["unweighted_s"],
                 "lean_weighted_over_unweighted_cpu_time": lt["weighted_cpu_s"] / lt["unweighted_cpu_s"],
                 "lean_loss_weighted_over_unweighted_cpu_time": lt["loss_weighted_cpu_s"] / lt["unweighted_cpu_s"],
+                "lean_focal_over_unweighted_cpu_time": lt["focal_cpu_s"] / lt["unweighted_cpu_s"],
                 "logits_weighted_over_unweighted_time": gt["weighted_s"] / gt["unweighted_s"],
             }
             rows.append(row)
     big = [r for r in rows if r["vocab"] >= 100000]
     targets = {} if a.time_only else {
         "lean_memory_le_20pct_at_128k": all(r["ratios"]["lean_over_logits_step_peak"] <= 0.2 for r in big)}
-    # the time targets: weights known before the losses (none, or given); weights computed from the losses
-    # (loss_weighted) need one more head matmul on the lean path, reported beside them
+    # the time targets: weights known before the losses (none, or given), or known as a function of each token's
+    # loss (focal); weights computed from all the losses (loss_weighted) need one more head matmul on the lean
+    # path, reported beside them
     targets |= {
         "weighted_lean_within_5pct": all(abs(r["ratios"]["lean_weighted_over_unweighted_time"] - 1) <= 0.05
                                          for r in rows),
@@ -386,7 +396,9 @@ def main():
         "weighted_lean_within_5pct_cpu_time": all(abs(r["ratios"]["lean_weighted_over_unweighted_cpu_time"] - 1) <= 0.05
                                                   for r in rows),
         "lean_no_slower_than_logits_cpu_time": all(r["ratios"][f"lean_over_logits_cpu_time_{w}"] <= 1.0
-                                                   for r in rows for w in ("unweighted", "weighted")),
+                                                   for r in rows for w in ("unweighted", "weighted", "focal")),
+        "focal_lean_within_5pct_of_unweighted_cpu_time": all(
+            abs(r["ratios"]["lean_focal_over_unweighted_cpu_time"] - 1) <= 0.05 for r in rows),
         "loss_weighted_lean_no_slower_than_logits_cpu_time": all(
             r["ratios"]["lean_over_logits_cpu_time_loss_weighted"] <= 1.0 for r in rows),
     }
@@ -404,11 +416,13 @@ def main():
                  + [f"{r['lean_time'][f'{w}_cpu_s']:.3f}" for w in WEIGHTINGS]
                  + [f"{r['ratios'][f'lean_over_logits_cpu_time_{w}']:.2f}" for w in WEIGHTINGS]
                  + [f"{r['ratios'][f'lean_over_logits_time_{w}']:.2f}" for w in WEIGHTINGS]
-                 + [f"{r['ratios']['lean_weighted_over_unweighted_cpu_time']:.3f}"] for r in rows]
+                 + [f"{r['ratios']['lean_weighted_over_unweighted_cpu_time']:.3f}",
+                    f"{r['ratios']['lean_focal_over_unweighted_cpu_time']:.3f}"] for r in rows]
         print(markdown_table(["V", "T"] + [f"logits {w} CPU s" for w in WEIGHTINGS]
                              + [f"lean {w} CPU s" for w in WEIGHTINGS]
                              + [f"lean/logits CPU {w}" for w in WEIGHTINGS]
-                             + [f"lean/logits wall {w}" for w in WEIGHTINGS] + ["lean weighted/unweighted CPU"], table))
+                             + [f"lean/logits wall {w}" for w in WEIGHTINGS]
+                             + ["lean weighted/unweighted CPU", "lean focal/unweighted CPU"], table))
         print(json.dumps(targets))
         print(f"saved {path}")
         return

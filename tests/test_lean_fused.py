@@ -108,6 +108,46 @@ def test_backprop_through_the_losses_themselves_recomputes(recomputed):
     assert len(recomputed) == 1
 
 
+@pytest.mark.parametrize("gamma", [2.0, 0.5])
+@pytest.mark.parametrize("chunk", [1, 7, None])
+def test_weights_from_each_token_own_loss_are_formed_in_the_forward(gamma, chunk, recomputed):
+    """Focal's token weights (1 - exp(-l))^gamma, a function of each token's own loss, under the token mean
+    sum_t s_t w_t l_t / sum_t s_t w_t (weights detached): given as `hint_of_loss` beside the known sample
+    weights, the forward weighs each chunk's hint once its losses are complete and forms the gradients; the
+    loss-dependent normaliser is the one scalar. Equal to the logits path, no recomputation."""
+    from dataflex.reweighters.focal import focal_weights
+    hidden, head, labels = problem(bias=True)
+    s = torch.rand(len(labels), generator=torch.Generator().manual_seed(5)) + 0.5     # sample weights, known
+    mask = (labels != -100).float()
+
+    def scalar(t):
+        w = focal_weights(t.detach(), gamma).float() * s * mask
+        return (w * t).sum() / w.sum()
+    ref_tok, ref = reference(hidden, head, labels, scalar)
+    tok = linear_cross_entropy(hidden, head, labels, chunk_size=chunk, grad_hint=s * mask,
+                               hint_of_loss=lambda l: focal_weights(l, gamma))
+    torch.testing.assert_close(tok, ref_tok, rtol=1e-5, atol=1e-5)
+    scalar(tok).backward()
+    assert_close_dict(grads_of(hidden, head), ref)
+    assert not recomputed
+
+
+def test_a_wrong_function_of_the_loss_recomputes(recomputed):
+    """`hint_of_loss` that is not the function the caller weighs by: the backward sees it and recomputes."""
+    from dataflex.reweighters.focal import focal_weights
+    hidden, head, labels = problem()
+    mask = (labels != -100).float()
+
+    def scalar(t):
+        w = focal_weights(t.detach(), 2.0).float() * mask
+        return (w * t).sum()
+    _, ref = reference(hidden, head, labels, scalar)
+    scalar(linear_cross_entropy(hidden, head, labels, grad_hint=mask,
+                                hint_of_loss=lambda l: focal_weights(l, 1.0))).backward()
+    assert_close_dict(grads_of(hidden, head), ref)
+    assert len(recomputed) == 1
+
+
 @pytest.mark.parametrize("wrong", ["one_token", "masked_token", "uniform"])
 def test_a_wrong_hint_recomputes(wrong, recomputed):
     hidden, head, labels = problem()
@@ -334,7 +374,7 @@ def loop_params(plugins: str, packing: bool = False, micro_rows=None) -> list:
 
     from dataflex.core.packing import slice_rows
     from dataflex.mixers import StaticMixer
-    from dataflex.reweighters import LossReweighter
+    from dataflex.reweighters import FocalReweighter, LossReweighter
     from dataflex.session.flex import DataFlex
 
     params = []
@@ -342,9 +382,12 @@ def loop_params(plugins: str, packing: bool = False, micro_rows=None) -> list:
         model = tiny_gpt()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         chosen = {"none": [], "mixer_on_loss": [StaticMixer([1.0, 3.0, 0.5], apply="loss")],
-                  "reweighter": [LossReweighter(burnout_steps=0)]}[plugins]
+                  "reweighter": [LossReweighter(burnout_steps=0)], "focal": [FocalReweighter()],
+                  "focal_burnout": [FocalReweighter(burnout_steps=1)],
+                  "mixer_and_focal": [StaticMixer([1.0, 3.0, 0.5], apply="loss"), FocalReweighter()],
+                  "focal_sample_mean": [FocalReweighter()]}[plugins]
         flex = DataFlex(synthetic_domains(n_per_domain=8), global_batch_size=4, plugins=chosen, seed=0,
-                        packing=packing)
+                        packing=packing, loss_reduction="sample" if plugins == "focal_sample_mean" else "token")
         for _ in range(2):
             batch = flex.next_batch()
             step = micro_rows or 4
@@ -359,14 +402,18 @@ def loop_params(plugins: str, packing: bool = False, micro_rows=None) -> list:
     return params
 
 
-@pytest.mark.parametrize("plugins", ["none", "mixer_on_loss", "reweighter"])
-def test_session_lean_equals_logits_and_hints_when_it_can(plugins, recomputed):
-    """DataFlex's `flex.loss`: without plugins and with a mixer weighing the loss (weights known before the
-    losses) the lean path forms its gradients in the forward; with a reweighter (weights from the losses)
-    it recomputes. Two training steps equal the logits path's either way."""
-    params = loop_params(plugins)
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("plugins", ["none", "mixer_on_loss", "reweighter", "focal", "focal_burnout", "mixer_and_focal",
+                                     "focal_sample_mean"])
+def test_session_lean_equals_logits_and_hints_when_it_can(plugins, packing, recomputed):
+    """DataFlex's `flex.loss`: without plugins, with a mixer weighing the loss (weights known before the losses)
+    and with focal's token weights (each a function of its own token's loss, under the token mean) the lean path
+    forms its gradients in the forward; with a reweighter on the sample losses (weights from every loss), or focal
+    under the sample mean (per-sample normalisers of the weights), it recomputes. Two training steps equal the
+    logits path's either way."""
+    params = loop_params(plugins, packing=packing)
     assert_close_dict(params[1], params[0], rtol=1e-5, atol=1e-6)
-    assert len(recomputed) == (2 if plugins == "reweighter" else 0)
+    assert len(recomputed) == (2 if plugins in ("reweighter", "focal_sample_mean") else 0)
 
 
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])

@@ -26,8 +26,12 @@ Which computation runs (the same values and gradients, fp32 to 1e-5, from each):
   per-token losses, or weighs by them and its hint was wrong) it recomputes, exactly as below. A hint
   costs time when it is wrong, never a wrong gradient. Memory: the weight's gradient ([V, H] float32)
   and the hidden states' ([N, H]) held from the forward to the backward.
-- weights computed from the losses (focal, tilted, rho-1...: a reweighter needs every loss before its
-  weights exist), or no hint: the forward keeps each token's log-sum-exp only and the backward
+- token weights that are a function of each token's own loss, elementwise, times weights known before
+  (focal's `(1 - exp(-l))^gamma` under the token mean: `hint_of_loss`): as above, the forward multiplies each
+  chunk's hint by the function of its losses once they are complete (a whole-vocabulary chunk holds them);
+  the global normaliser, whatever it is, is the one scalar.
+- weights computed from all the losses (tilted, rho-1, the sample reweighters: a weight needs every loss
+  before it exists), or no hint: the forward keeps each token's log-sum-exp only and the backward
   recomputes each chunk's logits: 4 head-sized matmuls. The extra one is inherent to an exact gradient
   without the [N, V] logits: the weight's gradient `sum_t c_t (softmax_t - onehot_t) h_t^T` needs every
   c_t, which exists only after every loss, and keeping the softmax until then is the logits' memory.
@@ -151,7 +155,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, rows: int, cols: int, ignore_index: int, grad_enabled: bool,
-                hint: Optional[torch.Tensor] = None, whole_rows: int = 1):
+                hint: Optional[torch.Tensor] = None, whole_rows: int = 1, of_loss=None):
         N, H = hidden.shape
         V = weight.shape[0]
         device = hidden.device
@@ -176,6 +180,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = grad_b = None
         if fused:
             coef = hint.to(device=device, dtype=torch.float32)
+            if of_loss is not None:                 # times each token's weight from its own loss, chunk by chunk
+                coef = coef.clone()
             one_block = rows >= N
             if need_w:
                 grad_w = torch.empty_like(weight) if one_block else torch.empty(V, H, dtype=torch.float32, device=device)
@@ -198,6 +204,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 m = new
             shift = torch.where(torch.isfinite(m), m, zero)
             lse[s:e] = shift + total.log()
+            if fused and of_loss is not None:       # this chunk's losses are complete: weigh their hint
+                own = torch.where(valid[s:e], lse[s:e] - target[s:e], zero)
+                coef[s:e] *= of_loss(own).to(torch.float32)
             if early or fused:                      # one vocabulary chunk: `logits` holds exp(l - shift)
                 # c_t (softmax_t - onehot_t), in place, one pass: c_t = 1 (frozen head) or the hint
                 scale = coef[s:e] / total if fused else total.reciprocal()
@@ -238,7 +247,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        none = (None,) * 7
+        none = (None,) * 8
         if ctx.early:
             grad_dir, valid, lse = ctx.saved_tensors
             g = torch.where(valid & torch.isfinite(lse), grad_loss.float(), torch.zeros((), device=grad_loss.device))
@@ -277,7 +286,7 @@ def _scale_of(g: torch.Tensor, hint: torch.Tensor, live: torch.Tensor) -> Option
 
 def _recompute_backward(ctx, grad_loss, hidden, weight, bias, safe, valid, lse):
     """The backward that recomputes each chunk's logits: exact for any per-token upstream gradient."""
-    none = (None,) * 7
+    none = (None,) * 8
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     N, H = hidden.shape
     V = weight.shape[0]
@@ -379,20 +388,22 @@ def _through_module(module: torch.nn.Module, fn, *args):
 
 def linear_cross_entropy(hidden: torch.Tensor, head, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                          chunk_size: Optional[int] = None, vocab_chunk: Optional[int] = None,
-                         grad_hint: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         grad_hint: Optional[torch.Tensor] = None, hint_of_loss=None) -> torch.Tensor:
     """Per-token cross-entropy, float32, shaped like `labels` (see the module docstring).
     `chunk_size` tokens x `vocab_chunk` vocabulary entries per logits chunk (default: `chunk_shape`).
     `grad_hint` (shaped like `labels`): the gradient the caller will send back to these losses, known up to
     one scalar factor before the forward (`dataflex.core.loss.loss_grad_hint`); the gradients are then
     formed in the forward (see the module docstring). A hint is never trusted: a backward whose gradient
-    is not a multiple of it recomputes, exactly."""
+    is not a multiple of it recomputes, exactly. `hint_of_loss` (with `grad_hint`): the weights also hold a factor
+    computed from each token's own loss, elementwise (focal's `(1 - exp(-l))^gamma`), which the forward applies to
+    the hint as each chunk's losses are complete, so it still forms the gradients there."""
     if isinstance(head, torch.nn.Module) and hasattr(getattr(head, "weight", None), "ds_id"):
         # DeepSpeed ZeRO-3: the head's weight is a partition outside its module's call. Called through
         # the module (its forward swapped for the chunked loss for this one call), the engine's own hooks
         # gather the weight for the forward and again for the backward, and reduce-scatter its gradient
         return _through_module(head, lambda h: linear_cross_entropy(h, (head.weight, head.bias), labels,
                                                                     ignore_index, chunk_size, vocab_chunk,
-                                                                    grad_hint), hidden)
+                                                                    grad_hint, hint_of_loss), hidden)
     weight, bias = head_params(head)
     H = hidden.shape[-1]
     if weight.shape[-1] != H:
@@ -414,7 +425,8 @@ def linear_cross_entropy(hidden: torch.Tensor, head, labels: torch.Tensor, ignor
         raise ValueError(f"grad_hint {tuple(grad_hint.shape)} must be shaped like the labels {tuple(labels.shape)}")
     hint = None if grad_hint is None else grad_hint.detach().reshape(-1)
     loss = ChunkedLinearCrossEntropy.apply(flat, weight, bias, labels.reshape(-1), rows, cols, int(ignore_index),
-                                           torch.is_grad_enabled(), hint, whole_rows)
+                                           torch.is_grad_enabled(), hint, whole_rows,
+                                           None if hint is None else hint_of_loss)
     return loss.view(labels.shape)
 
 

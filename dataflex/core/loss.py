@@ -43,18 +43,20 @@ REDUCTIONS = ("token", "sample")
 
 def per_token_loss(logits: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, *,
                    hidden: Optional[torch.Tensor] = None, head=None, chunk_size: Optional[int] = None,
-                   grad_hint: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   grad_hint: Optional[torch.Tensor] = None, hint_of_loss=None) -> torch.Tensor:
     """Cross-entropy of every position, [B, T], float32. From the logits [B, T, V], or (the lean
     path) from the last hidden states and the output head, `hidden=`/`head=` or a `LeanOutput` in
     place of the logits: chunk by chunk, no [B, T, V] tensor (dataflex.core.lean_loss), same values.
     `grad_hint` (lean path only; `loss_grad_hint`): the weights are known before the losses, so the
-    lean path forms its gradients in the forward (3 head matmuls, no recomputation)."""
+    lean path forms its gradients in the forward (3 head matmuls, no recomputation); `hint_of_loss`: a factor of
+    the token weights computed elementwise from each token's own loss (`linear_cross_entropy`)."""
     if isinstance(logits, LeanOutput):
         hidden, head = logits
     if hidden is not None:
         if head is None:
             raise ValueError("per_token_loss(hidden=...) needs the output head (head=module, weight or (weight, bias))")
-        return linear_cross_entropy(hidden, head, labels, chunk_size=chunk_size, grad_hint=grad_hint)
+        return linear_cross_entropy(hidden, head, labels, chunk_size=chunk_size, grad_hint=grad_hint,
+                                    hint_of_loss=hint_of_loss)
     logits = getattr(logits, "logits", logits)      # HF ModelOutput
     B, T, V = logits.shape
     return F.cross_entropy(logits.reshape(B * T, V).float(), labels.reshape(B * T), reduction="none").view(B, T)
@@ -162,8 +164,10 @@ class LossWrapper:
         self.token_signal = True     # packed batches: unpack token losses into the signal ([S, T]) only when read
         # `known_weights(batch) -> dict | None`: the answer `weigh` will give for this batch when it is known before
         # the batch's losses (not computed from them), None when it is not. The lean path then forms its gradients
-        # in the forward (`loss_grad_hint`). Without `weigh`, every weight is 1 and known. A wrong answer costs
-        # time (the backward recomputes), never a wrong gradient.
+        # in the forward (`loss_grad_hint`). Without `weigh`, every weight is 1 and known. The answer may add
+        # `token_weights_of_loss`: a function giving, elementwise, a factor of each token's weight from its own
+        # loss (focal's; token reduction only, where the normaliser is one scalar). A wrong answer costs time
+        # (the backward recomputes), never a wrong gradient.
         self.known_weights: Optional[Callable[[dict], Optional[dict]]] = None
         self.last: dict = {}
 
@@ -173,14 +177,15 @@ class LossWrapper:
         (or a `dataflex.core.lean_loss.LeanOutput` as `logits`); the same scalar and gradients either way."""
         if batch is None:
             raise TypeError("flex.loss(outputs, batch): the batch is missing")
-        hint = None
+        hint = of_loss = None
         if hidden is not None or isinstance(logits, LeanOutput):
             known = {} if self.weigh is None else (self.known_weights(batch) if self.known_weights else None)
-            if known is not None:
+            of_loss = None if known is None else known.get("token_weights_of_loss")
+            if known is not None and (of_loss is None or self.reduction == "token"):
                 hint = loss_grad_hint(batch["loss_mask"], known.get("sample_weights"), known.get("token_weights"),
                                       self.reduction, Segments.of(batch))
-        return self.from_token_loss(per_token_loss(logits, batch["labels"], hidden=hidden, head=head, grad_hint=hint),
-                                    batch)
+        return self.from_token_loss(per_token_loss(logits, batch["labels"], hidden=hidden, head=head, grad_hint=hint,
+                                                   hint_of_loss=of_loss), batch)
 
     def from_token_loss(self, token_loss: torch.Tensor, batch: dict) -> torch.Tensor:
         """Entry point for Megatron-core's `loss_func`, whose output tensor is the per-token loss.

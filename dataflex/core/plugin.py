@@ -200,6 +200,13 @@ class Reweighter(Plugin):
     def weigh(self, state: DataState) -> torch.Tensor:
         raise NotImplementedError
 
+    def token_weights_of_loss(self, state: DataState):
+        """When this step's `weigh` will set token weights only, each a function of its own token's loss
+        (elementwise, float64 out), that function; None (the default) otherwise. Asked before the forward: the
+        lean loss then forms its gradients there (`dataflex.core.lean_loss`). A hint, checked in the backward:
+        a wrong answer costs a recomputation, never a wrong gradient."""
+        return None
+
     def apply(self, event, state):
         state.sample_weights = self.weigh(state)
 

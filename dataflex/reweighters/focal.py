@@ -12,6 +12,8 @@ that of the unweighted loss while its direction is focal's.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from dataflex.core.plugin import Reweighter
@@ -33,6 +35,13 @@ class FocalReweighter(Reweighter):
         if gamma < 0:
             raise ValueError(f"reweighter.gamma must be >= 0, got {gamma}")
         self.gamma, self.burnout_steps = gamma, burnout_steps
+
+    def token_weights_of_loss(self, state: DataState):
+        """focal_weights of each token's loss (1 during burn-out): the lean loss forms its gradients in the
+        forward."""
+        if state.step < self.burnout_steps:
+            return lambda token_losses: torch.ones_like(token_losses, dtype=torch.float64)
+        return functools.partial(focal_weights, gamma=self.gamma)
 
     def weigh(self, state: DataState) -> None:
         if state.step < self.burnout_steps:

@@ -178,19 +178,29 @@ class DataFlex:
 
     def _known_weights(self, batch: dict) -> Optional[dict]:
         """The sample weights `_weigh` will give this batch when they are known before its losses: no plugin weighs
-        by the step's losses (AFTER_LOSS) or its token losses; the mixer's domain loss weights apply, to the whole local
-        batch or to the micro-batch fed next (`dataflex.session.micro`). None otherwise. Only a hint for the lean loss
-        (a wrong one costs time, not exactness)."""
+        by the step's losses (AFTER_LOSS) or its token losses, or the one that does sets token weights computed
+        elementwise from each token's own loss (`Reweighter.token_weights_of_loss`, focal's; token reduction),
+        given as `token_weights_of_loss`; the mixer's domain loss weights apply, to the whole local batch or to the
+        micro-batch fed next (`dataflex.session.micro`). None otherwise. Only a hint for the lean loss (a wrong one
+        costs time, not exactness)."""
         s = self.state
-        if self._needs_tokens or s.batch_domains is None or s.sample_weights is not None \
-                or any(Event.AFTER_LOSS in getattr(p, "events", ()) for p in self.engine.plugins):
+        after = [p for p in self.engine.plugins if Event.AFTER_LOSS in getattr(p, "events", ())]
+        of_loss = None
+        if len(after) == 1 and self.loss.reduction == "token" and hasattr(after[0], "token_weights_of_loss"):
+            of_loss = after[0].token_weights_of_loss(s)
+        if (self._needs_tokens or after) and of_loss is None:
+            return None
+        if s.batch_domains is None or s.sample_weights is not None:
             return None
         n = len(batch["sample_id"]) if "sample_id" in batch else len(batch["labels"])
         weights = compose_sample_weights(s, torch.ones(len(s.batch_domains), dtype=torch.bool))
         mine = self._mine(weights)
         if self._micro is not None and self._micro.splits(n):      # the next n samples of the local batch
             mine = mine[self._micro.rows:self._micro.rows + n]     # (the micro-batch's scale is one factor)
-        return {"sample_weights": mine.float().to(batch["loss_mask"].device)} if len(mine) == n else None
+        if len(mine) != n:
+            return None
+        known = {"sample_weights": mine.float().to(batch["loss_mask"].device)}
+        return known if of_loss is None else {**known, "token_weights_of_loss": of_loss}
 
     def _weigh(self, signal: dict, batch: dict) -> dict:
         """AFTER_LOSS: gather the step's losses, let reweighters weigh them, compose every weight.
