@@ -2,6 +2,7 @@
 (or one process) run it. Used by tests/test_hf_trainer_deepspeed.py: `python tests/hf_trainer_ds_ranks.py OUT`
 or `torchrun --nproc_per_node=2 ... OUT`. The model is built before TrainingArguments: after it, transformers
 builds it already partitioned (zero.Init), from the batch sizes of the arguments alone."""
+import gc
 import sys
 
 import torch
@@ -31,4 +32,6 @@ trainer = DataFlexTrainer(model=model, args=args, flex=flex)
 trainer.train()
 print(f"rank {dist.rank()} of {dist.world_size()}: flex rank {flex.rank} of {flex.world_size}, zero stage "
       f"{trainer.model_wrapped.zero_optimization_stage()}", flush=True)
+del trainer, model      # the engine holds the groups: freed now, not in the interpreter's teardown (hf_trainer_ranks.py)
+gc.collect()
 dist.leave_group()

@@ -1,6 +1,7 @@
 """One DataFlexTrainer run, as torchrun's ranks (or one process) run it: DataFlex built BEFORE TrainingArguments
 (the README's order), so the process group does not exist yet when DataFlex is made. Used by
 tests/test_hf_trainer.py: `python tests/hf_trainer_ranks.py OUT` or `torchrun --nproc_per_node=2 ... OUT`."""
+import gc
 import os
 import sys
 
@@ -31,4 +32,8 @@ trainer.train()
 print(f"rank {dist.rank()} of {dist.world_size()}: flex rank {flex.rank} of {flex.world_size}", flush=True)
 if dist.rank() == 0:
     torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, f"{out}/params.pt")
+# DDP's reducer holds the gloo group: freed now, not in the interpreter's teardown, where gloo's worker threads
+# freeing tensors abort the process ("terminate called without an active exception": pytorch PR 179291)
+del trainer, model
+gc.collect()
 dist.leave_group()      # ranks leave together: a rank exiting with a live gloo group can abort in its teardown

@@ -1,6 +1,7 @@
 """One DataFlexDPOTrainer run, as torchrun's ranks (or one process) run it: two domains of preference pairs,
 BanditMixer and LossReweighter, plain SGD. Used by tests/test_trl_dpo.py: `python tests/trl_dpo_ranks.py OUT`
 or `torchrun --nproc_per_node=2 tests/trl_dpo_ranks.py OUT`."""
+import gc
 import os
 import sys
 
@@ -40,4 +41,6 @@ print(f"rank {dist.rank()} of {dist.world_size()}: flex rank {trainer.flex.rank}
       flush=True)
 if dist.rank() == 0:
     torch.save({n: p.detach().clone() for n, p in trainer.model.named_parameters()}, f"{out}/params.pt")
+del trainer             # DDP's reducer holds the gloo group: freed now, not in the interpreter's teardown (hf_trainer_ranks.py)
+gc.collect()
 dist.leave_group()
