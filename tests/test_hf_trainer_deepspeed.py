@@ -6,6 +6,7 @@ sample at a time. A run dead after a checkpoint and resumed under ZeRO-2 and ZeR
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,13 +34,19 @@ ZERO3 = zero_config(3)
 @pytest.fixture(autouse=True)
 def no_deepspeed_left_behind():
     """Trainer's DeepSpeed leaves process-wide state (transformers' ZeRO-3 flag, which makes the next model built
-    in this process a ZeRO-3 partition, and Accelerate's shared state): cleared after each test."""
+    in this process a ZeRO-3 partition; Accelerate's shared state; and Accelerate's ACCELERATE_USE_DEEPSPEED=true
+    in os.environ, which makes every later TrainingArguments of this process a DeepSpeed one): cleared after each
+    test."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")}
     yield
     from accelerate.state import AcceleratorState
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
     AcceleratorState._reset_state()
+    for k in [k for k in os.environ if k.startswith("ACCELERATE_") and k not in before]:
+        del os.environ[k]
+    os.environ.update(before)
 
 
 def train(folder: Path, domains, k: int, ds: dict | None = None):
