@@ -18,6 +18,7 @@ import hashlib
 import json
 import mmap
 import os
+import threading
 from typing import Optional, Sequence
 
 import numpy as np
@@ -58,13 +59,21 @@ def index_key(seq_len: int, shard_hashes: Sequence[str]) -> str:
     return f"seq{seq_len}-{h.hexdigest()[:20]}"
 
 
+# np.load parses each .npy header with ast.literal_eval, and CPython 3.11 keeps the AST constructor's recursion
+# depth per interpreter, not per thread: two threads parsing at once can fail with "SystemError: AST constructor
+# recursion depth mismatch" (python/cpython#106905; seen with eight threads opening one index). Threads of a process
+# open index files one at a time (processes are unaffected).
+_NPY_OPEN = threading.Lock()
+
+
 def _load_index(paths: list, marker: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """The saved index, memory-mapped, only once its completion marker exists and agrees with the
     arrays' lengths; None otherwise (not written yet, or written by a process that died midway)."""
     try:
         with open(marker) as f:
             lengths = json.load(f)["lengths"]
-        arrays = tuple(np.load(p, mmap_mode="r") for p in paths)
+        with _NPY_OPEN:
+            arrays = tuple(np.load(p, mmap_mode="r") for p in paths)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return arrays if [len(a) for a in arrays] == list(lengths) else None
