@@ -2,58 +2,29 @@
 
     token_loss = linear_cross_entropy(hidden, head, labels)      # [B, T] float32, like per_token_loss
 
-`hidden` is [B, T, H] (or [N, H]), `head` an `nn.Linear`-like module (`weight` [V, H], optional
-`bias`), a weight tensor, or a `(weight, bias)` pair; labels equal to `ignore_index` (-100) give
-loss 0 and no gradient, as `F.cross_entropy` does. The result equals
-`F.cross_entropy(head(hidden).float(), labels, reduction="none")`, but no `[B, T, V]` tensor (and
-no `[N, V]` float32 copy) ever exists: the logits are computed in [tokens, vocabulary] chunks; the
-forward keeps only each token's log-sum-exp ([N] floats, an online log-sum-exp over vocabulary
-chunks), and the backward recomputes each chunk's logits to form `g_i (softmax_i - onehot_i)`
-and writes its slice of the weight's gradient. The upstream gradient `g` is per token, so sample
-weights, token weights and any reduction are applied on the per-token output
-(`dataflex.core.loss.reduce_loss`), and the gradient reaches the hidden states and the head's weight
-and bias (tied or untied).
+`hidden` is [B, T, H] (or [N, H]), `head` an `nn.Linear`-like module (`weight` [V, H], optional `bias`), a
+weight tensor, or a `(weight, bias)` pair; labels equal to `ignore_index` (-100) give loss 0 and no gradient.
+The result equals `F.cross_entropy(head(hidden).float(), labels, reduction="none")`, but no `[B, T, V]`
+tensor (nor an `[N, V]` float32 copy) exists: the logits are computed in [tokens, vocabulary] chunks. Weights
+and reductions apply to the per-token output (`dataflex.core.loss.reduce_loss`); the gradient reaches the
+hidden states and the head's weight and bias (tied or untied).
 
-Which computation runs (the same values and gradients, fp32 to 1e-5, from each):
+Which computation runs (the same values and gradients, fp32 to 1e-5, from each; the table with what selects
+each is in docs/concepts/interface-and-gradient-engine.md, "The lean loss"):
 
-- weights known before the losses (`grad_hint`: no plugin, fixed sample and token weights, the mixer's
-  loss weights, the global denominator, the HF Trainer's accumulation path; `LossWrapper.known_weights`):
-  the forward forms the gradients while it computes the losses, whole-vocabulary chunks of tokens:
-  `d_t = c_t (softmax_t - onehot_t)`, then `d W` (the hidden states') and `d^T h` (the weight's): 3
-  head-sized matmuls, as many as the logits path's, and the backward only multiplies them by one scalar.
-  The backward checks that the gradient it gets is that scalar times the hint on every label token (to
-  4e-6 relative: float32 rounding); when it is not (the caller also backpropagates through the
-  per-token losses, or weighs by them and its hint was wrong) it recomputes, exactly as below. A hint
-  costs time when it is wrong, never a wrong gradient. Memory: the weight's gradient ([V, H] float32)
-  and the hidden states' ([N, H]) held from the forward to the backward.
-- token weights that are a function of each token's own loss, elementwise, times weights known before
-  (focal's `(1 - exp(-l))^gamma` under the token mean: `hint_of_loss`): as above, the forward multiplies each
-  chunk's hint by the function of its losses once they are complete (a whole-vocabulary chunk holds them);
-  the global normaliser, whatever it is, is the one scalar.
-- weights computed from all the losses (tilted, rho-1, the sample reweighters: a weight needs every loss
-  before it exists), or no hint: the forward keeps each token's log-sum-exp only and the backward
-  recomputes each chunk's logits: 4 head-sized matmuls. The extra one is inherent to an exact gradient
-  without the [N, V] logits: the weight's gradient `sum_t c_t (softmax_t - onehot_t) h_t^T` needs every
-  c_t, which exists only after every loss, and keeping the softmax until then is the logits' memory.
-- a frozen head (LoRA) with hidden states that need a gradient: the forward forms `(softmax - onehot) W`
-  per token ([N, H] floats) and the backward scales it by each token's gradient, whatever it is: 2
-  matmuls, no recomputation.
+- weights known before the losses (`grad_hint`), optionally times an elementwise function of each token's own
+  loss (`hint_of_loss`, focal): the forward forms `d_t = c_t (softmax_t - onehot_t)`, `d W` and `d^T h` in
+  whole-vocabulary chunks of at least `WHOLE_VOCAB_MIN_ROWS` tokens (3 head-sized matmuls) and the backward
+  scales them by one scalar, after checking that its gradient is that scalar times the hint on every label
+  token (to `HINT_RTOL`); when it is not, it recomputes exactly (a wrong hint costs time, never exactness).
+- weights computed from all the losses, or no hint: the forward keeps each token's log-sum-exp (an online
+  log-sum-exp over vocabulary chunks) and the backward recomputes each chunk's logits (4 matmuls).
+- a frozen head (LoRA) with hidden states that need a gradient: the forward forms `(softmax - onehot) W` per
+  token and the backward scales it by each token's gradient (2 matmuls).
 
-Memory: one chunk buffer (64 MiB of float32 on CPU, 256 MiB on CUDA, plus its copy in the model's
-dtype when that is not float32) and the weight's gradient. The recomputing path's chunks are up to 4096
-tokens by the vocabulary that fits; the other two take whole-vocabulary chunks of at least 256 tokens (the
-buffer grows past 64 MiB above V = 64k on CPU: 128 MiB at V = 128k) because the softmax must be complete
-before the gradient, and fewer tokens take the matmuls' large dimension away.
-
-Non-finite tokens: a token whose logits hold NaN or inf has a NaN or inf loss, as on the logits
-path, and `reduce_loss` gives it weight 0; its gradient here is exactly 0 (its row of
-`softmax - onehot` and its hidden row are zeroed), where the logits path's cross-entropy backward
-multiplies NaN by 0 and spreads NaN into the head's gradient.
-
-Fused CUDA kernels: Liger-Kernel's `LigerFusedLinearCrossEntropyFunction(reduction="none")`
-forms the weight's gradient in the forward and scales it by the upstream gradient as by a scalar
-in the backward, so its gradients are wrong for any non-uniform per-token weight; it is not used.
-This chunked implementation runs on every device (CUDA included).
+Memory: one chunk buffer (`CHUNK_BYTES` of float32, and its copy in the model's dtype if not float32) and, with
+a hint, the gradients formed in the forward. A token whose logits hold NaN or inf has a non-finite loss (weight 0
+in `reduce_loss`) and a gradient of exactly 0. No fused CUDA kernel is used (why: the docs page above).
 """
 from __future__ import annotations
 
@@ -391,12 +362,9 @@ def linear_cross_entropy(hidden: torch.Tensor, head, labels: torch.Tensor, ignor
                          grad_hint: Optional[torch.Tensor] = None, hint_of_loss=None) -> torch.Tensor:
     """Per-token cross-entropy, float32, shaped like `labels` (see the module docstring).
     `chunk_size` tokens x `vocab_chunk` vocabulary entries per logits chunk (default: `chunk_shape`).
-    `grad_hint` (shaped like `labels`): the gradient the caller will send back to these losses, known up to
-    one scalar factor before the forward (`dataflex.core.loss.loss_grad_hint`); the gradients are then
-    formed in the forward (see the module docstring). A hint is never trusted: a backward whose gradient
-    is not a multiple of it recomputes, exactly. `hint_of_loss` (with `grad_hint`): the weights also hold a factor
-    computed from each token's own loss, elementwise (focal's `(1 - exp(-l))^gamma`), which the forward applies to
-    the hint as each chunk's losses are complete, so it still forms the gradients there."""
+    `grad_hint` (shaped like `labels`): the gradient the caller will send back, known up to one scalar before
+    the forward (`dataflex.core.loss.loss_grad_hint`), never trusted; `hint_of_loss` (with it): an elementwise
+    function of each token's own loss that also multiplies the weights (focal's `(1 - exp(-l))^gamma`)."""
     if isinstance(head, torch.nn.Module) and hasattr(getattr(head, "weight", None), "ds_id"):
         # DeepSpeed ZeRO-3: the head's weight is a partition outside its module's call. Called through
         # the module (its forward swapped for the chunked loss for this one call), the engine's own hooks
