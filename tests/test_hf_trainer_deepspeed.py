@@ -24,7 +24,7 @@ from dataflex.backends.deepspeed import DeepSpeedInterface  # noqa: E402
 from dataflex.integrations.hf_trainer import DataFlexTrainer  # noqa: E402
 from dataflex.selectors import GradNormSelector  # noqa: E402
 
-deepspeed = pytest.importorskip("deepspeed")
+import deepspeed  # noqa: E402
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 deepspeed_on_cpu()
 

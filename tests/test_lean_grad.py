@@ -15,7 +15,7 @@ from dataflex.grad import ghost as ghost_module
 from dataflex.grad.factors import HeadFactor
 from dataflex.grad.ghost import capture
 
-transformers = pytest.importorskip("transformers")
+import transformers
 transformers.logging.set_verbosity_error()
 
 
@@ -171,7 +171,7 @@ def test_no_tensor_the_size_of_the_logits_on_the_lean_path(tied, monkeypatch):
 def test_peft_lora_llama_lean_equals_logits(monkeypatch):
     """LoRA adapters scored on the lean path (the frozen head untouched, the loss's gradient still reaching
     the adapters through the hidden states) equal the logits path."""
-    peft = pytest.importorskip("peft")
+    import peft
     monkeypatch.setenv("DATAFLEX_LEAN_CHUNK", "4x7")
     model = peft.get_peft_model(tiny_llama(False), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                                      lora_dropout=0.0, init_lora_weights=False,

@@ -16,7 +16,7 @@ from dataflex.core.lean_loss import LeanOutput, head_params, linear_cross_entrop
 from dataflex.loss import LossWrapper, per_token_loss
 from dataflex.models.lean import lean_forward
 
-transformers = pytest.importorskip("transformers")
+import transformers
 transformers.logging.set_verbosity_error()
 
 
@@ -250,7 +250,7 @@ def test_hf_llama_lean_equals_logits(reduction, tied):
 
 
 def peft_llama(targets):
-    peft = pytest.importorskip("peft")
+    import peft
     return peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                              lora_dropout=0.0, task_type="CAUSAL_LM",
                                                              init_lora_weights=False))
@@ -303,7 +303,7 @@ def test_deepspeed_engine_lean_equals_plain_logits(stage, tied, hinted, monkeypa
     import os
     import sys
     from pathlib import Path
-    pytest.importorskip("deepspeed")
+    import deepspeed  # noqa: F401
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"   # DeepSpeed's ninja
     from dataflex.backends import DeepSpeedBackend
     from deepspeed.utils import safe_get_full_grad
