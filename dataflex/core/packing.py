@@ -100,21 +100,21 @@ def plan_rows(pending: Sequence[int], draw: Optional[Callable[[int], torch.Tenso
         carry.extend(ids[~ok].tolist())                     # in the order given
         carried[0] += int(lens[~ok].sum())
 
-    seen = [0, 0]                                           # label tokens and samples drawn so far
+    seen_tokens, seen_samples = 0, 0                        # label tokens and samples drawn so far
     place(pending)
     while draw is not None and free.sum() > 0 and len(carry) < lookahead and carried[0] < budget:
         target = free.sum() + (budget - carried[0]) // 2    # slots to gather, then placed together
         got, got_lens, total = [], [], 0
         while total < target:
-            if seen[1]:         # chunks of at most a sample a row, sized from the mean length seen
-                mean = max(seen[0] / seen[1], 1.0)
+            if seen_samples:    # chunks of at most a sample a row, sized from the mean length seen
+                mean = max(seen_tokens / seen_samples, 1.0)
                 n = int(min(n_rows, max(1, math.ceil((target - total) / mean))))
             else:
                 n = n_rows if not first_guess else int(min(n_rows, max(1, math.ceil(target / first_guess))))
             ids = draw(n).numpy()
             lens = np.asarray(lengths(ids), dtype=np.int64)
             got.append(ids), got_lens.append(lens)
-            seen[0], seen[1] = seen[0] + int(lens.sum()), seen[1] + len(lens)
+            seen_tokens, seen_samples = seen_tokens + int(lens.sum()), seen_samples + len(lens)
             total += int(lens.sum()) if len(ids) else target
         place(np.concatenate(got), np.concatenate(got_lens))
     cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64))
